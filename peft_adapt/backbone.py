@@ -1,0 +1,217 @@
+"""Load a base model: resolve its name, quantize it with bitsandbytes, attach the task's head.
+
+A name is a local folder, a built-in alias (see `builtin_models`), or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .builtin_models import BUILTIN_MODELS, builtin_model_path
+from .errors import UserInputError
+from .fingerprint import base_fingerprint
+from .heads import SequenceClassifier, default_pooling
+
+Quantization = Literal["none", "int8", "nf4", "fp4"]
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# bitsandbytes casts int8 inputs to fp16 on every call and says so each time
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class BaseSpec(BaseModel):
+    """The `base:` section of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    quantization: Quantization = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: BaseSpec
+    path: Path  # resolved local folder
+    fingerprint: dict
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"base.device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"base.device: {device!r} asked for, but CUDA is not available; use auto or cpu")
+    return resolved
+
+
+def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
+    if compute_dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[compute_dtype]
+
+
+def resolve_model_path(name: str, allow_pickle: bool = False) -> Path:
+    """A local folder holding config.json and weights for `name`."""
+    if name in BUILTIN_MODELS:
+        return builtin_model_path(name)
+    local = Path(name).expanduser()
+    if local.exists():
+        folder = local
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserInputError(
+            f"model {name!r} resolves nowhere: it is not a local folder, not a built-in alias "
+            f"({', '.join(BUILTIN_MODELS)}) and not a Hugging Face hub id of the form owner/name."
+        )
+    else:
+        folder = _download_from_hub(name)
+    if not (folder / "config.json").is_file():
+        raise UserInputError(f"model {name!r}: {folder} has no config.json; expected a Hugging Face model folder")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if not pickled:
+            raise UserInputError(f"model {name!r}: {folder} has no weight files (*.safetensors)")
+        if not allow_pickle:
+            raise UserInputError(
+                f"model {name!r}: {folder} has only pickle weights ({', '.join(pickled)}), which can run "
+                f"code when loaded. Convert them to safetensors, or set base.allow_pickle: true if you "
+                f"trust the source."
+            )
+    return folder
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as exc:  # offline, unknown repo, gated repo: all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserInputError(
+            f"model {repo_id!r} resolves nowhere: not a local folder, not a built-in alias "
+            f"({', '.join(BUILTIN_MODELS)}), and the Hugging Face hub could not provide it"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}. Use a local folder or a built-in alias."
+        ) from None
+
+
+def quantization_config(spec: BaseSpec, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "none":
+        return None
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quantization,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_backbone(
+    spec: BaseSpec,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
+    pooling: str = "auto",
+) -> Backbone:
+    """Load the base for `task` (`causal_lm` or `classification`), quantized as `spec` says."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(spec.model, spec.allow_pickle)
+    device = resolve_device(spec.device)
+    compute_dtype = resolve_compute_dtype(spec.compute_dtype, device)
+    quant = quantization_config(spec, compute_dtype)
+    # Weights that stay unquantized load in fp32 for stable training, except an unquantized base
+    # with an explicit compute dtype, which loads in that dtype.
+    dtype = compute_dtype if (quant is None and spec.compute_dtype != "auto") else torch.float32
+    kwargs = dict(
+        dtype=dtype,
+        quantization_config=quant,
+        device_map={"": device} if quant is not None else None,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=not spec.allow_pickle,
+    )
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    is_decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in _DECODER_TYPES
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights newly initialized" is expected for heads
+    hf_logging.disable_progress_bar()  # a bar per load is noise; training keeps its own bar
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        if task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        elif task == "classification":
+            if not num_labels:
+                raise ValueError("classification needs num_labels")
+            model_cls = AutoModel._model_mapping[type(config)]
+            if "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
+                kwargs["add_pooling_layer"] = False  # our head pools; an unused pooler would get LoRA too
+            encoder = AutoModel.from_pretrained(path, **kwargs)
+            chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
+            model = SequenceClassifier(encoder, num_labels, chosen)
+        else:
+            raise UserInputError(f"task {task!r} is not known; use causal_lm or classification")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if quant is None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(model, tokenizer, spec, path, base_fingerprint(path), device)
+
+
+_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "gemma", "gemma2", "olmo"}
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking this model's 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, an eval-mode forward of `Linear4bit` repacks its weight into a layout
+    only the inference kernel reads (2x faster there): a later backward fails, dequantization
+    (merge, export) returns garbage, and bitsandbytes' inverse is lossy (absmax rounded to bf16).
+    A model that will be trained or dequantized must never be repacked, so this is called right
+    after loading; a model that has already been repacked is refused.
+    """
+    import bitsandbytes as bnb
+
+    repacked = []
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = module.weight.quant_state
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                repacked.append(name)
+    if repacked:
+        raise RuntimeError(
+            f"{len(repacked)} 4-bit layers (first: {repacked[0]}) were already repacked for CPU inference by "
+            f"an eval-mode forward; they can no longer be trained through or dequantized exactly. Load the "
+            f"model again and train or merge it before running any inference on it."
+        )

@@ -1,0 +1,409 @@
+"""Read examples from JSONL, CSV, Parquet or saved `datasets` folders, validate them, tokenize per task.
+
+Every error names the file and the row (1-based, counting data rows; for JSONL the line number).
+Tasks:
+- `causal_lm`: a `text` field, or `prompt` + `completion` with the loss on the completion only;
+  optional packing of all examples into blocks of `max_length` tokens.
+- `classification`: `text` + `label` (an integer id or a name) or `label_name`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import UserInputError
+
+IGNORE_INDEX = -100  # label id the loss skips (prompt tokens, padding)
+
+
+class TaskSpec(BaseModel):
+    """The `task:` section of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["causal_lm", "classification"]
+    max_length: int = Field(256, ge=8)
+    packing: bool = False
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    text_field: str = "text"
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserInputError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
+            rows.append((line_no, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # row numbers count data rows; the header is row 0
+        return [(i, dict(row)) for i, row in enumerate(reader, start=1)]
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise UserInputError(f"{path}: not a readable Parquet file ({exc})") from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _read_datasets_folder(path: Path, split: str) -> list[tuple[int, dict]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise UserInputError(f"{path}: not a saved `datasets` folder ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        preference = {"train": ["train"], "eval": ["validation", "eval", "test"], "test": ["test"]}[split]
+        names = [n for n in preference if n in loaded] or (list(loaded) if len(loaded) == 1 else [])
+        if not names:
+            raise UserInputError(
+                f"{path}: a DatasetDict with splits {list(loaded)} and none of {preference} for the {split} "
+                f"data; save the split you want as its own folder, or rename it"
+            )
+        loaded = loaded[names[0]]
+    return list(enumerate(loaded.to_list(), start=1))
+
+
+def read_rows(path: str | Path, split: str = "train") -> list[tuple[int, dict]]:
+    """(row number, row) pairs from a data file or folder; `split` picks a DatasetDict split."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"data file {path} does not exist")
+    if path.is_dir():
+        rows = _read_datasets_folder(path, split)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        rows = _read_jsonl(path)
+    elif path.suffix == ".csv":
+        rows = _read_csv(path)
+    elif path.suffix in (".parquet", ".pq"):
+        rows = _read_parquet(path)
+    else:
+        raise UserInputError(
+            f"{path}: unknown data format {path.suffix!r}; use .jsonl, .csv, .parquet or a saved `datasets` folder"
+        )
+    if not rows:
+        raise UserInputError(f"{path}: the dataset is empty (no rows); add examples or point to another file")
+    return rows
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hash of a data file, or of every file in a `datasets` folder, for the manifest."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    row: int
+    text: str = ""
+    prompt: str | None = None
+    completion: str | None = None
+    label: int | None = None
+
+
+@dataclass
+class LabelMap:
+    """Class names by id. Built from the training data, saved with the adapter."""
+
+    names: list[str] = field(default_factory=list)
+
+    def id_of(self, value, where: str) -> int:
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            index = int(value)
+            if 0 <= index < len(self.names):
+                return index
+        elif value in self.names:
+            return self.names.index(value)
+        raise UserInputError(
+            f"{where}: label {value!r} is outside the label map {self._describe()} built from the training data; "
+            f"fix the row or add the class to the training data"
+        )
+
+    def _describe(self) -> str:
+        return "{" + ", ".join(f"{i}: {n!r}" for i, n in enumerate(self.names)) + "}"
+
+
+def _text(row: dict, key: str, where: str, source: Path) -> str:
+    if key not in row:
+        raise UserInputError(f"{source}: {where}: missing field {key!r} (fields found: {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, str) or not value.strip():
+        raise UserInputError(f"{source}: {where}: field {key!r} must be a non-empty string, found {value!r}")
+    return value
+
+
+def _is_int_label(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+
+
+def build_label_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
+    """Integer labels keep their ids (names from `label_name` where given); string labels are sorted."""
+    ids: dict[int, str] = {}
+    names: set[str] = set()
+    for row_no, row in rows:
+        value = row.get("label", row.get("label_name"))
+        if value is None:
+            raise UserInputError(f"{source}: row {row_no}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
+        if _is_int_label(value) and "label" in row:
+            index = int(value)
+            if index < 0:
+                raise UserInputError(f"{source}: row {row_no}: label {value!r} is negative; label ids start at 0")
+            ids[index] = str(row.get("label_name", ids.get(index, index)))
+        else:
+            names.add(str(value))
+    if ids and names:
+        raise UserInputError(f"{source}: labels mix integer ids and names; use one kind for every row")
+    if names:
+        return LabelMap(sorted(names))
+    return LabelMap([ids.get(i, str(i)) for i in range(max(ids) + 1)])
+
+
+def parse_examples(
+    rows: list[tuple[int, dict]], task: TaskSpec, source: Path, labels: LabelMap | None = None
+) -> list[Example]:
+    """Validate rows for `task`; classification rows are mapped through `labels`."""
+    examples = []
+    for row_no, row in rows:
+        where = f"row {row_no}"
+        if task.type == "causal_lm":
+            if task.text_field in row:
+                examples.append(Example(row_no, text=_text(row, task.text_field, where, source)))
+            elif "prompt" in row or "completion" in row:
+                examples.append(
+                    Example(
+                        row_no,
+                        prompt=_text(row, "prompt", where, source),
+                        completion=_text(row, "completion", where, source),
+                    )
+                )
+            else:
+                raise UserInputError(
+                    f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion'); "
+                    f"fields found: {sorted(row)}"
+                )
+        else:
+            text = _text(row, task.text_field, where, source)
+            value = row.get("label", row.get("label_name"))
+            if value is None:
+                raise UserInputError(f"{source}: {where}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
+            examples.append(Example(row_no, text=text, label=labels.id_of(value, f"{source}: {where}")))
+    return examples
+
+
+def split_off_eval(examples: list[Example], fraction: float, seed: int, source: Path) -> tuple[list, list]:
+    """Carve an eval split from the training examples (a seeded shuffle; at least one row each)."""
+    if len(examples) < 2:
+        raise UserInputError(
+            f"{source}: {len(examples)} row(s) is too few to carve an eval split; add rows or give an eval file"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    eval_ids = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in eval_ids]
+    held = [e for i, e in enumerate(examples) if i in eval_ids]
+    return train, held
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize_causal_lm(examples: list[Example], tokenizer, max_length: int, packing: bool) -> list[dict]:
+    """input_ids + labels; prompt tokens are masked out of the loss; packing fills max_length blocks."""
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for ex in examples:
+        if ex.prompt is None:
+            ids = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
+            labels = list(ids)
+        else:
+            prompt = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+            completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+            ids = prompt + completion
+            labels = [IGNORE_INDEX] * len(prompt) + list(completion)
+        if eos is not None:
+            ids, labels = ids + [eos], labels + [eos]
+        sequences.append((ids, labels))
+    if not packing:
+        features = []
+        for ids, labels in sequences:
+            ids, labels = ids[:max_length], labels[:max_length]
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        return features
+    flat_ids = [t for ids, _ in sequences for t in ids]
+    flat_labels = [t for _, labels in sequences for t in labels]
+    features = []
+    for start in range(0, len(flat_ids), max_length):
+        ids, labels = flat_ids[start : start + max_length], flat_labels[start : start + max_length]
+        if len(ids) >= 2 and any(label != IGNORE_INDEX for label in labels[1:]):
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return features
+
+
+def tokenize_classification(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+    features = []
+    for ex in examples:
+        enc = tokenizer(ex.text, truncation=True, max_length=max_length)
+        features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ex.label})
+    return features
+
+
+def tokenize(examples: list[Example], tokenizer, task: TaskSpec) -> list[dict]:
+    if task.type == "causal_lm":
+        return tokenize_causal_lm(examples, tokenizer, task.max_length, task.packing)
+    return tokenize_classification(examples, tokenizer, task.max_length)
+
+
+def pad_batch(features: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Collate tokenized features into tensors; labels of padding are IGNORE_INDEX."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        pad = lambda seq, value: ([value] * gap + seq) if padding_side == "left" else (seq + [value] * gap)  # noqa: E731
+        batch["input_ids"].append(pad(list(f["input_ids"]), pad_token_id))
+        batch["attention_mask"].append(pad(list(f["attention_mask"]), 0))
+        labels = f["labels"]
+        batch["labels"].append(labels if isinstance(labels, int) else pad(list(labels), IGNORE_INDEX))
+    return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict]) -> dict:
+        return pad_batch(features, self.pad_token_id, self.padding_side)
+
+
+@dataclass
+class DomainExamples:
+    """Validated train / eval (/ test) examples of one domain, with what the manifest records."""
+
+    train: list[Example]
+    eval: list[Example]
+    test: list[Example] | None
+    labels: LabelMap | None
+    data_sha256: dict
+    paths: dict
+
+    @property
+    def n_rows(self) -> dict:
+        counts = {"train": len(self.train), "eval": len(self.eval)}
+        return counts | ({"test": len(self.test)} if self.test is not None else {})
+
+
+@dataclass
+class DomainData:
+    """Tokenized splits of one domain, ready for training and evaluation."""
+
+    train: list[dict]
+    eval: list[dict]
+    test: list[dict] | None
+    examples: DomainExamples
+
+    @property
+    def labels(self) -> LabelMap | None:
+        return self.examples.labels
+
+
+def read_domain(
+    task: TaskSpec,
+    train_path: Path,
+    eval_path: Path | None = None,
+    test_path: Path | None = None,
+    seed: int = 42,
+    max_train_rows: int | None = None,
+    max_eval_rows: int | None = None,
+) -> DomainExamples:
+    """Read and validate a domain's files; carve an eval split from train when no eval file is given."""
+    train_rows = read_rows(train_path, "train")
+    labels = build_label_map(train_rows, train_path) if task.type == "classification" else None
+    if labels is not None and len(labels.names) < 2:
+        raise UserInputError(f"{train_path}: every row has the same label {labels.names}; classification needs 2+ classes")
+    train = parse_examples(train_rows, task, train_path, labels)
+    if eval_path is not None:
+        held = parse_examples(read_rows(eval_path, "eval"), task, eval_path, labels)
+    else:
+        train, held = split_off_eval(train, task.eval_fraction, seed, train_path)
+    test = parse_examples(read_rows(test_path, "test"), task, test_path, labels) if test_path else None
+    if max_train_rows:
+        train = _subsample(train, max_train_rows, seed)
+    if max_eval_rows:
+        held = _subsample(held, max_eval_rows, seed)
+        test = _subsample(test, max_eval_rows, seed) if test is not None else None
+    paths = {"train": train_path, "eval": eval_path, "test": test_path}
+    hashes = {name: file_sha256(path) for name, path in paths.items() if path is not None}
+    return DomainExamples(train, held, test, labels, hashes, paths)
+
+
+def read_eval_file(task: TaskSpec, path: Path, labels: LabelMap | None, max_rows: int | None = None) -> list[Example]:
+    """Examples of one file to score a trained model on, through the label map saved with it."""
+    examples = parse_examples(read_rows(path, "eval"), task, path, labels)
+    return examples[:max_rows] if max_rows else examples
+
+
+def tokenize_domain(examples: DomainExamples, tokenizer, task: TaskSpec) -> DomainData:
+    splits = {
+        "train": tokenize(examples.train, tokenizer, task),
+        "eval": tokenize(examples.eval, tokenizer, task),
+        "test": tokenize(examples.test, tokenizer, task) if examples.test is not None else None,
+    }
+    for name in ("train", "eval"):
+        if not splits[name]:
+            path = examples.paths[name] or examples.paths["train"]
+            raise UserInputError(
+                f"{path}: no {name} example is left after tokenization (each needs 2+ tokens with a label); "
+                f"raise task.max_length or check the rows"
+            )
+    return DomainData(splits["train"], splits["eval"], splits["test"], examples)
+
+
+def _subsample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """A seeded random sample of `n` examples, kept in their original order."""
+    if len(examples) <= n:
+        return examples
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(examples)), n)
+    return [examples[i] for i in sorted(picked)]

@@ -1,0 +1,80 @@
+"""Sequence-classification head that pools the way the encoder was trained.
+
+`AutoModelForSequenceClassification` puts BERT's head on the pooler (CLS token), which a
+sentence-transformer such as all-MiniLM-L6-v2 never trained; a head on it stays near chance. This
+head pools `mean` (sentence-transformers), `cls` (the first token's hidden state) or `last` (the last
+real token, for decoder-only models), chosen in the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def default_pooling(model_path: Path, is_decoder: bool) -> str:
+    """`mean` for sentence-transformers folders that say so, `last` for decoders, else `cls`."""
+    pooling_config = Path(model_path) / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        modes = json.loads(pooling_config.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+    return "last" if is_decoder else "cls"
+
+
+class SequenceClassifier(nn.Module):
+    """A transformer encoder (`AutoModel`) + pooling + a linear head named `classifier`."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder = encoder
+        self.config = encoder.config  # Trainer and peft read model.config
+        self.pooling = pooling
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        hidden = encoder.config.hidden_size
+        self.classifier = nn.Linear(hidden, num_labels, dtype=torch.float32, device=encoder.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def enable_input_require_grads(self):
+        self.encoder.enable_input_require_grads()
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "mean":
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        # last real token; works with padding on either side
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (attention_mask * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.pop("num_items_in_batch", None)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        pooled = self.pool(hidden.float(), attention_mask)
+        logits = self.classifier(self.dropout(pooled))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -1,0 +1,69 @@
+"""Load what `peft-adapt train` saved back onto its base, after checking that the base fits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, BaseSpec, load_backbone
+from .errors import UserInputError
+from .fingerprint import fingerprint_differences
+from .manifest import read_manifest
+
+log = logging.getLogger(__name__)
+TRAINED_WEIGHTS = "trained_weights.safetensors"  # what a freezing baseline saves (no adapter)
+
+
+@dataclass
+class LoadedAdapter:
+    model: torch.nn.Module
+    backbone: Backbone
+    manifest: dict
+
+
+def check_base_fits(manifest: dict, backbone: Backbone, source: str, force: bool = False) -> None:
+    """Refuse an adapter whose base fingerprint differs from the loaded base's, unless forced."""
+    expected = manifest["base_fingerprint"]
+    diffs = fingerprint_differences(expected, backbone.fingerprint)
+    if diffs and not force:
+        raise UserInputError(
+            f"{source} was trained on base {manifest['base_model']!r} (fingerprint {expected.get('id')}), "
+            f"but the loaded base {backbone.spec.model!r} has fingerprint {backbone.fingerprint['id']}; they differ in: "
+            + "; ".join(diffs[:8]) + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
+            + ". Load it onto the base it was trained on, or pass force=True / --force if you know better."
+        )
+    if diffs:
+        log.warning("%s: loading onto a different base despite: %s", source, "; ".join(diffs[:3]))
+    trained_q = manifest.get("quantization", {}).get("quantization")
+    if trained_q and trained_q != backbone.spec.quantization:
+        log.info("%s was trained on a %s base and runs on a %s base", source, trained_q, backbone.spec.quantization)
+
+
+def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto",
+                 force: bool = False) -> LoadedAdapter:
+    """The base of `folder`'s manifest, loaded (in `quantization` if given), with the adapter applied."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    base = BaseSpec.model_validate(manifest["recipe"]["base"])
+    base = base.model_copy(update={"device": device} | ({"quantization": quantization} if quantization else {}))
+    labels = manifest.get("labels")
+    backbone = load_backbone(base, manifest["task"], len(labels) if labels else None, manifest.get("pooling") or "auto")
+    check_base_fits(manifest, backbone, str(folder), force)
+    if (folder / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(backbone.model, folder, is_trainable=False)
+    elif (folder / TRAINED_WEIGHTS).is_file():
+        model = backbone.model
+        state = load_file(str(folder / TRAINED_WEIGHTS), device=str(backbone.device))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise UserInputError(f"{folder / TRAINED_WEIGHTS}: weights {result.unexpected_keys[:3]} fit no parameter of the base")
+    else:
+        raise UserInputError(f"{folder}: neither adapter_config.json (an adapter) nor {TRAINED_WEIGHTS} (a baseline)")
+    model.eval()
+    return LoadedAdapter(model, backbone, manifest)

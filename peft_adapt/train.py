@@ -1,0 +1,269 @@
+"""Train one adapter per domain from a recipe, on `transformers.Trainer`.
+
+The path a recipe takes, in order: load the base (`backbone`), inject the adapter (`methods`) or
+set the freezing baseline (`freeze`), read and tokenize the domain's data (`data`), train with
+Trainer, evaluate, and save the adapter folder with `manifest.json`, `metrics.json` and a PNG of
+the loss curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, disable_cpu_repacking, load_backbone
+from .data import Collator, DomainData, read_domain, tokenize_domain
+from .errors import UserInputError
+from .evaluation import evaluate_task, nll_per_row
+from .freeze import apply_freeze
+from .loading import TRAINED_WEIGHTS
+from .manifest import build_manifest, write_json
+from .methods import inject_adapter
+from .metrics import classification_metrics
+from .plots import plot_loss_curves
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@dataclass
+class TrainResult:
+    domain: str
+    out_dir: Path
+    metrics: dict
+    manifest: dict
+    model: torch.nn.Module
+    backbone: Backbone
+    data: DomainData
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a packed 4-bit weight holds two values per byte."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
+    """The base with its adapter injected, or frozen for a baseline; only what should train has grads."""
+    from peft import prepare_model_for_kbit_training
+
+    model = backbone.model
+    heads = ["classifier"] if recipe.task.type == "classification" else []
+    if recipe.base.quantization != "none":
+        disable_cpu_repacking(model)
+    if recipe.adapter is None:
+        apply_freeze(model, recipe.freeze, heads)
+        if recipe.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    inner = model.encoder if recipe.task.type == "classification" else model
+    if recipe.base.quantization != "none":
+        prepare_model_for_kbit_training(
+            inner,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        inner.requires_grad_(False)
+        if recipe.training.gradient_checkpointing:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return inject_adapter(model, recipe.adapter, recipe.task.type, heads)
+
+
+def _metric_key(metric: str) -> str:
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n_train: int):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    if t.eval_steps:
+        strategy, steps = "steps", t.eval_steps
+    elif t.max_steps:
+        strategy, steps = "steps", t.max_steps
+    else:
+        strategy, steps = "epoch", None
+    early = t.early_stopping
+    use_bf16 = backbone.device.type == "cuda" and recipe.base.compute_dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy=strategy,
+        eval_steps=steps,
+        save_strategy=strategy if early else "no",
+        save_steps=steps,
+        save_total_limit=1 if early else None,
+        load_best_model_at_end=bool(early),
+        metric_for_best_model=_metric_key(early.metric) if early else None,
+        greater_is_better=(not any(k in early.metric for k in LOWER_IS_BETTER)) if early else None,
+        logging_steps=min(t.logging_steps, max(1, math.ceil(n_train / (t.batch_size * t.grad_accum)))),
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=False,
+        use_cpu=backbone.device.type == "cpu",
+        bf16=use_bf16,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        save_only_model=True,
+    )
+
+
+def _compute_metrics_for(task: str, num_labels: int | None):
+    """Trainer hooks: classification gets accuracy and macro-F1; causal LM a token-weighted perplexity."""
+    if task == "classification":
+
+        def compute(eval_pred):
+            predictions = eval_pred.predictions.argmax(-1).tolist()
+            return classification_metrics(predictions, eval_pred.label_ids.tolist(), num_labels)
+
+        return compute, None
+
+    def compute(eval_pred):
+        sums = eval_pred.predictions.reshape(-1, 2).sum(0)  # (nll, tokens) per row, summed
+        return {"perplexity": math.exp(sums[0] / sums[1])}
+
+    # keep only (nll, tokens) per row instead of gathering [rows, length, vocab] logits
+    return compute, lambda logits, labels: nll_per_row(logits, labels)
+
+
+def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResult:
+    """Train, evaluate and save one domain's adapter into `out_root/<domain>/`."""
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+    spec = recipe.domain(domain)
+    train_path = recipe.data_path(spec.train)
+    eval_path = recipe.data_path(spec.eval) if spec.eval else None
+    test_path = recipe.data_path(spec.test) if spec.test else None
+    t = recipe.training
+    set_seed(t.seed)
+
+    # Data first: bad rows fail before the model loads, and the label map sizes the classifier's head.
+    examples = read_domain(recipe.task, train_path, eval_path, test_path, t.seed, t.max_train_rows, t.max_eval_rows)
+    num_labels = len(examples.labels.names) if examples.labels else None
+    backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling)
+    data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
+    model = prepare_model(recipe, backbone)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
+
+    out_dir = Path(out_root) / domain
+    checkpoints = out_dir / ".checkpoints"
+    args = _training_arguments(recipe, backbone, checkpoints, len(data.train))
+    compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels)
+    callbacks = []
+    if t.early_stopping:
+        callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=Collator(backbone.tokenizer.pad_token_id),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess,
+        callbacks=callbacks,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    train_output = trainer.train()
+    wall = time.perf_counter() - started
+
+    eval_batch = t.eval_batch_size or t.batch_size
+    metrics = {
+        "train_loss": train_output.training_loss,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_tokens": _tokens_seen(data.train, trainer.state.global_step, t.batch_size * t.grad_accum),
+        "train_seconds": wall,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "rows": data.examples.n_rows,
+        "eval": evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch),
+    }
+    metrics["train_tokens_per_second"] = metrics["train_tokens"] / wall if wall > 0 else None
+    if data.test is not None:
+        metrics["test"] = evaluate_task(model, data.test, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch)
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+
+    manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data)
+
+
+def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
+    """Tokens the optimizer saw: the mean example length times the examples of every step."""
+    mean_length = sum(len(f["input_ids"]) for f in features) / len(features)
+    return int(mean_length * steps * batch)
+
+
+def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Backbone, data: DomainData,
+                 metrics: dict, log_history: list[dict]) -> dict:
+    """Write the adapter (peft format) or the baseline's trained weights, metrics, curves, manifest."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.adapter is not None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, str(out_dir / TRAINED_WEIGHTS))
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "log_history.json", log_history)
+    plot_loss_curves(log_history, out_dir / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
+    manifest = build_manifest(
+        folder=out_dir,
+        name=f"{recipe.name}-{domain}" if recipe.name else domain,
+        domain=domain,
+        method=recipe.method,
+        task=recipe.task.type,
+        base_model=recipe.base.model,
+        base_fingerprint=backbone.fingerprint,
+        quantization=recipe.base.model_dump(include={"quantization", "double_quant", "compute_dtype"}),
+        recipe=recipe.model_dump(mode="json"),
+        data_sha256=data.examples.data_sha256,
+        metrics=metrics,
+        labels=data.labels.names if data.labels else None,
+    )
+    manifest["pooling"] = getattr(backbone.model, "pooling", None)
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None) -> list[TrainResult]:
+    """Train every domain of the recipe in turn (or only `domains`)."""
+    names = domains or list(recipe.domains)
+    for name in names:
+        recipe.domain(name)  # fail on an unknown domain before training anything
+    results = []
+    for name in names:
+        log.info("training domain %s", name)
+        results.append(train_domain(recipe, name, out_root))
+    return results
