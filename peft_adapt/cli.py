@@ -16,7 +16,7 @@ def _cmd_train(args) -> int:
     from .recipe import load_recipe
     from .train import train_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
     results = train_recipe(recipe, out, args.domain)
     for r in results:
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--domain", action="append", help="train only this domain (repeatable)")
     p.add_argument("--out", help="output folder (default: runs/<recipe name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set base.quantization=none; VALUE null removes it")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained adapter folder on a data file")

@@ -184,7 +184,27 @@ def parse_recipe(data: dict, source: str | Path | None = None) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.path=value` overrides (value parsed as YAML; `null` removes the key), as from `--set`."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected KEY.PATH=VALUE, for instance training.max_steps=10")
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"recipe {path} does not exist")
@@ -192,4 +212,6 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserInputError(f"{path}: not valid YAML: {exc}") from None
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides)
     return parse_recipe(data, path)

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models built from a config (no download) and small real-text data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    from peft_adapt.recipe import data_root
+
+    root = data_root()
+    return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("the shared evaluation data (../shared/data or $PEFT_ADAPT_DATA) is absent")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from peft_adapt.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from peft_adapt.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def docs_file(tmp_path_factory) -> Path:
+    """Real text: Python documentation topics, cut short."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    rows = [{"text": topics[k][:400]} for k in sorted(topics)[:48]]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def sentiment_file(tmp_path_factory) -> Path:
+    """A small two-class file whose classes are told apart by their words."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(96):
+        label = i % 2
+        words = ["good", "great", "lovely", "fine", "nice"] if label else ["bad", "awful", "poor", "broken", "sad"]
+        text = " ".join(rng.choice(words) for _ in range(8))
+        rows.append({"text": text, "label": label, "label_name": ["negative", "positive"][label]})
+    return write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", rows)
+
+
+def causal_recipe(model: Path, train: Path, quantization: str = "none", **training) -> dict:
+    return {
+        "name": "t",
+        "base": {"model": str(model), "quantization": quantization},
+        "task": {"type": "causal_lm", "max_length": 64},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 1e-2, "seed": 0} | training,
+        "domains": {"docs": {"train": str(train)}},
+    }
+
+
+def classification_recipe(model: Path, train: Path, quantization: str = "none", **training) -> dict:
+    return {
+        "name": "t",
+        "base": {"model": str(model), "quantization": quantization},
+        "task": {"type": "classification", "max_length": 32},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 30, "batch_size": 16, "learning_rate": 1e-2, "seed": 0} | training,
+        "domains": {"sentiment": {"train": str(train)}},
+    }

@@ -1,0 +1,183 @@
+"""Training from a recipe: loss goes down on every quantization, outputs are complete, peft reads them back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import causal_recipe, classification_recipe
+
+from peft_adapt.backbone import BaseSpec, disable_cpu_repacking, load_backbone
+from peft_adapt.evaluation import evaluate_task
+from peft_adapt.recipe import parse_recipe
+from peft_adapt.train import train_domain
+
+
+def _loss_before_and_after(result) -> tuple[float, float]:
+    """Loss on the training examples with the adapter off (the base) and on (the trained model)."""
+    task = result.manifest["task"]
+    pad = result.backbone.tokenizer.pad_token_id
+    labels = result.manifest["labels"]
+    num_labels = len(labels) if labels else None
+    after = evaluate_task(result.model, result.data.train, task, pad, num_labels)
+    if task == "causal_lm":
+        with result.model.disable_adapter():
+            before = evaluate_task(result.model, result.data.train, task, pad)
+        return before["loss"], after["loss"]
+    return None, after
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_lora_training_lowers_causal_lm_loss(tmp_path, tiny_llama, docs_file, quantization):
+    recipe = parse_recipe(causal_recipe(tiny_llama, docs_file, quantization))
+    result = train_domain(recipe, "docs", tmp_path)
+    before, after = _loss_before_and_after(result)
+    assert after < before - 0.3, (before, after)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_lora_training_lowers_classification_loss(tmp_path, tiny_bert, sentiment_file, quantization):
+    recipe = parse_recipe(classification_recipe(tiny_bert, sentiment_file, quantization))
+    result = train_domain(recipe, "sentiment", tmp_path)
+    history = json.loads((result.out_dir / "log_history.json").read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert result.metrics["eval"]["accuracy"] >= 0.9
+
+
+def test_training_writes_adapter_manifest_metrics_and_curves(tmp_path, tiny_bert, sentiment_file):
+    recipe = parse_recipe(classification_recipe(tiny_bert, sentiment_file, "nf4", max_steps=5))
+    result = train_domain(recipe, "sentiment", tmp_path)
+    out = result.out_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "metrics.json", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("name", "domain", "version", "method", "base_model", "base_fingerprint", "quantization", "recipe",
+                "data_sha256", "metrics", "files", "created", "library_versions", "labels"):
+        assert key in manifest, key
+    assert manifest["labels"] == ["negative", "positive"]
+    assert manifest["quantization"]["quantization"] == "nf4"
+    from peft_adapt.builtin_models import sha256_file
+
+    assert manifest["files"] == {"adapter_model.safetensors": sha256_file(out / "adapter_model.safetensors")}
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / ".checkpoints").exists()
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_saved_adapter_loads_in_plain_peft_and_reproduces_our_logits(tmp_path, tiny_llama, docs_file, quantization):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    recipe = parse_recipe(causal_recipe(tiny_llama, docs_file, quantization, max_steps=5))
+    result = train_domain(recipe, "docs", tmp_path)
+    quant = None if quantization == "none" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quant, device_map="cpu" if quant else None)
+    if quant:
+        disable_cpu_repacking(plain)  # compare like with like: our trained model never repacks either
+    plain = PeftModel.from_pretrained(plain, result.out_dir).eval()
+    ids = torch.tensor([f["input_ids"] for f in result.data.eval[:2]])
+    with torch.no_grad():
+        ours = result.model.eval()(input_ids=ids).logits
+        theirs = plain(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tmp_path, tiny_bert, sentiment_file):
+    recipe = parse_recipe(classification_recipe(
+        tiny_bert, sentiment_file, max_steps=200, eval_steps=2, early_stopping={"metric": "accuracy", "patience": 2},
+        learning_rate=0.0001,
+    ))
+    result = train_domain(recipe, "sentiment", tmp_path)
+    assert result.metrics["steps"] < 200
+
+
+@pytest.mark.parametrize("mode, trains", [
+    ("all", {"classifier"}),
+    ("none", {"encoder.embeddings", "encoder.encoder.layer.0", "encoder.encoder.layer.1", "classifier"}),
+    ("bottom:1", {"encoder.encoder.layer.1", "classifier"}),
+])
+def test_freeze_modes_train_exactly_the_named_parts(tmp_path, tiny_bert, sentiment_file, mode, trains):
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=3)
+    data.pop("adapter")
+    data["freeze"] = mode
+    result = train_domain(parse_recipe(data), "sentiment", tmp_path)
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert {n for n in trained if not any(n.startswith(t) for t in trains)} == set()
+    assert all(any(n.startswith(t) for n in trained) for t in trains)
+    assert result.manifest["method"] in ("head_only", "full", "partial_bottom1")
+    assert (result.out_dir / "trained_weights.safetensors").is_file()
+
+
+def test_freezing_a_quantized_backbone_for_full_fine_tuning_is_refused(tiny_bert, sentiment_file):
+    data = classification_recipe(tiny_bert, sentiment_file, "nf4")
+    data.pop("adapter")
+    data["freeze"] = "none"
+    with pytest.raises(Exception, match="freeze: none trains backbone weights, which a nf4 base cannot"):
+        parse_recipe(data)
+
+
+# ---- the AVX512-BF16 repacking trap (DESIGN.md, "Known traps")
+
+
+def _has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def _lora_gradients_after(tiny_llama, eval_forward_first: bool) -> list:
+    from peft import LoraConfig, get_peft_model
+
+    backbone = load_backbone(BaseSpec(model=str(tiny_llama), quantization="nf4"))
+    model, ids = backbone.model, torch.tensor([[5, 6, 7, 8, 9, 10]])
+    if eval_forward_first:
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+    else:
+        disable_cpu_repacking(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.train()
+    try:
+        model(ids, labels=ids).loss.backward()
+    except RuntimeError:  # the other face of the trap: the backward itself fails
+        return []
+    return [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # lora_A starts with zero grad (B = 0)
+
+
+@pytest.mark.skipif(not _has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_the_trap_exists_after_an_eval_forward_lora_gets_no_gradient(tiny_llama):
+    """Documents the bitsandbytes behaviour that the training path guards against."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that gemv_4bit has no autograd kernel
+        broken = _lora_gradients_after(tiny_llama, eval_forward_first=True)
+    assert not any(g is not None and g.abs().sum() > 0 for g in broken)
+    guarded = _lora_gradients_after(tiny_llama, eval_forward_first=False)
+    assert guarded and all(g is not None and g.abs().sum() > 0 for g in guarded)
+
+
+@pytest.mark.skipif(not _has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_a_model_that_already_ran_inference_is_refused_for_training(tiny_llama):
+    backbone = load_backbone(BaseSpec(model=str(tiny_llama), quantization="nf4"))
+    backbone.model.eval()
+    with torch.no_grad():
+        backbone.model(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="already repacked for CPU inference.*Load the model again"):
+        disable_cpu_repacking(backbone.model)
+
+
+def test_training_with_evaluations_between_steps_survives_on_nf4(tmp_path, tiny_llama, docs_file):
+    """Eval-mode forwards run between training steps; on AVX512-BF16 CPUs they used to repack the weights."""
+    recipe = parse_recipe(causal_recipe(tiny_llama, docs_file, "nf4", max_steps=12, eval_steps=3))
+    result = train_domain(recipe, "docs", tmp_path)
+    history = json.loads((result.out_dir / "log_history.json").read_text())
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert len(evals) == 4 and evals[-1] < evals[0]
+    packed = [m for m in result.model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert packed == []
