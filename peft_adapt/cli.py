@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .registry import Registry
 
 
 def _cmd_train(args) -> int:
@@ -18,12 +19,86 @@ def _cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
-    results = train_recipe(recipe, out, args.domain)
+    registry = None if args.no_register else Registry(args.registry)
+    results = train_recipe(recipe, out, args.domain, registry=registry)
     for r in results:
         shown = {k: v for k, v in r.metrics.get("test", r.metrics["eval"]).items()}
         split = "test" if "test" in r.metrics else "eval"
+        where = f"{r.out_dir}" + (f", registered as {r.registered.ref}" if r.registered else "")
         print(f"{r.domain}: {split} {json.dumps(shown)}  trainable={r.metrics['trainable_parameters']:,}  "
-              f"time={r.metrics['train_seconds']:.0f}s  -> {r.out_dir}")
+              f"time={r.metrics['train_seconds']:.0f}s  -> {where}")
+    return 0
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _headline(metrics: dict) -> str:
+    split = metrics.get("test") or metrics.get("eval") or {}
+    for key in ("accuracy", "perplexity", "macro_f1", "loss"):
+        if key in split:
+            return f"{key}={split[key]:.4g}"
+    return ""
+
+
+def _cmd_registry(args) -> int:
+    registry = Registry(args.registry)
+    action = args.action
+    if action == "list":
+        entries = registry.list(domain=args.domain, method=args.method, base=args.base, tag=args.tag)
+        if args.json:
+            print(json.dumps([e.to_json() for e in entries], indent=None))
+        elif not entries:
+            print(f"no adapters in {registry.root}")
+        else:
+            _print_table(
+                [{"name": e.name, "version": e.version, "domain": e.domain, "method": e.method,
+                  "base": e.base_model, "quant": e.quantization, "metric": _headline(e.metrics),
+                  "tags": ",".join(e.tags), "created": e.created} for e in entries],
+                ["name", "version", "domain", "method", "base", "quant", "metric", "tags", "created"],
+            )
+    elif action == "show":
+        entry = registry.get(args.ref)
+        if args.json:
+            print(json.dumps(entry.to_json() | {"manifest": entry.manifest}, indent=2))
+        else:
+            for key, value in entry.to_json().items():
+                print(f"{key:12} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    elif action == "tag":
+        print(f"{registry.tag(args.ref, args.tag).ref} tagged {args.tag}")
+    elif action == "rm":
+        if "@" not in args.ref and not args.all_versions:
+            raise UserInputError(f"`registry rm {args.ref}` would remove every version; name one ({args.ref}@N) or pass --all-versions")
+        for e in registry.remove(args.ref):
+            print(f"removed {e.ref}")
+    elif action == "add":
+        entry = registry.add(args.folder, name=args.name, domain=args.domain, tags=args.tag or [], allow_pickle=args.allow_pickle)
+        print(f"registered {entry.ref}")
+    elif action == "import":
+        entry = registry.import_peft(args.folder, base=args.base, name=args.name, domain=args.domain,
+                                     tags=args.tag or [], allow_pickle=args.allow_pickle)
+        print(f"imported {entry.ref} (base {args.base}, fingerprint {entry.fingerprint})")
+    elif action == "export":
+        print(f"exported {args.ref} to {registry.export(args.ref, args.out)}")
+    elif action == "verify":
+        report = registry.verify()
+        if args.json:
+            print(json.dumps({"ok": report.ok, "checked": report.checked, "problems": report.problems, "orphans": report.orphans}))
+        else:
+            print(f"checked {report.checked} adapter versions: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}")
+            for p in report.problems:
+                print(f"  problem: {p}")
+            if report.orphans:
+                print(f"  {len(report.orphans)} unreachable folder(s) left by interrupted writes (`registry gc` removes them)")
+        return 0 if report.ok else 1
+    elif action == "gc":
+        for path in registry.collect_garbage(args.min_age):
+            print(f"removed {path}")
     return 0
 
 
@@ -61,7 +136,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set base.quantization=none; VALUE null removes it")
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    p.add_argument("--no-register", action="store_true", help="only write the output folders")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("list", help="registered adapters, newest versions last")
+    for flag in ("--domain", "--method", "--base", "--tag"):
+        a.add_argument(flag)
+    a.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    a = actions.add_parser("show", help="one adapter version: NAME, NAME@VERSION or NAME@TAG")
+    a.add_argument("ref")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("tag", help="point TAG at NAME@VERSION")
+    a.add_argument("ref")
+    a.add_argument("tag")
+    a = actions.add_parser("rm", help="remove NAME@VERSION (or every version with --all-versions)")
+    a.add_argument("ref")
+    a.add_argument("--all-versions", action="store_true")
+    a = actions.add_parser("add", help="register a folder written by `peft-adapt train`")
+    a.add_argument("folder")
+    a.add_argument("--name")
+    a.add_argument("--domain")
+    a.add_argument("--tag", action="append")
+    a.add_argument("--allow-pickle", action="store_true")
+    a = actions.add_parser("import", help="register any peft adapter folder, fingerprinted against BASE")
+    a.add_argument("folder")
+    a.add_argument("--base", required=True, help="the base model it was trained on (alias, folder or hub id)")
+    a.add_argument("--name", required=True)
+    a.add_argument("--domain")
+    a.add_argument("--tag", action="append")
+    a.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (converted to safetensors)")
+    a = actions.add_parser("export", help="copy an adapter version out as a plain peft folder")
+    a.add_argument("ref")
+    a.add_argument("--out", required=True)
+    a = actions.add_parser("verify", help="recompute every checksum; exit 1 on any problem")
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("gc", help="remove folders left unreachable by interrupted writes")
+    a.add_argument("--min-age", type=float, default=3600, help="only folders older than this many seconds")
+    p.set_defaults(func=_cmd_registry)
 
     p = sub.add_parser("eval", help="evaluate a trained adapter folder on a data file")
     p.add_argument("adapter", help="a folder written by `peft-adapt train`")
@@ -98,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _layer_pattern(name: str) -> str:
+def layer_pattern(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
@@ -59,7 +59,7 @@ def base_fingerprint(model_path: str | Path) -> dict:
     for name, info, path, data_start in sorted(tensors, key=lambda t: t[0]):
         shape = info["shape"]
         if name.endswith(".weight") and len(shape) == 2:
-            entry = module_shapes.setdefault(_layer_pattern(name[: -len(".weight")]), {"shape": shape, "count": 0})
+            entry = module_shapes.setdefault(layer_pattern(name[: -len(".weight")]), {"shape": shape, "count": 0})
             entry["count"] += 1
         start, end = info["data_offsets"]
         weights.update(f"{name}|{info['dtype']}|{shape}|".encode())

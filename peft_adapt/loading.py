@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from .adapter_files import ADAPTER_CONFIG, TRAINED_WEIGHTS, verify_checksums
 from .backbone import Backbone, BaseSpec, load_backbone
 from .errors import UserInputError
 from .fingerprint import fingerprint_differences
 from .manifest import read_manifest
 
 log = logging.getLogger(__name__)
-TRAINED_WEIGHTS = "trained_weights.safetensors"  # what a freezing baseline saves (no adapter)
 
 
 @dataclass
@@ -42,20 +42,26 @@ def check_base_fits(manifest: dict, backbone: Backbone, source: str, force: bool
         log.info("%s was trained on a %s base and runs on a %s base", source, trained_q, backbone.spec.quantization)
 
 
-def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto",
-                 force: bool = False) -> LoadedAdapter:
-    """The base of `folder`'s manifest, loaded (in `quantization` if given), with the adapter applied."""
+def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto", force: bool = False,
+                 backbone: Backbone | None = None, source: str | None = None) -> LoadedAdapter:
+    """`folder`'s adapter applied to `backbone`, or to its own base loaded as its manifest says
+    (in `quantization` if given), after checking the files and that the base fits."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    source = source or str(folder)
     manifest = read_manifest(folder)
-    base = BaseSpec.model_validate(manifest["recipe"]["base"])
-    base = base.model_copy(update={"device": device} | ({"quantization": quantization} if quantization else {}))
-    labels = manifest.get("labels")
-    backbone = load_backbone(base, manifest["task"], len(labels) if labels else None, manifest.get("pooling") or "auto")
-    check_base_fits(manifest, backbone, str(folder), force)
-    if (folder / "adapter_config.json").is_file():
+    problems = verify_checksums(folder, manifest)
+    if problems:
+        raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
+    if backbone is None:
+        base = BaseSpec.model_validate(manifest["recipe"]["base"])
+        base = base.model_copy(update={"device": device} | ({"quantization": quantization} if quantization else {}))
+        labels = manifest.get("labels")
+        backbone = load_backbone(base, manifest["task"], len(labels) if labels else None, manifest.get("pooling") or "auto")
+    check_base_fits(manifest, backbone, source, force)
+    if (folder / ADAPTER_CONFIG).is_file():
         model = PeftModel.from_pretrained(backbone.model, folder, is_trainable=False)
     elif (folder / TRAINED_WEIGHTS).is_file():
         model = backbone.model
@@ -64,6 +70,6 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
         if result.unexpected_keys:
             raise UserInputError(f"{folder / TRAINED_WEIGHTS}: weights {result.unexpected_keys[:3]} fit no parameter of the base")
     else:
-        raise UserInputError(f"{folder}: neither adapter_config.json (an adapter) nor {TRAINED_WEIGHTS} (a baseline)")
+        raise UserInputError(f"{folder}: neither {ADAPTER_CONFIG} (an adapter) nor {TRAINED_WEIGHTS} (a baseline)")
     model.eval()
     return LoadedAdapter(model, backbone, manifest)

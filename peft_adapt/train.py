@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .adapter_files import TRAINED_WEIGHTS
 from .backbone import Backbone, disable_cpu_repacking, load_backbone
 from .data import Collator, DomainData, read_domain, tokenize_domain
 from .errors import UserInputError
 from .evaluation import evaluate_task, nll_per_row
 from .freeze import apply_freeze
-from .loading import TRAINED_WEIGHTS
 from .manifest import build_manifest, write_json
 from .methods import inject_adapter
 from .metrics import classification_metrics
@@ -43,6 +43,7 @@ class TrainResult:
     model: torch.nn.Module
     backbone: Backbone
     data: DomainData
+    registered: object = None  # the registry entry, when registered
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -257,13 +258,17 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
     return manifest
 
 
-def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None) -> list[TrainResult]:
-    """Train every domain of the recipe in turn (or only `domains`)."""
+def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,
+                 registry=None) -> list[TrainResult]:
+    """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a registry."""
     names = domains or list(recipe.domains)
     for name in names:
         recipe.domain(name)  # fail on an unknown domain before training anything
     results = []
     for name in names:
         log.info("training domain %s", name)
-        results.append(train_domain(recipe, name, out_root))
+        result = train_domain(recipe, name, out_root)
+        if registry is not None:
+            result.registered = registry.add(result.out_dir)
+        results.append(result)
     return results

@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub in tests
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_data_dir() -> Path | None:
     from peft_adapt.recipe import data_root
 
@@ -92,3 +103,20 @@ def classification_recipe(model: Path, train: Path, quantization: str = "none", 
         "training": {"max_steps": 30, "batch_size": 16, "learning_rate": 1e-2, "seed": 0} | training,
         "domains": {"sentiment": {"train": str(train)}},
     }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_registry(tmp_path, monkeypatch):
+    """No test writes to the user's ~/.peft_adapt."""
+    monkeypatch.setenv("PEFT_ADAPT_HOME", str(tmp_path / "default-registry"))
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
+    """A LoRA adapter folder trained for a few steps on the tiny Llama (unquantized), as `peft-adapt train` writes it."""
+    from peft_adapt.recipe import parse_recipe
+    from peft_adapt.train import train_domain
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "none", max_steps=3)), "docs", out)
+    return result.out_dir

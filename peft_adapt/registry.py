@@ -1,0 +1,460 @@
+"""Where adapters live: a SQLite index (WAL) and one folder per adapter version.
+
+    <root>/registry.db                 the index: names, versions, tags, a summary of each manifest
+    <root>/adapters/<name>/<version>/  the adapter folder (peft files + manifest.json), never edited
+    <root>/.staging/                   folders being written
+
+A version is written into a staging folder, fsynced, then, inside one write transaction, renamed into
+place and indexed. A crash at any point leaves either the old state or the new one: a folder renamed
+into place whose transaction never committed is an orphan that no reader can reach, and the next
+writer of that name removes it. Readers only follow the index, so they never see half an adapter.
+Several processes may write at once: SQLite's write lock orders them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapter_files import (
+    ADAPTER_CONFIG,
+    PICKLE_WEIGHTS,
+    TRAINED_WEIGHTS,
+    check_safetensors,
+    convert_pickle_to_safetensors,
+    fsync_dir,
+    fsync_tree,
+    read_adapter_config,
+    verify_checksums,
+    weight_files,
+)
+from .errors import UserInputError
+from .manifest import MANIFEST, build_manifest, read_manifest, weight_checksums, write_json
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT NOT NULL, version INTEGER NOT NULL, domain TEXT, method TEXT, task TEXT,
+    base_model TEXT, fingerprint TEXT, quantization TEXT, created TEXT, metrics TEXT, path TEXT NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (name, tag));
+"""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("PEFT_ADAPT_HOME", Path.home() / ".peft_adapt"))
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Names become folder names: letters, digits, '_', '.', '-', no '..', no control characters."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
+        raise UserInputError(
+            f"adapter {what} {value!r} is not allowed: use 1-128 letters, digits, '_', '.' or '-', starting with "
+            f"a letter or digit, without '/', '..' or control characters"
+        )
+    return value
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the crash-safety tests: die here if PEFT_ADAPT_CRASH_AT names this step."""
+    if os.environ.get("PEFT_ADAPT_CRASH_AT") == step:
+        os.kill(os.getpid(), 9)
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    version: int
+    domain: str | None
+    method: str | None
+    task: str | None
+    base_model: str | None
+    fingerprint: str | None
+    quantization: str | None
+    created: str | None
+    metrics: dict
+    path: Path
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def manifest(self) -> dict:
+        return read_manifest(self.path)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "version": self.version, "domain": self.domain, "method": self.method,
+            "task": self.task, "base": self.base_model, "fingerprint": self.fingerprint,
+            "quantization": self.quantization, "created": self.created, "metrics": self.metrics,
+            "tags": self.tags, "path": str(self.path),
+        }
+
+
+@dataclass
+class VerifyReport:
+    checked: int
+    problems: list[str]
+    orphans: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _summary_metrics(metrics: dict) -> dict:
+    """What `list` shows: the eval and test scores, without the training bookkeeping."""
+    return {split: metrics[split] for split in ("eval", "test") if isinstance(metrics.get(split), dict)}
+
+
+class Registry:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "adapters").mkdir(exist_ok=True)
+        (self.root / ".staging").mkdir(exist_ok=True)
+        self.db_path = self.root / "registry.db"
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=60000")
+        return _ClosingConnection(db)
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; SQLite's lock makes concurrent writers take turns."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _entry(self, db, row) -> AdapterEntry:
+        name, version = row[0], row[1]
+        tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE name=? AND version=? ORDER BY tag", (name, version))]
+        return AdapterEntry(
+            name=name, version=version, domain=row[2], method=row[3], task=row[4], base_model=row[5],
+            fingerprint=row[6], quantization=row[7], created=row[8], metrics=json.loads(row[9] or "{}"),
+            path=self.root / row[10], tags=tags,
+        )
+
+    _COLUMNS = "name, version, domain, method, task, base_model, fingerprint, quantization, created, metrics, path"
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, ref: str) -> AdapterEntry:
+        """`name` (the latest version), `name@3` (a version) or `name@prod` (a tag)."""
+        name, _, selector = ref.partition("@")
+        check_name(name)
+        with self._connect() as db:
+            if not selector or selector == "latest":
+                row = db.execute(f"SELECT {self._COLUMNS} FROM adapters WHERE name=? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+            elif selector.isdigit():
+                row = db.execute(f"SELECT {self._COLUMNS} FROM adapters WHERE name=? AND version=?", (name, int(selector))).fetchone()
+            else:
+                row = db.execute(
+                    f"SELECT {self._COLUMNS} FROM adapters a WHERE name=? AND version=(SELECT version FROM tags WHERE name=? AND tag=?)",
+                    (name, name, selector),
+                ).fetchone()
+            if row is None:
+                raise UserInputError(self._not_found(db, name, selector))
+            return self._entry(db, row)
+
+    def _not_found(self, db, name: str, selector: str) -> str:
+        versions = [v for (v,) in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
+        if not versions:
+            names = [n for (n,) in db.execute("SELECT DISTINCT name FROM adapters ORDER BY name LIMIT 20")]
+            return f"no adapter named {name!r} in the registry {self.root}; it has: {', '.join(names) or 'nothing yet'}"
+        tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE name=? ORDER BY tag", (name,))]
+        kind = "version" if selector.isdigit() else "tag"
+        return (f"adapter {name!r} has no {kind} {selector!r}; versions: {', '.join(map(str, versions))}; "
+                f"tags: {', '.join(tags) or 'none'}")
+
+    def list(self, domain: str | None = None, method: str | None = None, base: str | None = None,
+             tag: str | None = None, name: str | None = None) -> list[AdapterEntry]:
+        query = f"SELECT {self._COLUMNS} FROM adapters WHERE 1=1"
+        args: list = []
+        for column, value in (("domain", domain), ("method", method), ("name", name)):
+            if value is not None:
+                query += f" AND {column}=?"
+                args.append(value)
+        if base is not None:
+            query += " AND (base_model=? OR fingerprint=?)"
+            args += [base, base]
+        if tag is not None:
+            query += " AND EXISTS (SELECT 1 FROM tags t WHERE t.name=adapters.name AND t.version=adapters.version AND t.tag=?)"
+            args.append(tag)
+        with self._connect() as db:
+            return [self._entry(db, row) for row in db.execute(query + " ORDER BY name, version", args).fetchall()]
+
+    # ------------------------------------------------------------ writing
+
+    def add(self, folder: str | Path, name: str | None = None, domain: str | None = None,
+            tags: tuple[str, ...] | list[str] = (), allow_pickle: bool = False) -> AdapterEntry:
+        """Register a folder written by `peft-adapt train` as the next version of `name`."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserInputError(f"{folder} is not a folder; `registry add` takes a folder written by `peft-adapt train`")
+        manifest = read_manifest(folder)
+        name = check_name(name if name is not None else manifest.get("name") or "")
+        for t in tags:
+            self._check_tag(t)
+        self._check_files(folder, manifest, allow_pickle)
+        staging = self._stage(folder, allow_pickle)
+        return self._commit(staging, manifest, name, domain or manifest.get("domain"), tags)
+
+    def import_peft(self, folder: str | Path, base: str, name: str, domain: str | None = None,
+                    tags: tuple[str, ...] | list[str] = (), allow_pickle: bool = False) -> AdapterEntry:
+        """Register any peft adapter folder, fingerprinted against the base it is imported for."""
+        from .backbone import resolve_model_path
+        from .fingerprint import base_fingerprint
+
+        folder = Path(folder)
+        check_name(name)
+        for t in tags:
+            self._check_tag(t)
+        config = read_adapter_config(folder)
+        files = weight_files(folder, allow_pickle)
+        fingerprint = base_fingerprint(resolve_model_path(base))
+        _check_adapter_fits_base(folder, files, fingerprint, base)
+        task = {"CAUSAL_LM": "causal_lm"}.get(config.get("task_type") or "CAUSAL_LM")
+        if task is None:
+            raise UserInputError(
+                f"{folder}: importing a {config.get('task_type')} adapter is not supported; only causal LM adapters "
+                f"(task_type CAUSAL_LM) can be imported, because other heads differ between peft and this package"
+            )
+        staging = self._stage(folder, allow_pickle)
+        manifest = build_manifest(
+            folder=staging, name=name, domain=domain or name, method=str(config["peft_type"]).lower(), task=task,
+            base_model=base, base_fingerprint=fingerprint, quantization={"quantization": "unknown"},
+            recipe={"base": {"model": base, "quantization": "none"}, "task": {"type": task}},
+            data_sha256={}, metrics={},
+        )
+        manifest["imported_from"] = str(folder.resolve())
+        return self._commit(staging, manifest, name, domain or name, tags)
+
+    def _check_files(self, folder: Path, manifest: dict, allow_pickle: bool) -> None:
+        if not (folder / TRAINED_WEIGHTS).is_file():
+            read_adapter_config(folder)
+        weight_files(folder, allow_pickle)
+        problems = verify_checksums(folder, manifest)
+        if problems:
+            raise UserInputError(
+                f"{folder}: checksum mismatch, the files changed after the manifest was written: " + "; ".join(problems)
+            )
+
+    def _stage(self, folder: Path, allow_pickle: bool) -> Path:
+        """Copy the adapter into a private staging folder (pickle converted to safetensors) and fsync it."""
+        staging = self.root / ".staging" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for src in sorted(folder.iterdir()):
+                if not src.is_file() or src.name.startswith(".") or src.name == MANIFEST:
+                    continue
+                if src.name in PICKLE_WEIGHTS:
+                    if allow_pickle and not any(folder.glob("*.safetensors")):
+                        convert_pickle_to_safetensors(src, staging / "adapter_model.safetensors")
+                    continue
+                shutil.copy2(src, staging / src.name)
+            _crash_point("staged")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    def _commit(self, staging: Path, manifest: dict, name: str, domain: str | None, tags) -> AdapterEntry:
+        try:
+            with self._write() as db:
+                row = db.execute("SELECT last_version FROM names WHERE name=?", (name,)).fetchone()
+                version = (row[0] if row else 0) + 1
+                manifest = manifest | {"name": name, "domain": domain, "version": version,
+                                       "files": weight_checksums(staging)}
+                write_json(staging / MANIFEST, manifest)
+                fsync_tree(staging)
+                target = self.root / "adapters" / name / str(version)
+                if target.exists():  # an orphan: renamed into place by a writer that died before committing
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _crash_point("before_rename")
+                os.rename(staging, target)
+                fsync_dir(target.parent)
+                _crash_point("after_rename")
+                db.execute("INSERT OR REPLACE INTO names (name, last_version) VALUES (?, ?)", (name, version))
+                db.execute(
+                    f"INSERT INTO adapters ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (name, version, domain, manifest.get("method"), manifest.get("task"), manifest.get("base_model"),
+                     manifest.get("base_fingerprint", {}).get("id"),
+                     (manifest.get("quantization") or {}).get("quantization"), manifest.get("created"),
+                     json.dumps(_summary_metrics(manifest.get("metrics") or {})), str(target.relative_to(self.root))),
+                )
+                for t in tags:
+                    db.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, t, version))
+                _crash_point("before_commit")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
+        return self.get(f"{name}@{version}")
+
+    def _check_tag(self, tag: str) -> str:
+        check_name(tag, "tag")
+        if tag.isdigit() or tag == "latest":
+            raise UserInputError(f"tag {tag!r} is not allowed: it would read as a version; use a word such as 'prod'")
+        return tag
+
+    def tag(self, ref: str, tag: str) -> AdapterEntry:
+        """Point `tag` at the adapter version `ref` (moving it if it pointed elsewhere)."""
+        self._check_tag(tag)
+        entry = self.get(ref)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (entry.name, tag, entry.version))
+        return self.get(entry.ref)
+
+    def untag(self, name: str, tag: str) -> None:
+        with self._write() as db:
+            if db.execute("DELETE FROM tags WHERE name=? AND tag=?", (check_name(name), tag)).rowcount == 0:
+                raise UserInputError(f"adapter {name!r} has no tag {tag!r}")
+
+    def remove(self, ref: str) -> list[AdapterEntry]:
+        """Remove one version (`name@3`, `name@tag`) or, for a bare name, every version of it."""
+        name, _, selector = ref.partition("@")
+        entries = [self.get(ref)] if selector else self.list(name=check_name(name))
+        if not entries:
+            raise UserInputError(self._with_db(lambda db: self._not_found(db, name, "")))
+        with self._write() as db:
+            for e in entries:
+                db.execute("DELETE FROM adapters WHERE name=? AND version=?", (e.name, e.version))
+                db.execute("DELETE FROM tags WHERE name=? AND version=?", (e.name, e.version))
+        for e in entries:  # after the commit: a crash here leaves only unreachable folders
+            trash = self.root / ".staging" / f"trash-{uuid.uuid4().hex}"
+            try:
+                os.rename(e.path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        return entries
+
+    def _with_db(self, fn):
+        with self._connect() as db:
+            return fn(db)
+
+    # ------------------------------------------------------------ checking and export
+
+    def verify(self) -> VerifyReport:
+        """Recompute every checksum; list folders no index entry reaches (left by crashes)."""
+        entries = self.list()
+        problems = []
+        for e in entries:
+            if not e.path.is_dir():
+                problems.append(f"{e.ref}: folder {e.path} is missing")
+                continue
+            try:
+                manifest = e.manifest
+                for f in e.path.glob("*.safetensors"):
+                    check_safetensors(f)
+            except UserInputError as exc:
+                problems.append(f"{e.ref}: {exc}")
+                continue
+            if manifest.get("version") != e.version or manifest.get("name") != e.name:
+                problems.append(f"{e.ref}: manifest says {manifest.get('name')}@{manifest.get('version')}")
+            problems += [f"{e.ref}: {p}" for p in verify_checksums(e.path, manifest)]
+            if not manifest.get("files"):
+                problems.append(f"{e.ref}: the manifest lists no weight files")
+        known = {e.path for e in entries}
+        orphans = [str(p) for p in sorted((self.root / "adapters").glob("*/*")) if p not in known]
+        orphans += [str(p) for p in sorted((self.root / ".staging").iterdir())]
+        return VerifyReport(len(entries), problems, orphans)
+
+    def collect_garbage(self, min_age_seconds: float = 3600) -> list[str]:
+        """Delete orphan folders older than `min_age_seconds` (younger ones may belong to a live writer)."""
+        removed = []
+        now = time.time()
+        for path in map(Path, self.verify().orphans):
+            if now - path.stat().st_mtime >= min_age_seconds:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(str(path))
+        return removed
+
+    def export(self, ref: str, out: str | Path) -> Path:
+        """Copy an adapter version into `out` as a plain peft folder (with its manifest)."""
+        entry = self.get(ref)
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        for src in sorted(entry.path.iterdir()):
+            if src.is_file():
+                shutil.copy2(src, out / src.name)
+        return out
+
+    def load(self, ref: str, backbone=None, quantization: str | None = None, force: bool = False):
+        """The adapter `ref` applied to `backbone` (or to its own base, loaded), after the fingerprint check."""
+        from .loading import load_trained
+
+        entry = self.get(ref)
+        return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref)
+
+
+def _check_adapter_fits_base(folder: Path, files: list[Path], fingerprint: dict, base: str) -> None:
+    """Every LoRA matrix must sit on a module of the base with matching in/out features."""
+    from .fingerprint import layer_pattern
+
+    shapes = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            shapes |= {k: v["shape"] for k, v in check_safetensors(f).items()}
+        else:
+            import torch
+
+            shapes |= {k: list(v.shape) for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    modules = fingerprint["module_shapes"]
+    problems, matched = [], 0
+    for key, shape in shapes.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if not m:
+            continue
+        module, which = layer_pattern(m.group(1)), m.group(2)
+        if module not in modules:
+            problems.append(f"{m.group(1)} is not a layer of the base")
+            continue
+        out_features, in_features = modules[module]["shape"]
+        if which == "A" and shape[1] != in_features:
+            problems.append(f"{m.group(1)}: lora_A takes {shape[1]} inputs, the base layer has {in_features}")
+        if which == "B" and shape[0] != out_features:
+            problems.append(f"{m.group(1)}: lora_B gives {shape[0]} outputs, the base layer has {out_features}")
+        matched += 1
+    if problems or not matched:
+        detail = "; ".join(problems[:5]) if problems else "no LoRA weight names a layer of the base"
+        raise UserInputError(f"{folder} does not fit the base {base!r}: {detail}")
+
+
+class _ClosingConnection:
+    """sqlite3.Connection as a context manager that closes (the stdlib one only ends a transaction)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._db
+
+    def __exit__(self, *exc) -> None:
+        self._db.close()

@@ -1,0 +1,350 @@
+"""The registry: bit-identical round trips, concurrent writers, crash safety, the wrong-base guard, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_adapt.backbone import BaseSpec, load_backbone
+from peft_adapt.cli import main
+from peft_adapt.errors import UserInputError
+from peft_adapt.registry import Registry
+from peft_adapt.testing import build_tiny_model
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _snapshot(registry: Registry) -> tuple:
+    """Everything a user could observe: the index and every byte under adapters/."""
+    entries = [(e.ref, tuple(e.tags)) for e in registry.list()]
+    files = {str(p.relative_to(registry.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted((registry.root / "adapters").rglob("*")) if p.is_file()}
+    return entries, files
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+
+
+def test_round_trip_is_bit_identical(tmp_path, trained_adapter):
+    registry = Registry(tmp_path / "reg")
+    entry = registry.add(trained_adapter, tags=["prod"])
+    assert (entry.name, entry.version, entry.tags) == ("t-docs", 1, ["prod"])
+    exported = registry.export("t-docs@prod", tmp_path / "exported")
+    source, stored, out = _tree_digest(trained_adapter), _tree_digest(entry.path), _tree_digest(exported)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert source[name] == stored[name] == out[name]
+    assert stored["manifest.json"] == out["manifest.json"]
+    original = json.loads((trained_adapter / "manifest.json").read_text())
+    registered = json.loads((exported / "manifest.json").read_text())
+    assert {k: v for k, v in registered.items() if k != "version"} == {k: v for k, v in original.items() if k != "version"}
+    assert registered["version"] == 1
+    # and what it computes is what the training folder computes
+    from peft_adapt.loading import load_trained
+
+    assert torch.equal(_logits(registry.load("t-docs").model, IDS), _logits(load_trained(trained_adapter).model, IDS))
+
+
+def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter):
+    registry = Registry(tmp_path / "reg")
+    registry.add(trained_adapter)
+    registry.add(trained_adapter, tags=["candidate"])
+    registry.add(trained_adapter, name="other", domain="news")
+    registry.tag("t-docs@1", "prod")
+    assert registry.get("t-docs").version == 2
+    assert registry.get("t-docs@1").tags == ["prod"]
+    assert registry.get("t-docs@candidate").version == 2
+    assert [e.ref for e in registry.list(domain="news")] == ["other@1"]
+    assert [e.ref for e in registry.list(tag="prod")] == ["t-docs@1"]
+    assert len(registry.list(method="lora")) == 3
+    fingerprint = registry.get("other").fingerprint
+    assert len(registry.list(base=fingerprint)) == 3
+    registry.remove("t-docs@2")
+    registry.add(trained_adapter)
+    assert [e.version for e in registry.list(name="t-docs")] == [1, 3]  # versions are never reused
+
+
+WRITER = """
+import sys
+from peft_adapt.registry import Registry
+registry = Registry(sys.argv[1])
+for _ in range(int(sys.argv[3])):
+    print(registry.add(sys.argv[2], name="shared").ref, flush=True)
+"""
+
+
+def test_four_processes_adding_25_each_end_with_100_entries(tmp_path, trained_adapter):
+    root = tmp_path / "reg"
+    Registry(root)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(trained_adapter), "25"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    refs = [ref for out in outputs for ref in out]
+    assert len(refs) == len(set(refs)) == 100
+    registry = Registry(root)
+    assert sorted(e.version for e in registry.list()) == list(range(1, 101))
+    assert {e.ref for e in registry.list()} == set(refs)
+    assert registry.verify().ok
+
+
+LOOPING_WRITER = """
+import sys
+from peft_adapt.registry import Registry
+registry = Registry(sys.argv[1])
+print("ready", flush=True)
+while True:
+    registry.add(sys.argv[2], name="crashy")
+"""
+
+
+def _assert_intact(registry: Registry, before: dict[str, dict]) -> None:
+    report = registry.verify()
+    assert report.ok, report.problems
+    for ref, digest in before.items():
+        assert _tree_digest(registry.get(ref).path) == digest, ref
+
+
+@pytest.mark.parametrize("step", ["staged", "before_rename", "after_rename", "before_commit"])
+def test_a_writer_killed_at_each_step_leaves_the_old_state(tmp_path, trained_adapter, step):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    registry.add(trained_adapter, name="crashy")
+    before = {e.ref: _tree_digest(e.path) for e in registry.list()}
+    env = os.environ | {"PEFT_ADAPT_CRASH_AT": step}
+    code = "import sys; from peft_adapt.registry import Registry; Registry(sys.argv[1]).add(sys.argv[2], name='crashy')"
+    proc = subprocess.run([sys.executable, "-c", code, str(root), str(trained_adapter)], env=env)
+    assert proc.returncode == -signal.SIGKILL
+    assert [e.ref for e in registry.list()] == ["crashy@1"]
+    _assert_intact(registry, before)
+    assert registry.add(trained_adapter, name="crashy").ref == "crashy@2"  # the next writer cleans up after it
+    assert registry.verify().ok
+
+
+def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, trained_adapter):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    rng = random.Random(0)
+    for trial in range(24):
+        before = {e.ref: _tree_digest(e.path) for e in registry.list()}
+        proc = subprocess.Popen([sys.executable, "-c", LOOPING_WRITER, str(root), str(trained_adapter)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _assert_intact(registry, before)
+    assert registry.list(), "the writers should have landed some adapters"
+    # every surviving adapter still loads and computes what the original folder computes
+    from peft_adapt.loading import load_trained
+
+    reference = _logits(load_trained(trained_adapter).model, IDS)
+    for entry in registry.list()[:3] + registry.list()[-2:]:
+        loaded = registry.load(entry.ref)
+        assert torch.equal(_logits(loaded.model, IDS), reference), entry.ref
+
+
+# ---- the wrong-base guard
+
+
+@pytest.fixture(scope="module")
+def other_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        "architecture": build_tiny_model(root / "gpt2", "gpt2"),
+        "vocabulary": build_tiny_model(root / "vocab", "llama", vocab_size=400),
+        "weights": build_tiny_model(root / "seed1", "llama", seed=1),
+    }
+
+
+@pytest.mark.parametrize("difference, says", [
+    ("architecture", "architecture: LlamaForCausalLM vs GPT2LMHeadModel"),
+    ("vocabulary", "vocab_size: 320 vs"),
+    ("weights", "weights: same shapes, different weight values"),
+])
+def test_wrong_base_guard_fires_and_names_both_bases(tmp_path, trained_adapter, other_bases, difference, says):
+    registry = Registry(tmp_path / "reg")
+    registry.add(trained_adapter)
+    other = load_backbone(BaseSpec(model=str(other_bases[difference]), quantization="none"))
+    with pytest.raises(UserInputError) as err:
+        registry.load("t-docs", backbone=other)
+    message = str(err.value)
+    assert says in message
+    assert str(other_bases[difference]) in message and "trained on base" in message
+    if difference != "architecture":  # same layer shapes: forcing it loads
+        registry.load("t-docs", backbone=other, force=True)
+
+
+def test_wrong_base_guard_stays_quiet_for_the_same_base_in_another_quantization(tmp_path, trained_adapter, tiny_llama, caplog):
+    registry = Registry(tmp_path / "reg")
+    registry.add(trained_adapter)
+    nf4 = load_backbone(BaseSpec(model=str(tiny_llama), quantization="nf4"))
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="peft_adapt.loading"):
+        loaded = registry.load("t-docs", backbone=nf4)
+    assert "trained on a none base and runs on a nf4 base" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # it computes what plain peft computes with the same adapter on a fresh nf4 base
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(load_backbone(BaseSpec(model=str(tiny_llama), quantization="nf4")).model,
+                                      registry.get("t-docs").path)
+    assert torch.equal(_logits(loaded.model, IDS), _logits(plain, IDS))
+
+
+# ---- bad input: a clear error, a non-zero exit, the registry unchanged
+
+
+def _peft_adapter_without_manifest(base: Path, out: Path, r: int = 4) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    return out
+
+
+def _broken(kind: str, trained_adapter: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / kind
+    shutil.copytree(trained_adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif kind == "corrupt":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\x00" * 64)
+    elif kind == "checksum":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # one flipped bit in the last weight: the file is complete but not what was trained
+        weights.write_bytes(bytes(data))
+    elif kind == "no_config":
+        (folder / "adapter_config.json").unlink()
+    elif kind == "pickle":
+        from safetensors.torch import load_file
+
+        torch.save(load_file(weights), folder / "adapter_model.bin")
+        weights.unlink()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"] = {}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("truncated", "truncated safetensors file"),
+    ("corrupt", "corrupt safetensors header"),
+    ("checksum", "checksum mismatch"),
+    ("no_config", "missing adapter_config.json"),
+    ("pickle", r"pickle \(adapter_model.bin\).*allow_pickle"),
+])
+def test_bad_adapter_folders_are_refused_and_change_nothing(tmp_path, trained_adapter, capsys, kind, says):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    registry.add(trained_adapter)
+    before = _snapshot(registry)
+    folder = _broken(kind, trained_adapter, tmp_path)
+    with pytest.raises(UserInputError, match=says):
+        registry.add(folder)
+    code = main(["registry", "--registry", str(root), "add", str(folder)])
+    assert code == 2 and "error:" in capsys.readouterr().err
+    assert _snapshot(registry) == before
+    assert registry.verify().ok and not registry.verify().orphans
+
+
+def test_pickle_adapter_is_accepted_when_allowed_and_stored_as_safetensors(tmp_path, trained_adapter):
+    registry = Registry(tmp_path / "reg")
+    entry = registry.add(_broken("pickle", trained_adapter, tmp_path), allow_pickle=True)
+    assert sorted(p.name for p in entry.path.glob("adapter_model.*")) == ["adapter_model.safetensors"]
+    from peft_adapt.loading import load_trained
+
+    assert torch.equal(_logits(registry.load(entry.ref).model, IDS), _logits(load_trained(trained_adapter).model, IDS))
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x..y", "bad\x07name", "new\nline", "", "-leading"])
+def test_unsafe_names_are_refused(tmp_path, trained_adapter, capsys, name):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    before = _snapshot(registry)
+    with pytest.raises(UserInputError, match="is not allowed"):
+        registry.add(trained_adapter, name=name)
+    assert main(["registry", "--registry", str(root), "add", str(trained_adapter), f"--name={name}"]) == 2
+    assert _snapshot(registry) == before
+
+
+def test_unknown_version_or_tag_is_named_with_what_exists(tmp_path, trained_adapter, capsys):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    registry.add(trained_adapter, tags=["prod"])
+    with pytest.raises(UserInputError, match=r"no version '7'; versions: 1; tags: prod"):
+        registry.get("t-docs@7")
+    assert main(["registry", "--registry", str(root), "show", "t-docs@beta"]) == 2
+    assert "no tag 'beta'" in capsys.readouterr().err
+
+
+def test_import_of_a_plain_peft_adapter_checks_it_fits_the_base(tmp_path, tiny_llama, other_bases, capsys):
+    folder = _peft_adapter_without_manifest(tiny_llama, tmp_path / "plain")
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    entry = registry.import_peft(folder, base=str(tiny_llama), name="imported", domain="docs")
+    assert entry.method == "lora" and entry.fingerprint == registry.get("imported").fingerprint
+    loaded = registry.load("imported")  # onto the base it was imported against
+    assert loaded.backbone.fingerprint["id"] == entry.fingerprint
+    before = _snapshot(registry)
+    with pytest.raises(UserInputError, match="does not fit the base"):
+        registry.import_peft(folder, base=str(other_bases["architecture"]), name="misfit")
+    code = main(["registry", "--registry", str(root), "import", str(folder), "--base", str(other_bases["architecture"]),
+                 "--name", "misfit"])
+    assert code == 2 and "does not fit the base" in capsys.readouterr().err
+    assert _snapshot(registry) == before
+
+
+def test_verify_finds_a_file_changed_inside_the_registry(tmp_path, trained_adapter, capsys):
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    entry = registry.add(trained_adapter)
+    weights = entry.path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    report = registry.verify()
+    assert not report.ok and "t-docs@1" in report.problems[0] and "does not match" in report.problems[0]
+    assert main(["registry", "--registry", str(root), "verify"]) == 1
+    with pytest.raises(UserInputError, match="checksum mismatch, refusing to load"):
+        registry.load("t-docs")
+
+
+def test_train_registers_every_adapter_and_list_json_shows_them(tmp_path, tiny_llama, docs_file, capsys):
+    import yaml
+    from conftest import causal_recipe
+
+    data = causal_recipe(tiny_llama, docs_file, "none", max_steps=2)
+    data["domains"]["code"] = {"train": str(docs_file)}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    root = tmp_path / "reg"
+    assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "runs"), "--registry", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["registry", "--registry", str(root), "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(e["name"] for e in listed) == ["t-code", "t-docs"]
+    for e in listed:
+        for key in ("name", "version", "domain", "method", "base", "fingerprint", "created", "metrics"):
+            assert key in e
+        assert e["metrics"]["eval"]["perplexity"] > 1
