@@ -139,7 +139,8 @@ def load_backbone(
     num_labels: int | None = None,
     pooling: str = "auto",
 ) -> Backbone:
-    """Load the base for `task` (`causal_lm` or `classification`), quantized as `spec` says."""
+    """Load the base for `task`, quantized as `spec` says: `causal_lm`, `classification` (encoder + a
+    fresh head pooling as `pooling` says) or `encoder` (the bare encoder, for serving heads of its own)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -166,17 +167,18 @@ def load_backbone(
     try:
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif task == "classification":
-            if not num_labels:
-                raise ValueError("classification needs num_labels")
-            model_cls = AutoModel._model_mapping[type(config)]
-            if "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
-                kwargs["add_pooling_layer"] = False  # our head pools; an unused pooler would get LoRA too
-            encoder = AutoModel.from_pretrained(path, **kwargs)
-            chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
-            model = SequenceClassifier(encoder, num_labels, chosen)
+        elif task in ("classification", "encoder"):
+            encoder_cls = AutoModel._model_mapping[type(config)]
+            if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
+                kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
+            model = AutoModel.from_pretrained(path, **kwargs)
+            if task == "classification":
+                if not num_labels:
+                    raise ValueError("classification needs num_labels")
+                chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
+                model = SequenceClassifier(model, num_labels, chosen)
         else:
-            raise UserInputError(f"task {task!r} is not known; use causal_lm or classification")
+            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification or encoder")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

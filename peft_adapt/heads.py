@@ -30,6 +30,20 @@ def default_pooling(model_path: Path, is_decoder: bool) -> str:
     return "last" if is_decoder else "cls"
 
 
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, tokens, hidden] -> [batch, hidden], over real tokens only."""
+    if pooling == "mean":
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling == "cls":  # the first real token, with padding on either side
+        first = attention_mask.argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    # last real token; works with padding on either side
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class SequenceClassifier(nn.Module):
     """A transformer encoder (`AutoModel`) + pooling + a linear head named `classifier`."""
 
@@ -39,6 +53,7 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.config = encoder.config  # Trainer and peft read model.config
+        self.name_or_path = getattr(encoder, "name_or_path", None)  # peft records it as the base
         self.pooling = pooling
         self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
@@ -59,15 +74,7 @@ class SequenceClassifier(nn.Module):
         self.encoder.enable_input_require_grads()
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        if self.pooling == "mean":
-            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        # last real token; works with padding on either side
-        positions = torch.arange(hidden.shape[1], device=hidden.device)
-        last = (attention_mask * positions).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pool_hidden(hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if attention_mask is None:
