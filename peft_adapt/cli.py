@@ -111,6 +111,71 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserInputError(f"prompt file {path} does not exist")
+        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserInputError("no prompts: give them as arguments or with --file (one per line)")
+    return prompts
+
+
+def _runtime_for(args, task: str):
+    """A runtime on --base, or on the base (and quantization) the first named adapter was trained on."""
+    from .runtime import AdapterRuntime
+
+    registry = Registry(args.registry)
+    names = args.adapters.split(",") if args.adapters else [args.adapter] if args.adapter else []
+    named = [n for n in names if n not in ("", "base", "none")]
+    base, quantization = args.base, args.quantization
+    if base is None:
+        if not named:
+            raise UserInputError("give --base MODEL, or an adapter whose base the registry knows")
+        folder = Path(named[0]) if Path(named[0]).is_dir() else registry.get(named[0]).path
+        from .manifest import read_manifest
+
+        manifest = read_manifest(folder)
+        base = manifest["recipe"]["base"]["model"]
+        quantization = quantization or manifest.get("quantization", {}).get("quantization") or "nf4"
+    runtime = AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
+    return runtime, names
+
+
+def _per_prompt(names: list[str], prompts: list[str], args) -> list[str | None]:
+    if args.adapters:
+        if len(names) != len(prompts):
+            raise UserInputError(f"--adapters names {len(names)} adapters for {len(prompts)} prompts; give one per prompt")
+        return [None if n in ("", "base", "none") else n for n in names]
+    return [names[0] if names else None] * len(prompts)
+
+
+def _cmd_generate(args) -> int:
+    prompts = _prompts(args)
+    runtime, names = _runtime_for(args, "causal_lm")
+    outputs = runtime.generate(prompts, _per_prompt(names, prompts, args), max_new_tokens=args.max_new_tokens,
+                               do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, adapter, text in zip(prompts, _per_prompt(names, prompts, args), outputs):
+        if args.json:
+            print(json.dumps({"adapter": adapter, "prompt": prompt, "completion": text}))
+        else:
+            print(f"[{adapter or 'base'}] {prompt}{text}")
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    texts = _prompts(args)
+    runtime, names = _runtime_for(args, "classification")
+    for text, result in zip(texts, runtime.classify(texts, _per_prompt(names, texts, args))):
+        if args.json:
+            print(json.dumps({"text": text} | result))
+        else:
+            print(f"{result['label']}\t{max(result['probs'].values()):.3f}\t[{result['adapter']}] {text}")
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the quickstart is offline by definition: never wait on the hub
     from .quickstart import format_report, run_quickstart
@@ -187,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, help="evaluate only the first N rows")
     p.add_argument("--force", action="store_true", help="load even if the base fingerprint differs")
     p.set_defaults(func=_cmd_eval)
+
+    for command, helptext, func in (("generate", "continue prompts with one adapter, or one adapter per prompt", _cmd_generate),
+                                    ("classify", "label texts with a classification adapter (or one per text)", _cmd_classify)):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument("prompts", nargs="*", help="texts (or use --file)")
+        p.add_argument("--file", help="one text per line (write \\n for a newline inside one)")
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--adapter", help="one adapter for every text: registry NAME[@VERSION|@TAG] or a folder")
+        group.add_argument("--adapters", help="comma-separated, one per text (base for none)")
+        p.add_argument("--base", help="base model (default: the one the first adapter was trained on)")
+        p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"])
+        p.add_argument("--device", default="auto")
+        p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        if command == "generate":
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+            p.add_argument("--temperature", type=float, default=1.0)
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int)
+        p.set_defaults(func=func)
 
     from .corpora import CORPORA
 

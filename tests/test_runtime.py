@@ -193,13 +193,13 @@ def test_load_time_linear_combination_is_exact(tiny_llama, adapters):
 
 
 def test_nf4_base_mixed_batch_matches_rows_alone(tiny_llama, adapters):
-    """On nf4 the base runs bitsandbytes' 4-bit kernels; a row's result may depend on the batch shape by
-    float rounding only (the CPU inference kernel computes in bf16): tolerance 2e-2 on logits of size ~1."""
+    """On nf4 the base runs bitsandbytes' 4-bit kernels, whose result may depend on the batch shape by float
+    rounding (the CPU inference kernel computes in bf16): tolerance 1e-3 on logits of size ~1 (measured 4.5e-5)."""
     rt = AdapterRuntime(str(tiny_llama), quantization="nf4")
     for folder in adapters:
         rt.load(str(folder))
     names = [str(adapters[0]), str(adapters[1]), None, str(adapters[3])]
-    _rows_match_alone(rt, TEXTS, names, atol=2e-2)
+    _rows_match_alone(rt, TEXTS, names, atol=1e-3)
 
 
 def test_loading_after_inference_on_nf4_equals_a_fresh_load(tiny_llama, adapters):
@@ -257,3 +257,24 @@ def test_classification_runtime_serves_per_row_heads(tmp_path, tiny_bert, sentim
         with torch.no_grad():
             probs = loaded.model(**enc).logits.softmax(-1)[0]
         assert max(abs(p - q) for p, q in zip(probs.tolist(), row["probs"].values())) < 1e-5
+
+
+def test_generate_cli_uses_one_adapter_per_prompt(tmp_path, tiny_llama, adapters, capsys):
+    import json as _json
+
+    from peft_adapt.cli import main
+
+    root = tmp_path / "reg"
+    registry = Registry(root)
+    registry.import_peft(adapters[0], base=str(tiny_llama), name="first")
+    registry.import_peft(adapters[1], base=str(tiny_llama), name="second")
+    prompts = TEXTS[:3]
+    code = main(["generate", "--registry", str(root), "--quantization", "none", "--adapters", "first,second,base",
+                 "--max-new-tokens", "6", "--json", *prompts])
+    assert code == 0
+    rows = [_json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["adapter"] for r in rows] == ["first", "second", None]
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=registry)
+    assert [r["completion"] for r in rows] == rt.generate(prompts, ["first", "second", None], max_new_tokens=6)
+    assert main(["generate", "--registry", str(root), "--adapters", "first,second", *prompts]) == 2
+    assert "2 adapters for 3 prompts" in capsys.readouterr().err

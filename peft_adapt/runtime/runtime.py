@@ -71,6 +71,11 @@ class AdapterRuntime:
         {ref: coefficient} of LoRA adapters under the new name `name`. Loading again refreshes it."""
         return self._load(name, weights, pin, force, keep=set())
 
+    def load_lora(self, name: str, lora: LoraWeights, pin: bool = False) -> ResidentAdapter:
+        """Make LoRA weights already in memory resident under `name` (not reloadable after eviction)."""
+        with self._lock:
+            return self._install(name, lora, {"source": "memory"}, pin, None, keep=set())
+
     def _load(self, name: str, weights: dict[str, float] | None, pin: bool, force: bool, keep: set[str]) -> ResidentAdapter:
         with self._lock:
             if name in BASE_NAMES:
@@ -78,24 +83,27 @@ class AdapterRuntime:
             started = time.perf_counter()
             if weights:
                 parts = [(self._read(ref, force)[0], float(w)) for ref, w in weights.items()]
-                lora, source, meta = combine_linearly(parts), "+".join(weights), {}
+                lora, meta = combine_linearly(parts), {"source": "+".join(weights)}
             else:
                 lora, meta = self._read(name, force)
-                source = meta["source"]
-            if name in self.residency:
-                self._evict(name, count=False)
-            for victim in self.residency.victims_for(lora.nbytes, keep=keep | {name}):
-                self._evict(victim)
-            slot = self.residency.allocate_slot()
-            self._write_slot(slot, lora)
-            adapter = ResidentAdapter(
-                name=name, slot=slot, rank=lora.rank, nbytes=lora.nbytes, source=source, pinned=pin,
-                head=lora.head, labels=meta.get("labels"), pooling=meta.get("pooling"),
-                recipe=dict(weights) if weights else None,
-            )
-            self.residency.add(adapter)
+            adapter = self._install(name, lora, meta, pin, weights, keep)
             self.residency.load_seconds += time.perf_counter() - started
             return adapter
+
+    def _install(self, name: str, lora: LoraWeights, meta: dict, pin: bool, weights, keep: set[str]) -> ResidentAdapter:
+        if name in self.residency:
+            self._evict(name, count=False)
+        for victim in self.residency.victims_for(lora.nbytes, keep=keep | {name}):
+            self._evict(victim)
+        slot = self.residency.allocate_slot()
+        self._write_slot(slot, lora)
+        adapter = ResidentAdapter(
+            name=name, slot=slot, rank=lora.rank, nbytes=lora.nbytes, source=meta["source"], pinned=pin,
+            head=lora.head, labels=meta.get("labels"), pooling=meta.get("pooling"),
+            recipe=dict(weights) if weights else None,
+        )
+        self.residency.add(adapter)
+        return adapter
 
     def _read(self, ref: str, force: bool) -> tuple[LoraWeights, dict]:
         """LoRA weights of a folder or registry ref, after checking that they fit this base."""
@@ -257,7 +265,7 @@ class AdapterRuntime:
 
     def generate(self, prompts, adapters=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, seed: int | None = None,
-                 return_tokens: bool = False) -> list:
+                 return_tokens: bool = False, min_new_tokens: int = 0) -> list:
         """Continue each prompt (texts or token-id lists) with its row's adapter; greedy unless do_sample."""
         if self.task != "causal_lm":
             raise UserInputError("generate() is for causal LM runtimes; use classify()")
@@ -268,7 +276,8 @@ class AdapterRuntime:
             batch, _ = self._batch(adapters, ids.shape[0])
             if seed is not None:
                 torch.manual_seed(seed)
-            options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)
+            options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                           pad_token_id=self.tokenizer.pad_token_id)
             if do_sample:
                 options |= dict(temperature=temperature, top_p=top_p, top_k=top_k)
             else:
