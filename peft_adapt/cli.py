@@ -128,8 +128,7 @@ def _runtime_for(args, task: str):
     from .runtime import AdapterRuntime
 
     registry = Registry(args.registry)
-    names = args.adapters.split(",") if args.adapters else [args.adapter] if args.adapter else []
-    named = [n for n in names if n not in ("", "base", "none")]
+    named = [n for n in _adapter_names(args) if n not in ("", "base", "none")]
     base, quantization = args.base, args.quantization
     if base is None:
         if not named:
@@ -139,9 +138,8 @@ def _runtime_for(args, task: str):
 
         manifest = read_manifest(folder)
         base = manifest["recipe"]["base"]["model"]
-        quantization = quantization or manifest.get("quantization", {}).get("quantization") or "nf4"
-    runtime = AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
-    return runtime, names
+        quantization = quantization or manifest["recipe"]["base"].get("quantization") or "nf4"
+    return AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
 
 
 def _per_prompt(names: list[str], prompts: list[str], args) -> list[str | None]:
@@ -152,12 +150,17 @@ def _per_prompt(names: list[str], prompts: list[str], args) -> list[str | None]:
     return [names[0] if names else None] * len(prompts)
 
 
+def _adapter_names(args) -> list[str]:
+    return args.adapters.split(",") if args.adapters else [args.adapter] if args.adapter else []
+
+
 def _cmd_generate(args) -> int:
     prompts = _prompts(args)
-    runtime, names = _runtime_for(args, "causal_lm")
-    outputs = runtime.generate(prompts, _per_prompt(names, prompts, args), max_new_tokens=args.max_new_tokens,
+    per_prompt = _per_prompt(_adapter_names(args), prompts, args)  # bad counts fail before the model loads
+    runtime = _runtime_for(args, "causal_lm")
+    outputs = runtime.generate(prompts, per_prompt, max_new_tokens=args.max_new_tokens,
                                do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    for prompt, adapter, text in zip(prompts, _per_prompt(names, prompts, args), outputs):
+    for prompt, adapter, text in zip(prompts, per_prompt, outputs):
         if args.json:
             print(json.dumps({"adapter": adapter, "prompt": prompt, "completion": text}))
         else:
@@ -167,8 +170,9 @@ def _cmd_generate(args) -> int:
 
 def _cmd_classify(args) -> int:
     texts = _prompts(args)
-    runtime, names = _runtime_for(args, "classification")
-    for text, result in zip(texts, runtime.classify(texts, _per_prompt(names, texts, args))):
+    per_text = _per_prompt(_adapter_names(args), texts, args)
+    runtime = _runtime_for(args, "classification")
+    for text, result in zip(texts, runtime.classify(texts, per_text)):
         if args.json:
             print(json.dumps({"text": text} | result))
         else:
