@@ -75,8 +75,9 @@ def folded_state_dict(base_model: str, quantization: str, base_weights: str, lor
 
 def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_weights: str = "dequantized",
                  requantize: str | None = None, probe: str | Path | None = None, probe_tokens: int = 1024,
-                 max_shard_size: str = "2GB") -> dict:
-    """Fold adapter `ref` into its base, save a standalone model in `out`, and report its fidelity."""
+                 max_shard_size: str = "2GB", measure: bool = True) -> dict:
+    """Fold adapter `ref` into its base, save a standalone model in `out`, and report its fidelity
+    (`measure=False` skips the measurement and writes no fidelity.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 
     from ..runtime import AdapterRuntime
@@ -110,17 +111,17 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
 
     path = resolve_model_path(base_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    probes = probe_token_ids(tokenizer, manifest, probe, probe_tokens)
-    # the unmerged model as it is served: the base in its training quantization + the adapter
-    runtime = AdapterRuntime(base_model, quantization=trained_q, device="cpu")
-    runtime.load(str(entry.path))
-    unmerged = runtime.logits(probes, adapters=str(entry.path))
-    base_served = runtime.logits(probes, adapters=None)
-    del runtime
-
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.load_state_dict(base_state)
-    floor = compare_logits(_logits(model, probes), base_served)  # the 4-bit kernels' own noise
+    if measure:
+        probes = probe_token_ids(tokenizer, manifest, probe, probe_tokens)
+        # the unmerged model as it is served: the base in its training quantization + the adapter
+        runtime = AdapterRuntime(base_model, quantization=trained_q, device="cpu")
+        runtime.load(str(entry.path))
+        unmerged = runtime.logits(probes, adapters=str(entry.path))
+        base_served = runtime.logits(probes, adapters=None)
+        del runtime
+        model.load_state_dict(base_state)
+        floor = compare_logits(_logits(model, probes), base_served)  # the 4-bit kernels' own noise
     model.load_state_dict(folded)
     model.to(DTYPES[dtype])
     variants = {}
@@ -131,9 +132,10 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
         tokenizer.save_pretrained(target)
         _generation_config(path, model).save_pretrained(target)
         del model
-        exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
-        variants[f"export_{dtype}"] = compare_logits(_logits(exported, probes), unmerged)
-        del exported
+        if measure:
+            exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
+            variants[f"export_{dtype}"] = compare_logits(_logits(exported, probes), unmerged)
+            del exported
         if requantize:
             quant = (BitsAndBytesConfig(load_in_8bit=True) if requantize == "int8" else
                      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
@@ -142,7 +144,10 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
             requantized.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(out)
             _generation_config(path, requantized).save_pretrained(out)
-            variants[f"requantized_{requantize}"] = compare_logits(_logits(requantized, probes), unmerged)
+            if measure:
+                variants[f"requantized_{requantize}"] = compare_logits(_logits(requantized, probes), unmerged)
+    if not measure:
+        return {"adapter": entry.ref, "seconds": time.perf_counter() - started}
     report = {
         "adapter": entry.ref, "base_model": base_model, "trained_quantization": trained_q,
         "base_weights": base_weights, "dtype": dtype, "requantize": requantize,
