@@ -19,6 +19,21 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 TRAINED_WEIGHTS = "trained_weights.safetensors"  # what a freezing baseline saves instead of an adapter
+BOTTLENECK_CONFIG = "bottleneck_config.json"  # our own format: peft has no bottleneck adapters
+
+
+def folder_kind(folder: Path) -> str:
+    """`peft` (adapter_config.json), `bottleneck` (our config) or `trained_weights` (a freezing baseline)."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "peft"
+    if (folder / BOTTLENECK_CONFIG).is_file():
+        return "bottleneck"
+    if (folder / TRAINED_WEIGHTS).is_file():
+        return "trained_weights"
+    raise UserInputError(
+        f"{folder}: missing {ADAPTER_CONFIG}; an adapter folder needs its config beside its weights "
+        f"({ADAPTER_CONFIG} for peft methods, {BOTTLENECK_CONFIG} for bottleneck adapters)"
+    )
 
 
 def check_safetensors(path: Path) -> dict:

@@ -76,12 +76,18 @@ class SequenceClassifier(nn.Module):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool_hidden(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, **kwargs):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.pop("num_items_in_batch", None)
+        for unused in ("output_attentions", "output_hidden_states", "return_dict", "inputs_embeds"):
+            if kwargs.get(unused) is None:
+                kwargs.pop(unused, None)
+        if past_key_values is not None:  # prefix tuning: peft passes the prefixes as a cache
+            kwargs["past_key_values"] = past_key_values
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        pooled = self.pool(hidden.float(), attention_mask)
+        # with prefix tuning the mask also covers the virtual tokens in front; pool over the real ones
+        pooled = self.pool(hidden.float(), attention_mask[:, -hidden.shape[1]:])
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter_files import ADAPTER_CONFIG, TRAINED_WEIGHTS, verify_checksums
+from .adapter_files import TRAINED_WEIGHTS, folder_kind, verify_checksums
 from .backbone import Backbone, BaseSpec, load_backbone
 from .errors import UserInputError
 from .fingerprint import fingerprint_differences
@@ -61,15 +61,18 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
         labels = manifest.get("labels")
         backbone = load_backbone(base, manifest["task"], len(labels) if labels else None, manifest.get("pooling") or "auto")
     check_base_fits(manifest, backbone, source, force)
-    if (folder / ADAPTER_CONFIG).is_file():
+    kind = folder_kind(folder)
+    if kind == "peft":
         model = PeftModel.from_pretrained(backbone.model, folder, is_trainable=False)
-    elif (folder / TRAINED_WEIGHTS).is_file():
+    elif kind == "bottleneck":
+        from .methods.bottleneck import load_bottleneck
+
+        model = load_bottleneck(backbone.model, folder, backbone.model.config.model_type)
+    else:
         model = backbone.model
         state = load_file(str(folder / TRAINED_WEIGHTS), device=str(backbone.device))
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise UserInputError(f"{folder / TRAINED_WEIGHTS}: weights {result.unexpected_keys[:3]} fit no parameter of the base")
-    else:
-        raise UserInputError(f"{folder}: neither {ADAPTER_CONFIG} (an adapter) nor {TRAINED_WEIGHTS} (a baseline)")
     model.eval()
     return LoadedAdapter(model, backbone, manifest)

@@ -19,7 +19,7 @@ from .backbone import BaseSpec
 from .data import TaskSpec
 from .errors import UserInputError
 from .freeze import FREEZE_PATTERN
-from .methods import AdapterSpec
+from .methods import SPECS, AdapterSpec, LoraSpec
 
 
 class EarlyStoppingSpec(BaseModel):
@@ -94,7 +94,7 @@ class Recipe(BaseModel):
             if self.freeze != "all" and self.base.quantization != "none":
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")
         elif self.adapter is None:
-            self.adapter = AdapterSpec()
+            self.adapter = LoraSpec()
         for name in self.domains:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"domain name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
@@ -149,6 +149,9 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model of the section that holds the key at `loc` (to list its known keys)."""
     model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
+        if part in SPECS:  # the tag of the adapter union: the section is that method's spec
+            model = SPECS[part]
+            continue
         if model is None:
             return None
         field = model.model_fields.get(str(part))
@@ -161,7 +164,7 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 
 
 def _format_error(error: dict) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    where = ".".join(str(p) for i, p in enumerate(error["loc"]) if not (i == 1 and p in SPECS)) or "(top level)"
     if error["type"] == "extra_forbidden":
         section = _section_model(error["loc"])
         known = f"; known keys here: {', '.join(section.model_fields)}" if section else ""

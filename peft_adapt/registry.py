@@ -27,9 +27,9 @@ from pathlib import Path
 from .adapter_files import (
     ADAPTER_CONFIG,
     PICKLE_WEIGHTS,
-    TRAINED_WEIGHTS,
     check_safetensors,
     convert_pickle_to_safetensors,
+    folder_kind,
     fsync_dir,
     fsync_tree,
     read_adapter_config,
@@ -255,8 +255,13 @@ class Registry:
         return self._commit(staging, manifest, name, domain or name, tags)
 
     def _check_files(self, folder: Path, manifest: dict, allow_pickle: bool) -> None:
-        if not (folder / TRAINED_WEIGHTS).is_file():
+        kind = folder_kind(folder)
+        if kind == "peft":
             read_adapter_config(folder)
+        elif kind == "bottleneck":
+            from .methods.bottleneck import read_bottleneck_config
+
+            read_bottleneck_config(folder)
         weight_files(folder, allow_pickle)
         problems = verify_checksums(folder, manifest)
         if problems:

@@ -25,6 +25,7 @@ from .evaluation import evaluate_task, nll_per_row
 from .freeze import apply_freeze
 from .manifest import build_manifest, write_json
 from .methods import inject_adapter
+from .methods.bottleneck import save_bottleneck
 from .metrics import classification_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe
@@ -81,7 +82,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
         inner.requires_grad_(False)
         if recipe.training.gradient_checkpointing:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return inject_adapter(model, recipe.adapter, recipe.task.type, heads)
+    return inject_adapter(model, recipe.adapter, recipe.task.type, heads, backbone.model.config.model_type)
 
 
 def _metric_key(metric: str) -> str:
@@ -231,7 +232,9 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.adapter is not None:
+    if recipe.method == "bottleneck":
+        save_bottleneck(model, out_dir)
+    elif recipe.adapter is not None:
         model.save_pretrained(out_dir, safe_serialization=True)
     else:
         trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -83,6 +83,25 @@ def _merged_head(parents: list[LoraWeights], weights: list[float], labels: list)
     return {k: sum(h[k].float() * (w / total) for h, w in zip(heads, weights)) for k in heads[0]}
 
 
+def average_adapter_files(folders: list[Path], weights: list[float], out: Path) -> dict:
+    """Bottleneck or prefix adapters of one shape: every tensor the weighted sum of the parents'."""
+    from safetensors.torch import load_file, save_file
+
+    configs = [sorted(p.name for p in f.glob("*_config.json")) for f in folders]
+    config_name = configs[0][0]
+    shapes = []
+    states = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    for folder, state in zip(folders, states):
+        shapes.append({k: tuple(v.shape) for k, v in state.items()})
+        if shapes[-1] != shapes[0]:
+            raise UserInputError(f"{folder} has other sites or sizes than {folders[0]}; only adapters of one shape can be averaged")
+    merged = {k: sum(state[k].float() * w for state, w in zip(states, weights)).contiguous() for k in states[0]}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / "adapter_model.safetensors"))
+    shutil.copy2(folders[0] / config_name, out / config_name)
+    return {"relative_error_max": 0.0}
+
+
 def write_lora_folder(folder: Path, modules: dict, head: dict, template: dict) -> None:
     """A peft-format LoRA folder (adapter_config.json + adapter_model.safetensors) with scale 1."""
     from safetensors.torch import save_file
@@ -116,8 +135,11 @@ def combine_adapters(registry, refs: list[str], method: str, name: str, weights:
     entries = [registry.get(ref) for ref in refs]
     manifests = [e.manifest for e in entries]
     for e, m in zip(entries, manifests):
-        if m.get("method") != "lora":
-            raise UserInputError(f"{e.ref} is a {m.get('method')} adapter; merging combines LoRA adapters")
+        if m.get("method") not in ("lora", "bottleneck", "prefix"):
+            raise UserInputError(f"{e.ref} is a {m.get('method')} model, not an adapter; merging combines adapters")
+        if m.get("method") != manifests[0].get("method"):
+            raise UserInputError(f"{e.ref} is a {m.get('method')} adapter and {entries[0].ref} a {manifests[0].get('method')} one; "
+                                 f"only adapters of one method can be merged")
         if m["base_fingerprint"]["id"] != manifests[0]["base_fingerprint"]["id"]:
             raise UserInputError(
                 f"{e.ref} was trained on base {m.get('base_model')!r} ({m['base_fingerprint']['id']}) and "
@@ -126,16 +148,23 @@ def combine_adapters(registry, refs: list[str], method: str, name: str, weights:
             )
         if m.get("task") != manifests[0].get("task"):
             raise UserInputError(f"{e.ref} is a {m.get('task')} adapter and {entries[0].ref} a {manifests[0].get('task')} one")
-    parents = [read_lora_weights(e.path) for e in entries]
-    modules, report = merge_lora(parents, weights, method, density, seed, rank)
-    head = _merged_head(parents, weights, [m.get("labels") for m in manifests])
     staging = Path(tempfile.mkdtemp(prefix="merge-"))
     try:
-        write_lora_folder(staging, modules, head, read_adapter_config(entries[0].path))
+        if manifests[0].get("method") == "lora":
+            parents = [read_lora_weights(e.path) for e in entries]
+            modules, report = merge_lora(parents, weights, method, density, seed, rank)
+            head = _merged_head(parents, weights, [m.get("labels") for m in manifests])
+            write_lora_folder(staging, modules, head, read_adapter_config(entries[0].path))
+        else:
+            if method != "linear":
+                raise UserInputError(f"{manifests[0].get('method')} adapters combine by linear averaging only (--method linear)")
+            if any(m.get("labels") != manifests[0].get("labels") for m in manifests):
+                raise UserInputError("classification adapters can be combined only when all have the same label map")
+            report = average_adapter_files([e.path for e in entries], weights, staging)
         first = manifests[0]
         manifest = build_manifest(
             folder=staging, name=name, domain=domain or "+".join(m.get("domain") or "?" for m in manifests),
-            method="lora", task=first.get("task"), base_model=first.get("base_model"),
+            method=first.get("method"), task=first.get("task"), base_model=first.get("base_model"),
             base_fingerprint=first["base_fingerprint"], quantization=first.get("quantization"),
             recipe=first.get("recipe"), data_sha256={e.ref: m.get("data_sha256") for e, m in zip(entries, manifests)},
             metrics={}, labels=first.get("labels"),

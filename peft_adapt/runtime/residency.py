@@ -12,9 +12,12 @@ from ..errors import UserInputError
 class ResidentAdapter:
     name: str
     slot: int
-    rank: int
+    rank: int  # LoRA rank (0 for other methods)
     nbytes: int  # the adapter's own parameter bytes
     source: str  # where it came from: a registry ref or a folder
+    method: str = "lora"
+    size: int = 0  # bottleneck size (0 for other methods)
+    prefix_model: object = None  # prefix tuning: a peft wrapper around the shared base
     pinned: bool = False
     head: dict = field(default_factory=dict)  # classification head (weight, bias), if any
     labels: list[str] | None = None

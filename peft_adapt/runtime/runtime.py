@@ -6,9 +6,12 @@
     rt.generate(["Q: ...", "Q: ..."], adapters=["medical", "legal"])
     rt.logits(["some text"], adapters="medical")
 
-Adapters are read into the runtime's own stacked tensors (`stacked_lora.py`), never through peft's
-loading path, so loading after the model has served is as exact as loading before. Every public method
-holds one lock: concurrent calls from several threads each get what they would get alone.
+LoRA and bottleneck adapters are read into the runtime's own stacked tensors (`stacked_lora.py`,
+`stacked_bottleneck.py`), never through peft's LoRA loading path, so loading after the model has served
+is as exact as loading before; rows of any mix of them run as one batch. Prefix-tuning adapters run
+through a peft wrapper around the shared base, one forward (or generate) per distinct prefix adapter in
+a batch: their cost grows with the number of distinct prefix adapters. Every public method holds one
+lock: concurrent calls from several threads each get what they would get alone.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from ..errors import UserInputError
 from ..fingerprint import fingerprint_differences
 from ..heads import pool_hidden
 from ..manifest import read_manifest
+from ..adapter_files import folder_kind, read_adapter_config
 from .batch import AdapterBatch
+from .bottleneck_weights import BottleneckWeights, read_bottleneck_weights
 from .lora_weights import LoraWeights, combine_linearly, read_lora_weights
 from .residency import Residency, ResidentAdapter
+from .stacked_bottleneck import StackedBottleneck
 from .stacked_lora import BatchContext, StackedLoraLinear
 
 BASE_NAMES = (None, "base", "")  # a row that names one of these runs the base model alone
@@ -51,8 +57,10 @@ class AdapterRuntime:
         self.residency = Residency(max_adapters, max_bytes)
         self.context = BatchContext()
         self.layers: dict[str, StackedLoraLinear] = {}
+        self.bottlenecks: dict[str, StackedBottleneck] = {}
         self._capacity = max(2, initial_capacity)
         self._rank = max(1, initial_rank)
+        self._size = 1  # padded bottleneck size
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ adapters in and out
@@ -83,6 +91,8 @@ class AdapterRuntime:
             started = time.perf_counter()
             if weights:
                 parts = [(self._read(ref, force)[0], float(w)) for ref, w in weights.items()]
+                if not all(isinstance(p, LoraWeights) for p, _ in parts):
+                    raise UserInputError("load-time combinations combine LoRA adapters only")
                 lora, meta = combine_linearly(parts), {"source": "+".join(weights)}
             else:
                 lora, meta = self._read(name, force)
@@ -90,18 +100,26 @@ class AdapterRuntime:
             self.residency.load_seconds += time.perf_counter() - started
             return adapter
 
-    def _install(self, name: str, lora: LoraWeights, meta: dict, pin: bool, weights, keep: set[str]) -> ResidentAdapter:
+    def _install(self, name: str, weights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
+        """Put LoRA, bottleneck or prefix weights into a fresh slot, evicting what must go."""
         if name in self.residency:
             self._evict(name, count=False)
-        for victim in self.residency.victims_for(lora.nbytes, keep=keep | {name}):
+        for victim in self.residency.victims_for(weights.nbytes, keep=keep | {name}):
             self._evict(victim)
         slot = self.residency.allocate_slot()
-        self._write_slot(slot, lora)
         adapter = ResidentAdapter(
-            name=name, slot=slot, rank=lora.rank, nbytes=lora.nbytes, source=meta["source"], pinned=pin,
-            head=lora.head, labels=meta.get("labels"), pooling=meta.get("pooling"),
-            recipe=dict(weights) if weights else None,
+            name=name, slot=slot, rank=0, nbytes=weights.nbytes, source=meta["source"], pinned=pin,
+            head=getattr(weights, "head", {}), labels=meta.get("labels"), pooling=meta.get("pooling"),
+            recipe=dict(recipe) if recipe else None,
         )
+        if isinstance(weights, LoraWeights):
+            self._write_slot(slot, weights)
+            adapter.rank = weights.rank
+        elif isinstance(weights, BottleneckWeights):
+            self._write_bottleneck(slot, weights)
+            adapter.method, adapter.size = "bottleneck", weights.size
+        else:
+            adapter.method, adapter.prefix_model = "prefix", weights.wrap(self.model)
         self.residency.add(adapter)
         return adapter
 
@@ -129,33 +147,80 @@ class AdapterRuntime:
             task = manifest.get("task", "causal_lm")
             if task != self.task:
                 raise UserInputError(f"{source} is a {task} adapter; this runtime serves {self.task}")
-        lora = read_lora_weights(folder, strip_prefix="encoder." if self.task == "classification" else "")
-        if self.task == "classification" and not lora.head:
+        prefix = "encoder." if self.task == "classification" else ""
+        kind = folder_kind(folder)
+        if kind == "bottleneck":
+            weights = read_bottleneck_weights(folder, strip_prefix=prefix)
+        elif kind == "peft" and str(read_adapter_config(folder).get("peft_type")).upper() == "PREFIX_TUNING":
+            if self.task != "causal_lm":
+                raise UserInputError(f"{source}: prefix-tuned classifiers are served with `peft-adapt eval`, not the runtime")
+            weights = PrefixAdapter(folder)
+        elif kind == "peft":
+            weights = read_lora_weights(folder, strip_prefix=prefix)
+        else:
+            raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
+        if self.task == "classification" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
         meta = {"source": source, "labels": manifest.get("labels"), "pooling": manifest.get("pooling") or "mean"}
-        return lora, meta
+        return weights, meta
 
-    def _layer(self, path: str) -> StackedLoraLinear:
-        """The wrapped layer at `path`, wrapping the base's linear layer there on first use."""
-        if path in self.layers:
-            return self.layers[path]
+    def _module_at(self, path: str) -> tuple[torch.nn.Module, object, str]:
+        """(module, its holder, attribute name) at `path`; a bottleneck wrapper holds the module it follows."""
         try:
             module = self.model.get_submodule(path)
         except AttributeError:
             raise UserInputError(f"the adapter names layer {path!r}, which this base does not have") from None
+        if isinstance(module, StackedBottleneck):
+            return module.base_layer, module, "base_layer"
+        parent_path, _, child = path.rpartition(".")
+        return module, self.model.get_submodule(parent_path) if parent_path else self.model, child
+
+    def _layer(self, path: str) -> StackedLoraLinear:
+        """The LoRA-wrapped layer at `path`, wrapping the base's linear layer there on first use."""
+        if path in self.layers:
+            return self.layers[path]
+        module, holder, attribute = self._module_at(path)
         if not isinstance(module, torch.nn.Linear):
             raise UserInputError(f"the adapter adapts {path!r}, a {type(module).__name__}; only linear layers are served")
-        parent_path, _, child = path.rpartition(".")
         wrapped = StackedLoraLinear(module, self.context, self._capacity, self._rank, self.dtype, self.device)
-        setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, wrapped)
+        setattr(holder, attribute, wrapped)
         self.layers[path] = wrapped
         return wrapped
 
-    def _write_slot(self, slot: int, lora: LoraWeights) -> None:
-        capacity, rank = self._capacity, self._rank
+    def _site(self, path: str) -> StackedBottleneck:
+        """The bottleneck stack after the sublayer at `path`, wrapping it on first use."""
+        if path in self.bottlenecks:
+            return self.bottlenecks[path]
+        module, holder, attribute = self._module_at(path)
+        from ..methods.bottleneck import output_features
+
+        wrapped = StackedBottleneck(module, output_features(module.base_layer if isinstance(module, StackedLoraLinear) else module),
+                                    self.context, self._capacity, self._size, self.dtype, self.device)
+        setattr(holder, attribute, wrapped)
+        self.bottlenecks[path] = wrapped
+        return wrapped
+
+    def _write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
+        sites = {path: self._site(path) for path in weights.sites}
+        for path, (down, _, up, _) in weights.sites.items():
+            if down.shape[1] != sites[path].hidden:
+                raise UserInputError(f"the adapter's site {path} has hidden size {down.shape[1]}, the base {sites[path].hidden}")
+        self._grow(slot, rank=self._rank, size=max(self._size, weights.size))
+        for path, parts in weights.sites.items():
+            sites[path].write(slot, *parts, weights.activation)
+
+    def _grow(self, slot: int, rank: int, size: int) -> None:
+        """Make every stack hold `slot` and the given padded rank and bottleneck size."""
+        capacity = self._capacity
         while slot >= capacity:
             capacity *= 2
-        rank = max(rank, lora.rank)
+        self._capacity, self._rank, self._size = capacity, rank, size
+        for layer in self.layers.values():
+            layer.resize(capacity, rank)
+        for site in self.bottlenecks.values():
+            site.resize(capacity, size)
+
+    def _write_slot(self, slot: int, lora: LoraWeights) -> None:
         layers = {path: self._layer(path) for path in lora.modules}  # validate every path before writing
         for path, (a, b, _) in lora.modules.items():
             layer = layers[path]
@@ -164,18 +229,13 @@ class AdapterRuntime:
                     f"the adapter's {path} maps {a.shape[1]} -> {b.shape[0]} features, the base layer "
                     f"{layer.in_features} -> {layer.out_features}"
                 )
-        if (capacity, rank) != (self._capacity, self._rank):
-            self._capacity, self._rank = capacity, rank
-            for layer in self.layers.values():
-                layer.resize(capacity, rank)
-        for layer in self.layers.values():
-            layer.resize(self._capacity, self._rank)  # layers wrapped just now
+        self._grow(slot, rank=max(self._rank, lora.rank), size=self._size)
         for path, (a, b, scale) in lora.modules.items():
             layers[path].write(slot, a, b, scale)
 
     def _evict(self, name: str, count: bool = True) -> None:
         adapter = self.residency.remove(name)
-        for layer in self.layers.values():
+        for layer in list(self.layers.values()) + list(self.bottlenecks.values()):
             layer.clear(adapter.slot)  # no trace of it remains in the stacks
         if count:
             self.residency.evictions += 1
@@ -198,10 +258,12 @@ class AdapterRuntime:
     def stats(self) -> dict:
         with self._lock:
             r = self.residency
-            stack_bytes = sum((l.A.numel() + l.B.numel()) * l.A.element_size() for l in self.layers.values())
+            stack_bytes = sum(b.numel() * b.element_size() for m in list(self.layers.values()) + list(self.bottlenecks.values())
+                              for b in m.buffers(recurse=False))
             return {
                 "resident": len(r.adapters), "resident_adapter_bytes": r.resident_bytes, "stack_bytes": stack_bytes,
-                "slots": self._capacity, "padded_rank": self._rank, "hits": r.hits, "misses": r.misses,
+                "slots": self._capacity, "padded_rank": self._rank, "padded_bottleneck": self._size,
+                "hits": r.hits, "misses": r.misses,
                 "evictions": r.evictions, "load_seconds": r.load_seconds,
             }
 
@@ -215,15 +277,32 @@ class AdapterRuntime:
 
     # ------------------------------------------------------------ running
 
-    def _batch(self, adapters, rows: int) -> tuple[AdapterBatch, list[ResidentAdapter | None]]:
+    def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
+        """Each row's adapter (made resident), the rows that run stacked, and each prefix adapter's rows."""
         names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
         if len(names) != rows:
             raise UserInputError(f"{len(names)} adapter names for {rows} rows; give one per row, or one for all")
         wanted = {n for n in names if n not in BASE_NAMES}
         resident = [None if n in BASE_NAMES else self._resident(n, keep=wanted) for n in names]
+        stacked = [i for i, a in enumerate(resident) if a is None or a.method != "prefix"]
+        prefixed: dict[str, list[int]] = {}
+        for i, a in enumerate(resident):
+            if a is not None and a.method == "prefix":
+                prefixed.setdefault(a.name, []).append(i)
+        return resident, stacked, prefixed
+
+    def _batch(self, adapters, rows: int) -> tuple[AdapterBatch, list[ResidentAdapter | None]]:
+        """The stacked batch of rows that all run stacked (no prefix adapter among them)."""
+        resident, stacked, prefixed = self._plan(adapters, rows)
+        if prefixed:
+            raise UserInputError("prefix adapters run per group; use logits() or generate()")
+        return self._stacked_batch([resident[i] for i in stacked]), resident
+
+    def _stacked_batch(self, resident: list[ResidentAdapter | None]) -> AdapterBatch:
         slots = [0 if a is None else a.slot for a in resident]
         ranks = {a.slot: a.rank for a in resident if a is not None}
-        return AdapterBatch.build(slots, ranks, self.device), resident
+        sizes = {a.slot: a.size for a in resident if a is not None}
+        return AdapterBatch.build(slots, ranks, sizes, self.device)
 
     def _encode(self, inputs, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(inputs, str):
@@ -238,11 +317,11 @@ class AdapterRuntime:
         mask = [([0] * (width - len(r)) + [1] * len(r)) if padding_side == "left" else ([1] * len(r) + [0] * (width - len(r))) for r in inputs]
         return torch.tensor(ids), torch.tensor(mask)
 
-    def _forward(self, batch: AdapterBatch, **inputs):
+    def _forward(self, batch: AdapterBatch | None, model=None, **inputs):
         self.context.current = batch
         try:
             with torch.no_grad():
-                return self.model(**inputs)
+                return (model or self.model)(**inputs)
         finally:
             self.context.current = None
 
@@ -257,11 +336,37 @@ class AdapterRuntime:
                 ids, mask = inputs, attention_mask if attention_mask is not None else torch.ones_like(inputs)
             else:
                 ids, mask = self._encode(inputs, padding_side)
-            batch, _ = self._batch(adapters, ids.shape[0])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens keep their positions under left padding
-            out = self._forward(batch, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=positions.to(self.device))
-            return out.logits
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
+            out = None
+            if stacked:
+                rows = torch.tensor(stacked, device=self.device)
+                positions = (mask[rows].cumsum(-1) - 1).clamp(min=0)  # real tokens keep their positions under left padding
+                part = self._forward(self._stacked_batch([resident[i] for i in stacked]), input_ids=ids[rows],
+                                     attention_mask=mask[rows], position_ids=positions).logits
+                out = part.new_zeros(ids.shape[0], *part.shape[1:])
+                out[rows] = part
+            for name, rows in prefixed.items():
+                part = self._prefix_logits(resident[rows[0]], ids[rows], mask[rows])
+                if out is None:
+                    out = part.new_zeros(ids.shape[0], *part.shape[1:])
+                out[torch.tensor(rows, device=self.device)] = part
+            return out
+
+    def _prefix_logits(self, adapter: ResidentAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits of one prefix adapter's rows: run right-padded, as peft trained them, then put back."""
+        lengths = mask.sum(1).tolist()
+        real = [row[m.bool()] for row, m in zip(ids, mask)]
+        right_ids = torch.full_like(ids, self.tokenizer.pad_token_id)
+        right_mask = torch.zeros_like(mask)
+        for i, tokens in enumerate(real):
+            right_ids[i, : len(tokens)] = tokens
+            right_mask[i, : len(tokens)] = 1
+        logits = self._forward(None, model=adapter.prefix_model, input_ids=right_ids, attention_mask=right_mask).logits
+        out = torch.zeros_like(logits)
+        for i, n in enumerate(lengths):
+            out[i, mask[i].bool()] = logits[i, :n]
+        return out
 
     def generate(self, prompts, adapters=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, seed: int | None = None,
@@ -273,7 +378,8 @@ class AdapterRuntime:
             raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         with self._lock:
             ids, mask = self._encode(prompts, padding_side="left")  # generation appends on the right
-            batch, _ = self._batch(adapters, ids.shape[0])
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
             if seed is not None:
                 torch.manual_seed(seed)
             options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -282,13 +388,21 @@ class AdapterRuntime:
                 options |= dict(temperature=temperature, top_p=top_p, top_k=top_k)
             else:
                 options |= dict(temperature=None, top_p=None, top_k=None)
-            self.context.current = batch
-            try:
-                with torch.no_grad():
-                    out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **options)
-            finally:
-                self.context.current = None
-            new = out[:, ids.shape[1]:].tolist()
+            new: list[list[int] | None] = [None] * ids.shape[0]
+            groups = [(None, stacked)] if stacked else []
+            groups += [(resident[rows[0]].prefix_model, rows) for rows in prefixed.values()]
+            for model, rows in groups:
+                index = torch.tensor(rows, device=self.device)
+                sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
+                batch = self._stacked_batch([resident[i] for i in rows]) if model is None else None
+                self.context.current = batch
+                try:
+                    with torch.no_grad():
+                        out = (model or self.model).generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
+                finally:
+                    self.context.current = None
+                for i, row in zip(rows, out[:, sub_ids.shape[1]:].tolist()):
+                    new[i] = row
             eos = self.tokenizer.eos_token_id
             new = [row[: row.index(eos) + 1] if eos in row else row for row in new]
             if return_tokens:
@@ -301,7 +415,7 @@ class AdapterRuntime:
             raise UserInputError("classify() is for classification runtimes (task='classification')")
         with self._lock:
             ids, mask = self._encode(texts)
-            batch, resident = self._batch(adapters, ids.shape[0])
+            batch, resident = self._batch(adapters, ids.shape[0])  # prefix classifiers are refused at load
             if any(a is None for a in resident):
                 raise UserInputError("classification needs an adapter for every row (the base has no head)")
             hidden = self._forward(batch, input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
@@ -319,3 +433,25 @@ class AdapterRuntime:
                     results[i] = {"adapter": adapter.name, "label": names[label_id], "label_id": label_id,
                                   "probs": dict(zip(names, p.tolist()))}
             return results
+
+
+def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row (a group may be shorter than the whole batch)."""
+    keep = int(mask.sum(1).max())
+    return ids[:, ids.shape[1] - keep:], mask[:, mask.shape[1] - keep:]
+
+
+class PrefixAdapter:
+    """A prefix-tuning adapter folder; made resident as a peft wrapper around the runtime's base."""
+
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        self.head: dict = {}
+        self.nbytes = sum(t.numel() * t.element_size() for t in load_file(str(self.folder / "adapter_model.safetensors")).values())
+
+    def wrap(self, model):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, self.folder, is_trainable=False).eval()

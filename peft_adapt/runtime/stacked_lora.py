@@ -74,7 +74,7 @@ class StackedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         batch = self.context.current
-        if batch is None or batch.is_base_only:
+        if batch is None or batch.rank == 0:
             return y
         r = batch.rank
         xc = x.to(self.A.dtype)

@@ -1,0 +1,184 @@
+"""Bottleneck adapters and prefix tuning through the whole path: recipe, training, registry, runtime, merge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import causal_recipe, classification_recipe
+
+from peft_adapt.backbone import BaseSpec, load_backbone
+from peft_adapt.errors import UserInputError
+from peft_adapt.merge import combine_adapters, export_model
+from peft_adapt.methods.bottleneck import BottleneckSpec, find_sites, inject_bottleneck
+from peft_adapt.recipe import parse_recipe
+from peft_adapt.registry import Registry
+from peft_adapt.runtime import AdapterRuntime
+from peft_adapt.testing import build_tiny_model
+from peft_adapt.train import train_domain
+
+TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import os\nimport sys"]
+METHOD_SPECS = {
+    "bottleneck": {"method": "bottleneck", "variant": "houlsby", "bottleneck_size": 16},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 8, "projection": True, "projection_hidden_size": 32},
+}
+
+
+@pytest.mark.parametrize("family, variant, sites_per_layer", [
+    ("llama", "houlsby", 2), ("llama", "pfeiffer", 1), ("bert", "houlsby", 2), ("gpt2", "houlsby", 2),
+])
+def test_a_new_bottleneck_adapter_is_the_identity(tmp_path, family, variant, sites_per_layer):
+    path = build_tiny_model(tmp_path / family, family)
+    task = "encoder" if family == "bert" else "causal_lm"
+    model = load_backbone(BaseSpec(model=str(path), quantization="none"), task).model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        before = model(input_ids=ids)[0]
+    spec = BottleneckSpec(method="bottleneck", variant=variant, reduction_factor=4)
+    assert len(find_sites(model, spec, model.config.model_type)) == 2 * sites_per_layer
+    inject_bottleneck(model, spec, model.config.model_type)
+    n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".adapter"))
+    assert n_adapters == 2 * sites_per_layer  # two layers in the tiny models
+    with torch.no_grad():
+        after = model(input_ids=ids)[0]
+    assert torch.equal(before, after)
+
+
+def test_bottleneck_sites_can_be_named_for_other_families(tiny_llama):
+    model = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none")).model
+    spec = BottleneckSpec(method="bottleneck", modules=["up_proj"])
+    assert find_sites(model, spec, "some-new-family") == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    with pytest.raises(UserInputError, match="know the module roles of .* name the sublayer output projections"):
+        find_sites(model, BottleneckSpec(method="bottleneck"), "some-new-family")
+
+
+def _first_and_last_loss(result) -> tuple[float, float]:
+    history = json.loads((result.out_dir / "log_history.json").read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    return losses[0], sum(losses[-3:]) / len(losses[-3:])
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_training_lowers_the_loss(tmp_path, tiny_llama, docs_file, method, quantization):
+    data = causal_recipe(tiny_llama, docs_file, quantization, max_steps=30, logging_steps=1)
+    data["adapter"] = METHOD_SPECS[method]
+    result = train_domain(parse_recipe(data), "docs", tmp_path)
+    first, last = _first_and_last_loss(result)
+    assert last < first - 0.1, (first, last)
+    assert result.manifest["method"] == method
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+def test_classifiers_train_with_both_methods(tmp_path, tiny_bert, sentiment_file, method):
+    data = classification_recipe(tiny_bert, sentiment_file, "nf4", max_steps=30, logging_steps=1)
+    data["adapter"] = METHOD_SPECS[method]
+    data["task"]["pooling"] = "mean"  # a random tiny BERT's CLS token carries too little to learn from in 30 steps
+    result = train_domain(parse_recipe(data), "sentiment", tmp_path)
+    first, last = _first_and_last_loss(result)
+    assert last < first - 0.1, (first, last)
+    from peft_adapt.loading import load_trained
+
+    loaded = load_trained(result.out_dir)  # a fresh load predicts what the trained model predicted
+    enc = loaded.backbone.tokenizer(["good great", "awful poor"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        fresh = loaded.model(**enc).logits
+        trained = result.model.eval()(**enc).logits
+    # a fresh nf4 load runs the bf16 inference kernel (DESIGN.md): close, not bit-equal
+    assert (fresh - trained).abs().max() < 2e-2 and torch.equal(fresh.argmax(-1), trained.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama, docs_file):
+    """Two adapters of each method on the unquantized tiny Llama (different seeds), in one registry."""
+    root = tmp_path_factory.mktemp("methods")
+    registry = Registry(root / "reg")
+    for method in METHOD_SPECS:
+        for seed in (0, 1):
+            data = causal_recipe(tiny_llama, docs_file, "none", max_steps=15, seed=seed)
+            data["adapter"] = METHOD_SPECS[method]
+            result = train_domain(parse_recipe(data), "docs", root / f"{method}{seed}")
+            registry.add(result.out_dir, name=f"{method}{seed}")
+    return registry
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+def test_registry_round_trip_is_bit_identical(tmp_path, trained, method):
+    entry = trained.get(f"{method}0")
+    out = trained.export(entry.ref, tmp_path / "out")
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    for f in entry.path.iterdir():
+        assert digest(f) == digest(out / f.name), f.name
+    assert trained.verify().ok
+
+
+def _mixed_equals_alone(rt, names, atol=1e-5):
+    mixed = rt.logits(TEXTS, adapters=names)
+    ids = rt.tokenizer(TEXTS)["input_ids"]
+    for i, (row, name) in enumerate(zip(ids, names)):
+        alone = rt.logits([row], adapters=name)[0]
+        assert (mixed[i, : len(row)] - alone).abs().max() < atol, (i, name)
+    greedy = rt.generate(TEXTS, adapters=names, max_new_tokens=6, return_tokens=True)
+    assert greedy == [rt.generate([t], adapters=n, max_new_tokens=6, return_tokens=True)[0] for t, n in zip(TEXTS, names)]
+
+
+def test_mixed_batch_of_bottleneck_adapters_equals_each_row_alone(tiny_llama, trained):
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    _mixed_equals_alone(rt, ["bottleneck0", "bottleneck1", None, "bottleneck0"])
+
+
+def test_mixed_batch_of_prefix_adapters_equals_each_row_alone(tiny_llama, trained):
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    _mixed_equals_alone(rt, ["prefix0", "prefix1", None, "prefix1"])
+
+
+def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path):
+    from test_runtime import make_lora
+
+    trained.import_peft(make_lora(tiny_llama, tmp_path / "lora", 4, ["q_proj", "v_proj"], seed=0),
+                        base=str(tiny_llama), name="lora-mix")
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    _mixed_equals_alone(rt, ["bottleneck0", "prefix0", "lora-mix", None])
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+def test_runtime_computes_what_the_trained_model_computes(tiny_llama, trained, method):
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    loaded = trained.load(f"{method}0")
+    ids = torch.tensor([rt.tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits
+    assert (rt.logits(ids, adapters=f"{method}0") - expected).abs().max() < 1e-5
+    base = rt.logits(ids, adapters=None)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does something
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+def test_linear_averaging_of_one_method_and_export_refusal(tmp_path, tiny_llama, trained, method):
+    entry = combine_adapters(trained, [f"{method}0", f"{method}1"], "linear", f"{method}-avg", weights=[1.0, 0.0])
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    assert (rt.logits(TEXTS, adapters=entry.ref) - rt.logits(TEXTS, adapters=f"{method}0")).abs().max() < 1e-5
+    half = combine_adapters(trained, [f"{method}0", f"{method}1"], "linear", f"{method}-half")
+    assert half.manifest["merge"]["weights"] == [0.5, 0.5]
+    with pytest.raises(UserInputError, match="combine by linear averaging only"):
+        combine_adapters(trained, [f"{method}0", f"{method}1"], "ties", "nope")
+    with pytest.raises(UserInputError, match=f"cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
+        export_model(trained, f"{method}0", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_methods_do_not_mix_in_a_merge(trained):
+    with pytest.raises(UserInputError, match="only adapters of one method can be merged"):
+        combine_adapters(trained, ["bottleneck0", "prefix0"], "linear", "nope")
+
+
+def test_the_wrong_base_guard_covers_every_method(tmp_path, trained):
+    other = build_tiny_model(tmp_path / "other", "llama", seed=3)
+    backbone = load_backbone(BaseSpec(model=str(other), quantization="none"))
+    for ref in ("bottleneck0", "prefix0"):
+        with pytest.raises(UserInputError, match="weights: same shapes, different weight values"):
+            trained.load(ref, backbone=backbone)
+        with pytest.raises(UserInputError, match="differs from this runtime's base"):
+            AdapterRuntime(str(other), quantization="none", registry=trained).load(ref)
