@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from .builtin_models import BUILTIN_MODELS, builtin_model_path
 from .errors import UserInputError
 from .fingerprint import base_fingerprint
-from .heads import SequenceClassifier, default_pooling
+from .heads import SequenceClassifier, TokenClassifier, default_pooling
 
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
@@ -167,18 +167,20 @@ def load_backbone(
     try:
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif task in ("classification", "encoder"):
+        elif task in ("classification", "token_classification", "encoder"):
             encoder_cls = AutoModel._model_mapping[type(config)]
             if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
                 kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
             model = AutoModel.from_pretrained(path, **kwargs)
+            if task != "encoder" and not num_labels:
+                raise ValueError(f"{task} needs num_labels")
             if task == "classification":
-                if not num_labels:
-                    raise ValueError("classification needs num_labels")
                 chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
                 model = SequenceClassifier(model, num_labels, chosen)
+            elif task == "token_classification":
+                model = TokenClassifier(model, num_labels, "mean")
         else:
-            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification or encoder")
+            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification or encoder")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

@@ -5,6 +5,8 @@ Tasks:
 - `causal_lm`: a `text` field, or `prompt` + `completion` with the loss on the completion only;
   optional packing of all examples into blocks of `max_length` tokens.
 - `classification`: `text` + `label` (an integer id or a name) or `label_name`.
+- `token_classification`: `tokens` (a list of words) + `tags` (one BIO tag per word); each word's tag
+  goes on its first sub-word token, the others are left out of the loss.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class TaskSpec(BaseModel):
     """The `task:` section of a recipe."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["causal_lm", "classification"]
+    type: Literal["causal_lm", "classification", "token_classification"]
     max_length: int = Field(256, ge=8)
     packing: bool = False
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
@@ -134,6 +136,8 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     label: int | None = None
+    words: list[str] | None = None  # token classification: the words and their tag ids
+    tags: list[int] | None = None
 
 
 @dataclass
@@ -158,7 +162,7 @@ class LabelMap:
         return "{" + ", ".join(f"{i}: {n!r}" for i, n in enumerate(self.names)) + "}"
 
 
-def _text(row: dict, key: str, where: str, source: Path) -> str:
+def text_of(row: dict, key: str, where: str, source: Path) -> str:
     if key not in row:
         raise UserInputError(f"{source}: {where}: missing field {key!r} (fields found: {sorted(row)})")
     value = row[key]
@@ -171,6 +175,18 @@ def _is_int_label(value) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+
+
+def build_tag_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
+    """BIO tags sorted with `O` first, so id 0 is "outside any entity"."""
+    tags = set()
+    for row_no, row in rows:
+        words, row_tags = row.get("tokens"), row.get("tags")
+        if not isinstance(words, list) or not isinstance(row_tags, list):
+            raise UserInputError(f"{source}: row {row_no}: token classification needs lists `tokens` and `tags` "
+                                 f"(fields found: {sorted(row)})")
+        tags.update(map(str, row_tags))
+    return LabelMap(sorted(tags, key=lambda t: (t != "O", t)))
 
 
 def build_label_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
@@ -204,13 +220,13 @@ def parse_examples(
         where = f"row {row_no}"
         if task.type == "causal_lm":
             if task.text_field in row:
-                examples.append(Example(row_no, text=_text(row, task.text_field, where, source)))
+                examples.append(Example(row_no, text=text_of(row, task.text_field, where, source)))
             elif "prompt" in row or "completion" in row:
                 examples.append(
                     Example(
                         row_no,
-                        prompt=_text(row, "prompt", where, source),
-                        completion=_text(row, "completion", where, source),
+                        prompt=text_of(row, "prompt", where, source),
+                        completion=text_of(row, "completion", where, source),
                     )
                 )
             else:
@@ -218,8 +234,16 @@ def parse_examples(
                     f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion'); "
                     f"fields found: {sorted(row)}"
                 )
+        elif task.type == "token_classification":
+            words, tags = row.get("tokens"), row.get("tags")
+            if not isinstance(words, list) or not isinstance(tags, list) or not words:
+                raise UserInputError(f"{source}: {where}: needs non-empty lists `tokens` and `tags` (fields found: {sorted(row)})")
+            if len(words) != len(tags):
+                raise UserInputError(f"{source}: {where}: {len(words)} tokens but {len(tags)} tags; give one tag per token")
+            ids = [labels.id_of(str(tag), f"{source}: {where}") for tag in tags]
+            examples.append(Example(row_no, words=[str(w) for w in words], tags=ids))
         else:
-            text = _text(row, task.text_field, where, source)
+            text = text_of(row, task.text_field, where, source)
             value = row.get("label", row.get("label_name"))
             if value is None:
                 raise UserInputError(f"{source}: {where}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
@@ -286,9 +310,29 @@ def tokenize_classification(examples: list[Example], tokenizer, max_length: int)
     return features
 
 
+def tokenize_token_classification(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+    """Each word's tag on its first sub-word token; other sub-words and special tokens get IGNORE_INDEX.
+    `word_ids` records which word each token starts (for word-level scoring)."""
+    features = []
+    for ex in examples:
+        enc = tokenizer(ex.words, is_split_into_words=True, truncation=True, max_length=max_length)
+        labels, first_of = [], []
+        previous = None
+        for word in enc.word_ids():
+            is_first = word is not None and word != previous
+            labels.append(ex.tags[word] if is_first else IGNORE_INDEX)
+            first_of.append(word if is_first else -1)
+            previous = word
+        features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
+                         "word_ids": first_of, "n_words": len(ex.words), "word_tags": ex.tags})
+    return features
+
+
 def tokenize(examples: list[Example], tokenizer, task: TaskSpec) -> list[dict]:
     if task.type == "causal_lm":
         return tokenize_causal_lm(examples, tokenizer, task.max_length, task.packing)
+    if task.type == "token_classification":
+        return tokenize_token_classification(examples, tokenizer, task.max_length)
     return tokenize_classification(examples, tokenizer, task.max_length)
 
 
@@ -297,15 +341,17 @@ def pad_batch(features: list[dict], pad_token_id: int, padding_side: str = "righ
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
+    has_labels = "labels" in features[0]  # unlabeled target text for domain adaptation has none
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for f in features:
+    for f in features:  # word bookkeeping of token classification stays out of the batch
         gap = width - len(f["input_ids"])
         pad = lambda seq, value: ([value] * gap + seq) if padding_side == "left" else (seq + [value] * gap)  # noqa: E731
         batch["input_ids"].append(pad(list(f["input_ids"]), pad_token_id))
         batch["attention_mask"].append(pad(list(f["attention_mask"]), 0))
-        labels = f["labels"]
-        batch["labels"].append(labels if isinstance(labels, int) else pad(list(labels), IGNORE_INDEX))
-    return {k: torch.tensor(v) for k, v in batch.items()}
+        if has_labels:
+            labels = f["labels"]
+            batch["labels"].append(labels if isinstance(labels, int) else pad(list(labels), IGNORE_INDEX))
+    return {k: torch.tensor(v) for k, v in batch.items() if v}
 
 
 @dataclass
@@ -359,7 +405,8 @@ def read_domain(
 ) -> DomainExamples:
     """Read and validate a domain's files; carve an eval split from train when no eval file is given."""
     train_rows = read_rows(train_path, "train")
-    labels = build_label_map(train_rows, train_path) if task.type == "classification" else None
+    labels = {"classification": build_label_map, "token_classification": build_tag_map}.get(task.type)
+    labels = labels(train_rows, train_path) if labels else None
     if labels is not None and len(labels.names) < 2:
         raise UserInputError(f"{train_path}: every row has the same label {labels.names}; classification needs 2+ classes")
     train = parse_examples(train_rows, task, train_path, labels)

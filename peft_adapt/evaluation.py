@@ -7,7 +7,7 @@ import torch
 from pathlib import Path
 
 from .data import IGNORE_INDEX, LabelMap, TaskSpec, pad_batch, read_eval_file, tokenize
-from .metrics import classification_metrics, perplexity
+from .metrics import classification_metrics, entity_metrics, perplexity
 
 
 def nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,10 +65,36 @@ def evaluate_classification(model, features: list[dict], pad_token_id: int, num_
     return classification_metrics(predictions, labels, num_labels) | {"examples": len(labels)}
 
 
+@torch.no_grad()
+def evaluate_token_classification(model, features: list[dict], pad_token_id: int, tag_names: list[str],
+                                  batch_size: int = 32) -> dict:
+    """Entity-level precision, recall and F1 over words (a word's tag is its first sub-token's; words cut
+    off by max_length count as predicted `O`), and word accuracy."""
+    model.eval()
+    device = _device_of(model)
+    predicted_tags, gold_tags = [], []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_token_id).items()}
+        best = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
+        for f, row in zip(chunk, best):
+            words = ["O"] * f["n_words"]
+            for position, word in enumerate(f["word_ids"]):
+                if word >= 0:
+                    words[word] = tag_names[row[position]]
+            predicted_tags.append(words)
+            gold_tags.append([tag_names[t] for t in f["word_tags"]])
+    pairs = [(p, g) for ps, gs in zip(predicted_tags, gold_tags) for p, g in zip(ps, gs)]
+    return entity_metrics(predicted_tags, gold_tags) | {
+        "word_accuracy": sum(p == g for p, g in pairs) / len(pairs), "sentences": len(features)}
+
+
 def evaluate_task(model, features: list[dict], task_type: str, pad_token_id: int, num_labels: int | None = None,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, label_names: list[str] | None = None) -> dict:
     if task_type == "causal_lm":
         return evaluate_causal_lm(model, features, pad_token_id, batch_size)
+    if task_type == "token_classification":
+        return evaluate_token_classification(model, features, pad_token_id, label_names, batch_size)
     return evaluate_classification(model, features, pad_token_id, num_labels, batch_size)
 
 
@@ -86,4 +112,4 @@ def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: 
     loaded = load_trained(adapter_dir, quantization=quantization, device=device, force=force)
     features = tokenize(examples, loaded.backbone.tokenizer, task)
     pad = loaded.backbone.tokenizer.pad_token_id
-    return evaluate_task(loaded.model, features, task.type, pad, len(names) if names else None, batch_size)
+    return evaluate_task(loaded.model, features, task.type, pad, len(names) if names else None, batch_size, names)

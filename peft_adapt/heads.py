@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -76,7 +76,8 @@ class SequenceClassifier(nn.Module):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool_hidden(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, **kwargs):
+    def encode(self, input_ids, attention_mask, past_key_values, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states [batch, tokens, hidden] and the mask of their real tokens."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.pop("num_items_in_batch", None)
@@ -86,8 +87,26 @@ class SequenceClassifier(nn.Module):
         if past_key_values is not None:  # prefix tuning: peft passes the prefixes as a cache
             kwargs["past_key_values"] = past_key_values
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        # with prefix tuning the mask also covers the virtual tokens in front; pool over the real ones
-        pooled = self.pool(hidden.float(), attention_mask[:, -hidden.shape[1]:])
+        # with prefix tuning the mask also covers the virtual tokens in front: keep the real tokens' part
+        return hidden.float(), attention_mask[:, -hidden.shape[1]:]
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False, **kwargs):
+        hidden, mask = self.encode(input_ids, attention_mask, past_key_values, kwargs)
+        pooled = self.pool(hidden, mask)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        # return_pooled: the pooled features, for domain-adaptation objectives
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=(pooled,) if return_pooled else None)
+
+
+class TokenClassifier(SequenceClassifier):
+    """A tag per token: the same encoder, a linear head on every token's hidden state."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False, **kwargs):
+        hidden, mask = self.encode(input_ids, attention_mask, past_key_values, kwargs)
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        pooled = (pool_hidden(hidden, mask, "mean"),) if return_pooled else None
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=pooled)

@@ -35,3 +35,32 @@ def perplexity(total_nll: float, total_tokens: int) -> float:
     if total_tokens <= 0:
         raise ValueError("perplexity needs at least one predicted token")
     return math.exp(total_nll / total_tokens)
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, first word, last word) of every entity in a BIO sequence, read as conlleval reads it:
+    an I- tag that does not continue an entity of its type starts a new one."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, name = tag.partition("-")
+        continues = prefix == "I" and kind == name and start is not None
+        if start is not None and not continues:
+            spans.add((kind, start, i - 1))
+            start, kind = None, None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, name
+    return spans
+
+
+def entity_metrics(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> dict:
+    """Entity-level precision, recall and F1 (micro over all entities), as CoNLL scores NER."""
+    tp = n_pred = n_gold = 0
+    for p, g in zip(predicted, gold):
+        p_spans, g_spans = entity_spans(p), entity_spans(g)
+        tp += len(p_spans & g_spans)
+        n_pred += len(p_spans)
+        n_gold += len(g_spans)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}

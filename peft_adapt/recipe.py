@@ -20,6 +20,7 @@ from .data import TaskSpec
 from .errors import UserInputError
 from .freeze import FREEZE_PATTERN
 from .methods import SPECS, AdapterSpec, LoraSpec
+from .objectives import DomainAdaptationSpec
 
 
 class EarlyStoppingSpec(BaseModel):
@@ -67,6 +68,7 @@ class Recipe(BaseModel):
     adapter: AdapterSpec | None = None
     freeze: str | None = None
     training: TrainingSpec = TrainingSpec()
+    domain_adaptation: DomainAdaptationSpec | None = None
     domains: dict[str, DomainSpec] = Field(min_length=1)
     _source: Path | None = PrivateAttr(None)  # the file it was read from
 
@@ -89,7 +91,7 @@ class Recipe(BaseModel):
                 raise ValueError(f"freeze: {self.freeze!r} is not known; use all (head only), none (full fine-tune) or bottom:N")
             if self.adapter is not None:
                 raise ValueError("give either adapter: (train an adapter) or freeze: (a classic baseline), not both")
-            if self.freeze == "all" and self.task.type != "classification":
+            if self.freeze == "all" and self.task.type == "causal_lm":
                 raise ValueError("freeze: all trains the task head only, which exists for classification; use an adapter for causal_lm")
             if self.freeze != "all" and self.base.quantization != "none":
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .adaptation import DomainAdaptationTrainer
 from .adapter_files import TRAINED_WEIGHTS
 from .backbone import Backbone, disable_cpu_repacking, load_backbone
 from .data import Collator, DomainData, read_domain, tokenize_domain
@@ -26,7 +27,7 @@ from .freeze import apply_freeze
 from .manifest import build_manifest, write_json
 from .methods import inject_adapter
 from .methods.bottleneck import save_bottleneck
-from .metrics import classification_metrics
+from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe
 
@@ -63,7 +64,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
 
     model = backbone.model
-    heads = ["classifier"] if recipe.task.type == "classification" else []
+    heads = [] if recipe.task.type == "causal_lm" else ["classifier"]
     if recipe.base.quantization != "none":
         disable_cpu_repacking(model)
     if recipe.adapter is None:
@@ -71,7 +72,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
         if recipe.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    inner = model.encoder if recipe.task.type == "classification" else model
+    inner = model if recipe.task.type == "causal_lm" else model.encoder
     if recipe.base.quantization != "none":
         prepare_model_for_kbit_training(
             inner,
@@ -135,8 +136,20 @@ def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n
     )
 
 
-def _compute_metrics_for(task: str, num_labels: int | None):
-    """Trainer hooks: classification gets accuracy and macro-F1; causal LM a token-weighted perplexity."""
+def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[str] | None = None):
+    """Trainer hooks: accuracy and macro-F1 (classification), entity F1 (token classification), token-weighted
+    perplexity (causal LM); each reduces logits per batch so evaluation never holds [rows, length, vocab]."""
+    if task == "token_classification":
+
+        def compute(eval_pred):
+            predicted, gold = [], []
+            for p_row, g_row in zip(eval_pred.predictions, eval_pred.label_ids):
+                keep = g_row != -100  # each word's first sub-token
+                predicted.append([label_names[i] for i in p_row[keep]])
+                gold.append([label_names[i] for i in g_row[keep]])
+            return entity_metrics(predicted, gold)
+
+        return compute, lambda logits, labels: logits.argmax(-1)
     if task == "classification":
 
         def compute(eval_pred):
@@ -177,11 +190,12 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
     out_dir = Path(out_root) / domain
     checkpoints = out_dir / ".checkpoints"
     args = _training_arguments(recipe, backbone, checkpoints, len(data.train))
-    compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels)
+    label_names = examples.labels.names if examples.labels else None
+    compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels, label_names)
     callbacks = []
     if t.early_stopping:
         callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
-    trainer = Trainer(
+    options = dict(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -191,6 +205,13 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
         preprocess_logits_for_metrics=preprocess,
         callbacks=callbacks,
     )
+    if recipe.domain_adaptation is not None:
+        trainer = DomainAdaptationTrainer(
+            **options, adaptation=recipe.domain_adaptation, task=recipe.task.type,
+            target_features=target_features(recipe, backbone.tokenizer), hidden_size=backbone.model.config.hidden_size,
+        )
+    else:
+        trainer = Trainer(**options)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -207,17 +228,29 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
         "trainable_parameters": trainable,
         "total_parameters": total,
         "rows": data.examples.n_rows,
-        "eval": evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch),
+        "eval": evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch,
+                              label_names),
     }
     metrics["train_tokens_per_second"] = metrics["train_tokens"] / wall if wall > 0 else None
     if data.test is not None:
-        metrics["test"] = evaluate_task(model, data.test, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch)
+        metrics["test"] = evaluate_task(model, data.test, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels,
+                                        eval_batch, label_names)
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
 
     manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data)
+
+
+def target_features(recipe: Recipe, tokenizer) -> list[dict]:
+    """The domain-adaptation target: its text only, tokenized like the source (labels never read)."""
+    from .objectives import read_target_texts
+
+    spec = recipe.domain_adaptation
+    texts = read_target_texts(recipe.data_path(spec.target), recipe.task.text_field, spec.max_target_rows)
+    return [{k: v for k, v in tokenizer(t, truncation=True, max_length=recipe.task.max_length).items()
+             if k in ("input_ids", "attention_mask")} for t in texts]
 
 
 def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:

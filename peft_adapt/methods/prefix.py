@@ -26,7 +26,7 @@ def inject_prefix(model, spec: PrefixSpec, task: str):
     from peft import PrefixTuningConfig, get_peft_model
 
     config = PrefixTuningConfig(
-        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
+        task_type={"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}[task],
         num_virtual_tokens=spec.num_virtual_tokens,
         prefix_projection=spec.projection,
         encoder_hidden_size=spec.projection_hidden_size,

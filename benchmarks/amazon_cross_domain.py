@@ -1,0 +1,129 @@
+"""Amazon cross-domain sentiment (Blitzer et al. 2007): source-only against DANN, CORAL and MMD.
+
+minilm-l6 in nf4 with LoRA. For each source domain a source-only adapter is trained once and scored on
+every domain's test set (its own: the in-domain upper bound; the others: source-only transfer). For
+each source -> target pair and each objective, an adapter is trained on the source's labels plus the
+target's unlabeled text and scored on the target's test set. Prints one JSON line per (pair, method),
+the table with averages beside the published reference points, and writes the table as JSON and as a
+heatmap PNG.
+
+    python benchmarks/amazon_cross_domain.py --quick                 # CPU: 3 pairs, a subset of rows
+    python benchmarks/amazon_cross_domain.py --out results/          # all 12 pairs (a GPU, or hours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DOMAINS = ["books", "dvd", "electronics", "kitchen"]
+QUICK_PAIRS = [("books", "kitchen"), ("dvd", "electronics"), ("kitchen", "books")]
+PUBLISHED = {"DANN (Ganin et al. 2016)": "76-80", "UDALM (Karouzos et al. 2021)": "91.74"}
+OBJECTIVE_WEIGHTS = {"dann": 0.3, "coral": 10.0, "mmd": 1.0}
+
+
+def main() -> None:
+    import torch
+
+    from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, tokenize
+    from peft_adapt.evaluation import evaluate_task
+    from peft_adapt.plots import plot_heatmap
+    from peft_adapt.recipe import data_root, parse_recipe
+    from peft_adapt.train import train_domain
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 pairs, 480 rows a domain, 1 epoch")
+    parser.add_argument("--pairs", help="comma-separated source:target pairs (default: all 12, or 3 with --quick)")
+    parser.add_argument("--methods", default="dann,coral,mmd")
+    parser.add_argument("--rows", type=int, help="source and target rows per domain (default: all)")
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--out", default=None, help="folder for the JSON table and the heatmap")
+    args = parser.parse_args()
+    data = data_root() / "amazon_multidomain"
+    if not data.is_dir():
+        raise SystemExit(f"needs the shared data ({data}); set PEFT_ADAPT_DATA")
+    if args.pairs:
+        pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
+    else:
+        pairs = QUICK_PAIRS if args.quick else [(s, t) for s, t in itertools.permutations(DOMAINS, 2)]
+    rows = args.rows or (480 if args.quick else None)
+    epochs = args.epochs or (1 if args.quick else 2)
+    methods = args.methods.split(",")
+    out = Path(args.out or tempfile.mkdtemp(prefix="amazon_cross_"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+    def recipe(source: str, target: str | None, method: str | None):
+        spec = {
+            "name": f"cross-{method or 'source'}-{source}-{target}", "base": {"model": "minilm-l6", "quantization": "nf4"},
+            "task": {"type": "classification", "max_length": 128 if not args.quick else 96},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+            "training": {"epochs": epochs, "batch_size": 16, "learning_rate": 5e-4, "warmup_ratio": 0.06, "seed": 0,
+                         "max_train_rows": rows},
+            "domains": {source: {"train": str(data / f"{source}.train.jsonl"), "test": str(data / f"{source}.test.jsonl")}},
+        }
+        if method:
+            spec["domain_adaptation"] = {"method": method, "target": str(data / f"{target}.train.jsonl"),
+                                         "weight": OBJECTIVE_WEIGHTS[method], "max_target_rows": rows}
+        return parse_recipe(spec)
+
+    def target_accuracy(result, target: str) -> float:
+        """The trained adapter scored on another domain's test set, through its own label map."""
+        labels = LabelMap(result.manifest["labels"])
+        spec = TaskSpec.model_validate(result.manifest["recipe"]["task"])
+        features = tokenize(read_eval_file(spec, data / f"{target}.test.jsonl", labels), result.backbone.tokenizer, spec)
+        return evaluate_task(result.model, features, "classification", result.backbone.tokenizer.pad_token_id,
+                             len(labels.names), 32)["accuracy"]
+
+    table: dict[str, dict[str, float]] = {}
+    sources = sorted({s for s, _ in pairs})
+    in_domain = {}
+    for source in sources:
+        result = train_domain(recipe(source, None, None), source, out / "runs" / "source_only")
+        in_domain[source] = result.metrics["test"]["accuracy"]
+        for s, t in pairs:
+            if s == source:
+                table.setdefault(f"{s}->{t}", {})["source_only"] = target_accuracy(result, t)
+        del result
+    for s, t in pairs:
+        for method in methods:
+            result = train_domain(recipe(s, t, method), s, out / "runs" / method / t)
+            table[f"{s}->{t}"][method] = target_accuracy(result, t)
+            del result
+        for method in ["source_only", *methods]:
+            print(json.dumps({"name": "amazon_cross_domain_accuracy", "pair": f"{s}->{t}", "method": method,
+                              "value": table[f"{s}->{t}"][method], "rows": rows, "epochs": epochs, "device": device}), flush=True)
+    # in-domain upper bound of each target: the source-only adapter trained on the target itself
+    for s, t in pairs:
+        if t not in in_domain:
+            result = train_domain(recipe(t, None, None), t, out / "runs" / "source_only")
+            in_domain[t] = result.metrics["test"]["accuracy"]
+            del result
+        table[f"{s}->{t}"]["in_domain"] = in_domain[t]
+    columns = ["source_only", *methods, "in_domain"]
+    averages = {c: sum(row[c] for row in table.values()) / len(table) for c in columns}
+    print(f"\n| pair | {' | '.join(columns)} |")
+    print("|---" * (len(columns) + 1) + "|")
+    for pair, row in table.items():
+        print(f"| {pair} | " + " | ".join(f"{100 * row[c]:.1f}" for c in columns) + " |")
+    print("| average | " + " | ".join(f"{100 * averages[c]:.1f}" for c in columns) + " |")
+    print("published averages over the 12 pairs: " + "; ".join(f"{k}: {v}" for k, v in PUBLISHED.items()))
+    best = max(methods, key=lambda m: averages[m])
+    print(f"best objective: {best} ({100 * averages[best]:.1f}) vs source-only ({100 * averages['source_only']:.1f})"
+          f" over {len(table)} pair(s)")
+    (out / "amazon_cross_domain.json").write_text(json.dumps(
+        {"table": table, "averages": averages, "published": PUBLISHED, "rows": rows, "epochs": epochs,
+         "pairs": len(table), "device": device}, indent=2))
+    plot_heatmap([[100 * table[p][c] for c in columns] for p in table], list(table), columns,
+                 out / "amazon_cross_domain.png", "Amazon cross-domain target accuracy (%)", cmap="viridis")
+    print(f"saved {out / 'amazon_cross_domain.json'} and {out / 'amazon_cross_domain.png'}")
+
+
+if __name__ == "__main__":
+    main()

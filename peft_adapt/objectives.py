@@ -1,0 +1,104 @@
+"""Domain-adaptation objectives: loss terms on pooled features of a labeled source batch and an
+unlabeled target batch, added to the task loss with a weight.
+
+- `dann` (Ganin et al., JMLR 2016): a small domain classifier on the features, behind a gradient-reversal
+  layer whose strength follows lambda_p = 2 / (1 + exp(-gamma p)) - 1 over training progress p in [0, 1]:
+  the classifier learns to tell the domains apart, the adapter learns features it cannot.
+- `coral` (Sun & Saenko 2016, Deep CORAL): ||C_s - C_t||_F^2 / (4 d^2), the distance between the two
+  batches' feature covariances.
+- `mmd` (Long et al. 2015): multi-kernel maximum mean discrepancy, the biased estimate of MMD^2 with a sum
+  of Gaussian kernels whose bandwidths are multiples of the pooled batches' mean squared distance.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+OBJECTIVES = ("dann", "coral", "mmd")
+
+
+class DomainAdaptationSpec(BaseModel):
+    """The recipe's `domain_adaptation:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["dann", "coral", "mmd"]
+    target: str  # a file of unlabeled target-domain text (labels in it are never read)
+    weight: float = Field(1.0, ge=0)
+    max_target_rows: int | None = Field(None, ge=1)
+    dann_gamma: float = Field(10.0, gt=0)
+    dann_hidden: int = Field(256, ge=1)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -lambda backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.lam * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, lam: float) -> torch.Tensor:
+    return GradientReversal.apply(x, lam)
+
+
+def dann_lambda(progress: float, gamma: float = 10.0) -> float:
+    """The schedule of Ganin et al.: 0 at the start, approaching 1 by the end of training."""
+    return 2.0 / (1.0 + math.exp(-gamma * min(max(progress, 0.0), 1.0))) - 1.0
+
+
+class DomainClassifier(nn.Module):
+    def __init__(self, features: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def dann_loss(source: torch.Tensor, target: torch.Tensor, classifier: DomainClassifier, lam: float) -> torch.Tensor:
+    """Binary cross-entropy of the domain classifier (source 0, target 1) on gradient-reversed features."""
+    features = reverse_gradient(torch.cat([source, target]).float(), lam)
+    labels = torch.cat([source.new_zeros(source.shape[0]), target.new_ones(target.shape[0])]).float()
+    return nn.functional.binary_cross_entropy_with_logits(classifier(features), labels)
+
+
+def _covariance(x: torch.Tensor) -> torch.Tensor:
+    centered = x - x.mean(0, keepdim=True)
+    return centered.T @ centered / max(1, x.shape[0] - 1)
+
+
+def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    d = source.shape[1]
+    diff = _covariance(source.float()) - _covariance(target.float())
+    return (diff * diff).sum() / (4 * d * d)
+
+
+def mmd_loss(source: torch.Tensor, target: torch.Tensor, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
+    x = torch.cat([source, target]).float()
+    distances = torch.cdist(x, x).square()
+    n = x.shape[0]
+    bandwidth = distances.sum().detach() / max(1, n * n - n)  # mean squared distance: the base bandwidth
+    bandwidth = bandwidth.clamp(min=1e-6)
+    kernel = sum(torch.exp(-distances / (bandwidth * m)) for m in multipliers)
+    s = source.shape[0]
+    return kernel[:s, :s].mean() + kernel[s:, s:].mean() - 2 * kernel[:s, s:].mean()
+
+
+def read_target_texts(path: Path, text_field: str = "text", max_rows: int | None = None) -> list[str]:
+    """The target domain's text only: every other field of the file (labels included) is never read."""
+    from .data import read_rows, text_of
+
+    rows = read_rows(path, "train")
+    texts = [text_of(row, text_field, f"row {n}", path) for n, row in rows]
+    return texts[:max_rows] if max_rows else texts

@@ -1,0 +1,170 @@
+"""Domain-adaptation objectives and token classification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import causal_recipe, classification_recipe, write_jsonl
+
+from peft_adapt.data import IGNORE_INDEX, Example, tokenize_token_classification
+from peft_adapt.metrics import entity_metrics, entity_spans
+from peft_adapt.objectives import coral_loss, dann_lambda, mmd_loss, read_target_texts, reverse_gradient
+from peft_adapt.recipe import parse_recipe
+from peft_adapt.train import train_domain
+
+
+def test_gradient_reversal_flips_and_scales_gradients_exactly():
+    x = torch.randn(5, 3, requires_grad=True)
+    upstream = torch.randn(5, 3)
+    y = reverse_gradient(x, 0.37)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.equal(x.grad, -0.37 * upstream)
+
+
+def test_dann_lambda_rises_from_0_to_nearly_1():
+    values = [dann_lambda(p / 10) for p in range(11)]
+    assert values[0] == 0.0 and values[-1] > 0.99
+    assert all(a < b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("loss", [coral_loss, mmd_loss], ids=["coral", "mmd"])
+def test_alignment_losses_are_zero_for_identical_batches_and_grow_with_a_shift(loss):
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(32, 8, generator=generator)
+    assert abs(float(loss(source, source.clone()))) < 1e-6
+    other = torch.randn(32, 8, generator=generator)
+    # a shift of the target's distribution: CORAL sees covariance (scale), MMD sees any difference
+    shifted = [float(loss(source, other * (1 + s) + s)) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a < b for a, b in zip(shifted, shifted[1:])), shifted
+
+
+def _target(tmp_path, name, with_labels):
+    rows = []
+    for i in range(40):
+        text = " ".join(["superb excellent", "useless terrible"][i % 2] for _ in range(3))
+        row = {"text": text}
+        if with_labels == "garbage":
+            row["label"] = {"not": "a label"}  # unreadable as a label: reading it would fail
+        elif with_labels == "flipped":
+            row["label"] = 1 - i % 2
+        elif with_labels == "true":
+            row["label"] = i % 2
+        rows.append(row)
+    return write_jsonl(tmp_path / name, rows)
+
+
+def test_only_the_target_text_is_read(tmp_path):
+    path = _target(tmp_path, "t.jsonl", "garbage")
+    texts = read_target_texts(path)
+    assert len(texts) == 40 and texts[0].startswith("superb")
+
+
+@pytest.mark.parametrize("method", ["dann", "mmd"])
+def test_target_labels_cannot_reach_the_loss(tmp_path, tiny_bert, sentiment_file, method):
+    """Training with the target's true labels, flipped labels or none gives bit-identical adapters."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for labels in ("true", "flipped", "none"):
+        data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
+        data["domain_adaptation"] = {"method": method, "target": str(_target(tmp_path, f"{labels}.jsonl", labels))}
+        result = train_domain(parse_recipe(data), "sentiment", tmp_path / labels)
+        weights.append(load_file(result.out_dir / "adapter_model.safetensors"))
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("method", ["dann", "coral", "mmd"])
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_each_objective_trains_on_every_quantization(tmp_path, tiny_bert, sentiment_file, method, quantization):
+    data = classification_recipe(tiny_bert, sentiment_file, quantization, max_steps=8, logging_steps=2)
+    data["task"]["pooling"] = "mean"
+    data["domain_adaptation"] = {"method": method, "target": str(_target(tmp_path, "t.jsonl", "true")), "weight": 1.0}
+    result = train_domain(parse_recipe(data), "sentiment", tmp_path)
+    history = json.loads((result.out_dir / "log_history.json").read_text())
+    terms = [e[f"{method}_loss"] for e in history if f"{method}_loss" in e]
+    assert terms and all(t == t and t >= 0 for t in terms)  # logged, finite, non-negative
+    assert result.metrics["eval"]["accuracy"] >= 0.0
+
+
+def test_an_objective_trains_a_causal_lm_too(tmp_path, tiny_llama, docs_file):
+    data = causal_recipe(tiny_llama, docs_file, "nf4", max_steps=6, logging_steps=2)
+    data["domain_adaptation"] = {"method": "coral", "target": str(docs_file), "weight": 1.0}
+    result = train_domain(parse_recipe(data), "docs", tmp_path)
+    assert any("coral_loss" in e for e in json.loads((result.out_dir / "log_history.json").read_text()))
+
+
+def test_dann_trains_its_domain_classifier(tmp_path, tiny_bert, sentiment_file, monkeypatch):
+    from peft_adapt import adaptation
+
+    seen = {}
+    original = adaptation.DomainAdaptationTrainer.create_optimizer
+
+    def spy(self, *args, **kwargs):
+        optimizer = original(self, *args, **kwargs)
+        seen["trainer"], seen["before"] = self, [p.detach().clone() for p in self.domain_classifier.parameters()]
+        return optimizer
+
+    monkeypatch.setattr(adaptation.DomainAdaptationTrainer, "create_optimizer", spy)
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=5)
+    data["domain_adaptation"] = {"method": "dann", "target": str(_target(tmp_path, "t.jsonl", "none"))}
+    train_domain(parse_recipe(data), "sentiment", tmp_path)
+    after = list(seen["trainer"].domain_classifier.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, seen["before"]))
+
+
+# ---- token classification
+
+
+def test_word_tags_go_on_the_first_sub_token_only(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["Supercalifragilistic", "visited", "Llanfairpwllgwyngyll", "."]
+    tags = [1, 0, 2, 0]
+    (feature,) = tokenize_token_classification([Example(1, words=words, tags=tags)], tokenizer, 128)
+    pieces = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
+    assert pieces[0] > 1 and pieces[2] > 1  # the test needs words split into several tokens
+    expected = [IGNORE_INDEX]  # [CLS]
+    for tag, n in zip(tags, pieces):
+        expected += [tag] + [IGNORE_INDEX] * (n - 1)
+    expected += [IGNORE_INDEX]  # [SEP]
+    assert feature["labels"] == expected
+    assert [w for w in feature["word_ids"] if w >= 0] == [0, 1, 2, 3]
+
+
+def test_entity_spans_follow_conlleval():
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 1), ("LOC", 3, 3)}
+    assert entity_spans(["I-ORG", "I-ORG", "B-ORG"]) == {("ORG", 0, 1), ("ORG", 2, 2)}  # I- starts an entity
+    assert entity_spans(["B-PER", "I-LOC"]) == {("PER", 0, 0), ("LOC", 1, 1)}
+    scores = entity_metrics([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "I-PER", "O", "B-ORG"]])
+    assert scores == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+
+
+@pytest.mark.parametrize("setup", ["lora-nf4", "head-only", "full"])
+def test_token_classification_trains_and_scores_entities(tmp_path, tiny_bert, setup):
+    rows = []
+    for i in range(64):
+        name = ["Alice", "Bob", "Carol", "Dave"][i % 4]
+        place = ["Paris", "Rome", "Oslo", "Lima"][i // 4 % 4]
+        rows.append({"tokens": [name, "lives", "in", place, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
+    train = write_jsonl(tmp_path / "ner.jsonl", rows)
+    data = {
+        "base": {"model": str(tiny_bert), "quantization": "nf4" if setup == "lora-nf4" else "none"},
+        "task": {"type": "token_classification", "max_length": 32},
+        "training": {"max_steps": 40, "batch_size": 16, "learning_rate": 1e-2, "seed": 0},
+        "domains": {"ner": {"train": str(train)}},
+    }
+    if setup == "lora-nf4":
+        data["adapter"] = {"r": 8, "alpha": 16}
+    else:
+        data["freeze"] = "all" if setup == "head-only" else "none"
+        data["training"]["learning_rate"] = 1e-2 if setup == "head-only" else 1e-3
+    result = train_domain(parse_recipe(data), "ner", tmp_path / setup)
+    scores = result.metrics["eval"]
+    assert set(scores) >= {"precision", "recall", "f1", "word_accuracy"}
+    assert scores["word_accuracy"] > 0.8, scores  # the tags are learnable from the words
+    assert result.manifest["labels"][0] == "O"
