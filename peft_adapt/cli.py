@@ -212,6 +212,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .server import ServerSettings, serve
+
+    settings = ServerSettings(
+        base_name=args.base, api_key=args.api_key or os.environ.get("PEFT_ADAPT_API_KEY"),
+        admin_key=args.admin_key or os.environ.get("PEFT_ADAPT_ADMIN_KEY"), max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
+    serve(args.base, args.quantization, args.registry, args.adapters.split(",") if args.adapters else None,
+          args.host, args.port, args.task, args.max_adapters, settings)
+    return 0
+
+
 def _cmd_quickstart(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the quickstart is offline by definition: never wait on the hub
     from .quickstart import format_report, run_quickstart
@@ -336,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-rank", action="store_true", help="with --adapter-only: pad the rank to one vLLM accepts")
     p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, every adapter, batched across adapters")
+    p.add_argument("--base", required=True, help="base model: alias, folder or hub id")
+    p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
+    p.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification"])
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    p.add_argument("--adapters", help="comma-separated adapters to load (and pin) at start")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $PEFT_ADAPT_API_KEY)")
+    p.add_argument("--admin-key", help="key for /v1/adapters/load and /unload (or $PEFT_ADAPT_ADMIN_KEY)")
+    p.add_argument("--max-adapters", type=int, help="resident adapters at most (least recently used are evicted)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.set_defaults(func=_cmd_serve)
 
     from .corpora import CORPORA
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from ..manifest import read_manifest
 from ..adapter_files import folder_kind, read_adapter_config
 from .batch import AdapterBatch
 from .bottleneck_weights import BottleneckWeights, read_bottleneck_weights
+from .decoding import Sampling, decode
 from .lora_weights import LoraWeights, combine_linearly, read_lora_weights
 from .residency import Residency, ResidentAdapter
 from .stacked_bottleneck import StackedBottleneck
@@ -246,6 +248,14 @@ class AdapterRuntime:
                 raise UserInputError(f"adapter {name!r} is not resident; resident: {sorted(self.residency.adapters)}")
             self._evict(name, count=False)
 
+    def ensure_resident(self, name: str) -> ResidentAdapter:
+        """Load `name` now if it is not resident (a miss); a resident one is left as it is."""
+        with self._lock:
+            if name in self.residency:
+                return self.residency.adapters[name]
+            self.residency.misses += 1
+            return self._load(name, None, False, False, keep=set())
+
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pinned adapters are never evicted (loaded now if not resident)."""
         with self._lock:
@@ -369,45 +379,79 @@ class AdapterRuntime:
         return out
 
     def generate(self, prompts, adapters=None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, seed: int | None = None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  return_tokens: bool = False, min_new_tokens: int = 0) -> list:
         """Continue each prompt (texts or token-id lists) with its row's adapter; greedy unless do_sample."""
+        sampling = Sampling(max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        new: list[list[int]] = []
+        for step in self.generate_stream(prompts, adapters, sampling):
+            new = new or [[] for _ in step]
+            for row, token in zip(new, step):
+                if token is not None:
+                    row.append(token)
+        if return_tokens:
+            return new
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+    def generate_stream(self, prompts, adapters, sampling: Sampling) -> Iterator[list[int | None]]:
+        """Yield each step's new token for every row (None for a row that has ended). Holds the runtime's
+        lock until the stream is exhausted or closed."""
         if self.task != "causal_lm":
             raise UserInputError("generate() is for causal LM runtimes; use classify()")
-        if max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if sampling.max_new_tokens < 1:
+            raise UserInputError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
         with self._lock:
             ids, mask = self._encode(prompts, padding_side="left")  # generation appends on the right
             ids, mask = ids.to(self.device), mask.to(self.device)
             resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
-            if seed is not None:
-                torch.manual_seed(seed)
-            options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                           pad_token_id=self.tokenizer.pad_token_id)
-            if do_sample:
-                options |= dict(temperature=temperature, top_p=top_p, top_k=top_k)
-            else:
-                options |= dict(temperature=None, top_p=None, top_k=None)
-            new: list[list[int] | None] = [None] * ids.shape[0]
-            groups = [(None, stacked)] if stacked else []
-            groups += [(resident[rows[0]].prefix_model, rows) for rows in prefixed.values()]
-            for model, rows in groups:
-                index = torch.tensor(rows, device=self.device)
-                sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
-                batch = self._stacked_batch([resident[i] for i in rows]) if model is None else None
-                self.context.current = batch
-                try:
-                    with torch.no_grad():
-                        out = (model or self.model).generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
-                finally:
-                    self.context.current = None
-                for i, row in zip(rows, out[:, sub_ids.shape[1]:].tolist()):
-                    new[i] = row
             eos = self.tokenizer.eos_token_id
-            new = [row[: row.index(eos) + 1] if eos in row else row for row in new]
-            if return_tokens:
-                return new
-            return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
+            # prefix adapters run through peft's generate, one group each, before the stacked rows stream
+            done: dict[int, list[int]] = {}
+            for rows in prefixed.values():
+                done.update(self._prefix_generate(resident[rows[0]], rows, ids, mask, sampling))
+            steps = iter(())
+            if stacked:
+                index = torch.tensor(stacked, device=self.device)
+                sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
+                batch = self._stacked_batch([resident[i] for i in stacked])
+                steps = decode(lambda *a: self._step(batch, *a), sub_ids, sub_mask, sampling, eos)
+            for step in range(sampling.max_new_tokens):
+                tokens: list[int | None] = [None] * ids.shape[0]
+                stacked_step = next(steps, None)
+                for i, token in zip(stacked, stacked_step or []):
+                    tokens[i] = token
+                for i, row in done.items():
+                    tokens[i] = row[step] if step < len(row) else None
+                if stacked_step is None and all(step >= len(row) for row in done.values()):
+                    return
+                yield tokens
+
+    def _step(self, batch: AdapterBatch, ids, mask, positions, cache) -> torch.Tensor:
+        self.context.current = batch
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
+        finally:
+            self.context.current = None
+        return out.logits[:, -1]
+
+    def _prefix_generate(self, adapter: ResidentAdapter, rows: list[int], ids, mask, sampling: Sampling) -> dict[int, list[int]]:
+        index = torch.tensor(rows, device=self.device)
+        sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        options = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+                       do_sample=sampling.do_sample, pad_token_id=self.tokenizer.pad_token_id)
+        options |= (dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+                    if sampling.do_sample else dict(temperature=None, top_p=None, top_k=None))
+        with torch.no_grad():
+            out = adapter.prefix_model.generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
+        eos = self.tokenizer.eos_token_id
+        result = {}
+        for i, row in zip(rows, out[:, sub_ids.shape[1]:].tolist()):
+            result[i] = row[: row.index(eos) + 1] if eos in row else row
+        return result
 
     def classify(self, texts, adapters) -> list[dict]:
         """Label each text with its row's classification adapter (its own head and pooling)."""

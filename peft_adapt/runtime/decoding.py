@@ -1,0 +1,69 @@
+"""Token-by-token decoding with a KV cache, for a left-padded batch whose rows may use different adapters.
+
+The runtime's own loop rather than `generate()`: it yields every step's tokens as they come (so a server
+can stream a batch of requests, each to its own client), and rows stop at their own end-of-sequence.
+Greedy by default; sampling with temperature, top-k and top-p from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """[batch] next tokens from [batch, vocab] logits."""
+    if not sampling.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(sampling.temperature, 1e-5)
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) > sampling.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
+           eos_token_id: int | None) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token (None once the row has ended).
+
+    `forward(input_ids, attention_mask, position_ids, cache)` returns the logits of the last position;
+    `ids`/`mask` are left-padded prompts.
+    """
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    cache = DynamicCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = forward(ids, mask, positions, cache)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for step in range(sampling.max_new_tokens):
+        if eos_token_id is not None and step < sampling.min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
+        tokens = choose_next(logits, sampling, generator)
+        yield [None if done else int(t) for t, done in zip(tokens.tolist(), finished.tolist())]
+        if eos_token_id is not None:
+            finished |= tokens == eos_token_id
+        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+            return
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = forward(tokens[:, None], mask, positions, cache)
