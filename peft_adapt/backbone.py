@@ -37,6 +37,9 @@ class BaseSpec(BaseModel):
     quantization: Quantization = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # the dtype 4-bit weights are packed into; FSDP shards only floating tensors, so FSDP + QLoRA needs
+    # bfloat16 (matching the other parameters' dtype)
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -130,6 +133,7 @@ def quantization_config(spec: BaseSpec, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=spec.quantization,
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, spec.quant_storage),
     )
 
 

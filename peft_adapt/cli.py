@@ -14,20 +14,49 @@ from .registry import Registry
 
 
 def _cmd_train(args) -> int:
+    from .distributed import world
     from .recipe import load_recipe
     from .train import train_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)  # a bad recipe fails here, before any worker starts
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
+    if args.num_processes > 1 and world().size == 1:
+        return _launch_workers(args, out)
     registry = None if args.no_register else Registry(args.registry)
-    results = train_recipe(recipe, out, args.domain, registry=registry)
+    results = train_recipe(recipe, out, args.domain, registry=registry, parallel_domains=args.parallel_domains)
     for r in results:
+        if r.manifest is None:  # a data-parallel worker other than the main one
+            continue
         shown = {k: v for k, v in r.metrics.get("test", r.metrics["eval"]).items()}
         split = "test" if "test" in r.metrics else "eval"
         where = f"{r.out_dir}" + (f", registered as {r.registered.ref}" if r.registered else "")
         print(f"{r.domain}: {split} {json.dumps(shown)}  trainable={r.metrics['trainable_parameters']:,}  "
               f"time={r.metrics['train_seconds']:.0f}s  -> {where}")
     return 0
+
+
+def _launch_workers(args, out: Path) -> int:
+    """Run this same command in N workers (accelerate on GPUs, torch.distributed.run on the CPU)."""
+    import shutil
+    import subprocess
+    import uuid
+
+    from .distributed import failures, launch_command
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--num-processes") if "--num-processes" in argv else None
+    if i is not None:
+        del argv[i : i + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--num-processes=")]
+    shutil.rmtree(out / ".failures", ignore_errors=True)
+    env = os.environ | {"PEFT_ADAPT_RUN_ID": uuid.uuid4().hex}
+    code = subprocess.run(launch_command(args.num_processes, argv), env=env).returncode
+    failed = failures(out)
+    for f in failed:
+        print(f"error: domain {f['domain']!r} failed on worker {f['worker']}: {f['type']}: {f['error']}", file=sys.stderr)
+    shutil.rmtree(out / ".workers", ignore_errors=True)
+    return 1 if failed or code != 0 else 0
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -255,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set base.quantization=none; VALUE null removes it")
     p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
     p.add_argument("--no-register", action="store_true", help="only write the output folders")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="train in N processes: data parallel per domain (accelerate; gloo on the CPU)")
+    p.add_argument("--parallel-domains", action="store_true",
+                   help="with several processes: each worker trains different domains at the same time")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,7 @@ def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n
         label_names=["labels"],
         dataloader_num_workers=0,
         save_only_model=True,
+        ddp_find_unused_parameters=False,  # adapters and heads are all used in every forward
     )
 
 
@@ -238,8 +241,16 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
 
-    manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    manifest = None
+    gathered = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # FSDP shards the weights: every process takes part in gathering them; the main one writes
+        gathered = out_dir.parent / f".{out_dir.name}.fsdp-gathered"
+        trainer.save_model(str(gathered))
+    if trainer.is_world_process_zero():  # data parallel: only the main process writes
+        manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
+                                gathered)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data)
 
 
@@ -260,23 +271,32 @@ def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
 
 
 def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Backbone, data: DomainData,
-                 metrics: dict, log_history: list[dict]) -> dict:
-    """Write the adapter (peft format) or the baseline's trained weights, metrics, curves, manifest."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.method == "bottleneck":
-        save_bottleneck(model, out_dir)
+                 metrics: dict, log_history: list[dict], gathered: Path | None = None) -> dict:
+    """Write the adapter (peft format, or ours for bottleneck) or a baseline's trained weights, with metrics,
+    curves and manifest, into a temporary folder beside `out_dir`, then rename it into place: a crash
+    leaves no half-written adapter."""
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if gathered is not None:  # weights Trainer gathered from FSDP shards
+        for f in gathered.iterdir():
+            if f.suffix in (".json", ".safetensors") and f.name not in ("training_args.json", "trainer_state.json"):
+                shutil.move(str(f), staging / f.name)
+        shutil.rmtree(gathered, ignore_errors=True)
+    elif recipe.method == "bottleneck":
+        save_bottleneck(model, staging)
     elif recipe.adapter is not None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True)
     else:
+        from safetensors.torch import save_file
+
         trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trained, str(out_dir / TRAINED_WEIGHTS))
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "log_history.json", log_history)
-    plot_loss_curves(log_history, out_dir / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
+        save_file(trained, str(staging / TRAINED_WEIGHTS))
+    write_json(staging / "metrics.json", metrics)
+    write_json(staging / "log_history.json", log_history)
+    plot_loss_curves(log_history, staging / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
     manifest = build_manifest(
-        folder=out_dir,
+        folder=staging,
         name=f"{recipe.name}-{domain}" if recipe.name else domain,
         domain=domain,
         method=recipe.method,
@@ -290,21 +310,46 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
         labels=data.labels.names if data.labels else None,
     )
     manifest["pooling"] = getattr(backbone.model, "pooling", None)
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(staging / "manifest.json", manifest)
+    if out_dir.exists():  # a previous run's folder: moved aside, then removed
+        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.rename(out_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(staging, out_dir)
     return manifest
 
 
 def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,
-                 registry=None) -> list[TrainResult]:
-    """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a registry."""
+                 registry=None, parallel_domains: bool = False) -> list[TrainResult]:
+    """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a
+    registry. Under a multi-process launcher: data parallel per domain, or with `parallel_domains` each
+    worker trains its own share of the domains; a failed domain is reported with its worker and error."""
+    from .distributed import become_single_process, my_domains, record_failure, wait_for_all, world
+
     names = domains or list(recipe.domains)
     for name in names:
         recipe.domain(name)  # fail on an unknown domain before training anything
-    results = []
+    here = world()
+    if parallel_domains and here.size > 1:
+        here = become_single_process()
+        names = my_domains(names, here)
+    results, failed = [], []
     for name in names:
         log.info("training domain %s", name)
-        result = train_domain(recipe, name, out_root)
-        if registry is not None:
+        try:
+            result = train_domain(recipe, name, out_root)
+        except Exception as exc:
+            if not (parallel_domains and here.size > 1):
+                raise
+            record_failure(Path(out_root), name, here, exc)
+            print(f"error: domain {name!r} failed on worker {here.rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed.append(name)
+            continue
+        if registry is not None and result.manifest is not None:  # the main process (or each domain's worker)
             result.registered = registry.add(result.out_dir)
         results.append(result)
+    if parallel_domains and here.size > 1:
+        wait_for_all(Path(out_root), here, os.environ.get("PEFT_ADAPT_RUN_ID", "run"))
+        if failed:
+            raise SystemExit(1)
     return results
