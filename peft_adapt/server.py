@@ -58,16 +58,25 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
 
 
-class CompletionRequest(_Body):
+class _GenerationBody(_Body):
+    """What completions and chat completions share."""
+
     model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_GenerationBody):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(_Body):
@@ -75,17 +84,10 @@ class ChatMessage(_Body):
     content: str
 
 
-class ChatRequest(_Body):
-    model: str
+class ChatRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
 
 
 class ClassifyRequest(_Body):
@@ -335,9 +337,8 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         check_common(body.n, len(prompts))
         adapter = adapter_for(body.model)
         ids = [tokens_of(p) for p in prompts]
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         sampling = sampling_of(body.max_tokens, body.temperature, body.top_p, body.seed)
-        return await answer("completion", body.model, ids, adapter, sampling, stops, body.stream)
+        return await answer("completion", body.model, ids, adapter, sampling, body.stops, body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -345,10 +346,9 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         check_common(body.n, 1)
         adapter = adapter_for(body.model)
         ids = [tokens_of(chat_prompt(runtime.tokenizer, [m.model_dump(include={"role", "content"}) for m in body.messages]))]
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         sampling = sampling_of(max_tokens, body.temperature, body.top_p, body.seed)
-        return await answer("chat", body.model, ids, adapter, sampling, stops, body.stream)
+        return await answer("chat", body.model, ids, adapter, sampling, body.stops, body.stream)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request):
