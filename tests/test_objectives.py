@@ -86,8 +86,9 @@ def test_each_objective_trains_on_every_quantization(tmp_path, tiny_bert, sentim
     result = train_domain(parse_recipe(data), "sentiment", tmp_path)
     history = json.loads((result.out_dir / "log_history.json").read_text())
     terms = [e[f"{method}_loss"] for e in history if f"{method}_loss" in e]
-    assert terms and all(t == t and t >= 0 for t in terms)  # logged, finite, non-negative
-    assert result.metrics["eval"]["accuracy"] >= 0.0
+    assert terms and all(t == t and t >= 0 for t in terms)  # logged, finite (not NaN), non-negative
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert all(loss == loss for loss in losses)
 
 
 def test_an_objective_trains_a_causal_lm_too(tmp_path, tiny_llama, docs_file):

@@ -104,6 +104,12 @@ def test_64_concurrent_requests_over_4_adapters_each_get_their_own_answer(served
     expected = {(a, p): runtime.generate([PROMPTS[p]], adapters=f"ad{a}", max_new_tokens=6)[0]
                 for a in range(4) for p in range(4)}
 
+    def batches() -> float:
+        lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("peft_adapt_batch_size_count")]
+        return float(lines[0].split()[-1])
+
+    before = batches()
+
     def ask(i: int):
         a, p = i % 4, (i // 4) % 4
         r = httpx.post(f"{url}/v1/completions", headers=_auth(), timeout=120, json={
@@ -115,10 +121,7 @@ def test_64_concurrent_requests_over_4_adapters_each_get_their_own_answer(served
     assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:2]
     for key, _, body in results:
         assert body["choices"][0]["text"] == expected[key], key
-    metrics = httpx.get(f"{url}/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith("peft_adapt_batch_size_count")]
-    batches = float(sizes[0].split()[-1])
-    assert batches < 64 + 10  # requests were batched together (far fewer batches than requests)
+    assert batches() - before < 32  # requests for different adapters ran together: far fewer batches than requests
 
 
 def _error(response: httpx.Response, status: int, text: str) -> dict:
