@@ -191,7 +191,7 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
         raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
 
     out_dir = Path(out_root) / domain
-    checkpoints = out_dir / ".checkpoints"
+    checkpoints = Path(out_root) / f".{domain}.checkpoints"  # early stopping's, beside the output, removed after
     args = _training_arguments(recipe, backbone, checkpoints, len(data.train))
     label_names = examples.labels.names if examples.labels else None
     compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels, label_names)
