@@ -93,7 +93,7 @@ def run_quickstart(out: str | Path = "quickstart_out", domains: tuple[str, ...] 
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # the recipe it writes names its data files by absolute path
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
