@@ -210,10 +210,11 @@ class Registry:
 
     # ------------------------------------------------------------ writing
 
-    def add(self, folder: str | Path, name: str | None = None, domain: str | None = None,
+    def add(self, folder, name: str | None = None, domain: str | None = None,
             tags: tuple[str, ...] | list[str] = (), allow_pickle: bool = False) -> AdapterEntry:
-        """Register a folder written by `peft-adapt train` as the next version of `name`."""
-        folder = Path(folder)
+        """Register a folder written by `peft-adapt train` (or the `TrainResult` that wrote it) as the next
+        version of `name`."""
+        folder = Path(getattr(folder, "out_dir", folder))
         if not folder.is_dir():
             raise UserInputError(f"{folder} is not a folder; `registry add` takes a folder written by `peft-adapt train`")
         manifest = read_manifest(folder)

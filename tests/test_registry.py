@@ -63,8 +63,10 @@ def test_round_trip_is_bit_identical(tmp_path, trained_adapter):
 
 
 def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter):
+    from types import SimpleNamespace
+
     registry = Registry(tmp_path / "reg")
-    registry.add(trained_adapter)
+    registry.add(SimpleNamespace(out_dir=trained_adapter))  # a TrainResult names its folder as out_dir
     registry.add(trained_adapter, tags=["candidate"])
     registry.add(trained_adapter, name="other", domain="news")
     registry.tag("t-docs@1", "prod")
