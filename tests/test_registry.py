@@ -149,7 +149,7 @@ def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, tr
         proc = subprocess.Popen([sys.executable, "-c", LOOPING_WRITER, str(root), str(trained_adapter)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.15))
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         _assert_intact(registry, before)
