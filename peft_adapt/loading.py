@@ -42,6 +42,18 @@ def check_base_fits(manifest: dict, backbone: Backbone, source: str, force: bool
         log.info("%s was trained on a %s base and runs on a %s base", source, trained_q, backbone.spec.quantization)
 
 
+def require_checksums(folder: Path, manifest: dict, source: str) -> None:
+    problems = verify_checksums(folder, manifest)
+    if problems:
+        raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
+
+
+def check_adapter(folder: Path, manifest: dict, backbone: Backbone, source: str, force: bool = False) -> None:
+    """Before anything is loaded: the files are what the manifest says, and the base fits."""
+    require_checksums(folder, manifest, source)
+    check_base_fits(manifest, backbone, source, force)
+
+
 def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto", force: bool = False,
                  backbone: Backbone | None = None, source: str | None = None) -> LoadedAdapter:
     """`folder`'s adapter applied to `backbone`, or to its own base loaded as its manifest says
@@ -52,9 +64,7 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
     folder = Path(folder)
     source = source or str(folder)
     manifest = read_manifest(folder)
-    problems = verify_checksums(folder, manifest)
-    if problems:
-        raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
+    require_checksums(folder, manifest, source)  # before loading a base for nothing
     if backbone is None:
         base = BaseSpec.model_validate(manifest["recipe"]["base"])
         base = base.model_copy(update={"device": device} | ({"quantization": quantization} if quantization else {}))

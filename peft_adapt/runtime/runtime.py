@@ -25,8 +25,8 @@ import torch
 
 from ..backbone import BaseSpec, load_backbone
 from ..errors import UserInputError
-from ..fingerprint import fingerprint_differences
 from ..heads import pool_hidden
+from ..loading import check_adapter
 from ..manifest import read_manifest
 from ..adapter_files import folder_kind, read_adapter_config
 from .batch import AdapterBatch
@@ -125,8 +125,8 @@ class AdapterRuntime:
         self.residency.add(adapter)
         return adapter
 
-    def _read(self, ref: str, force: bool) -> tuple[LoraWeights, dict]:
-        """LoRA weights of a folder or registry ref, after checking that they fit this base."""
+    def _read(self, ref: str, force: bool) -> tuple[object, dict]:
+        """LoRA, bottleneck or prefix weights of a folder or registry ref, after checking they fit this base."""
         folder = Path(ref)
         if folder.is_dir():
             source = str(folder)
@@ -134,18 +134,8 @@ class AdapterRuntime:
             entry = self.registry.get(ref)
             folder, source = entry.path, entry.ref
         manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
-        if manifest:
-            from ..adapter_files import verify_checksums
-
-            problems = verify_checksums(folder, manifest)
-            if problems:
-                raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
-            diffs = fingerprint_differences(manifest["base_fingerprint"], self.backbone.fingerprint)
-            if diffs and not force:
-                raise UserInputError(
-                    f"{source} was trained on base {manifest.get('base_model')!r}, which differs from this runtime's "
-                    f"base {self.backbone.spec.model!r}: " + "; ".join(diffs[:5]) + ". Use the right base or force=True."
-                )
+        if manifest:  # a plain peft folder has none: nothing to check it against
+            check_adapter(folder, manifest, self.backbone, source, force)
             task = manifest.get("task", "causal_lm")
             if task != self.task:
                 raise UserInputError(f"{source} is a {task} adapter; this runtime serves {self.task}")
