@@ -17,11 +17,15 @@ def feature_kwargs(task: str) -> dict:
 
 
 def pooled_features(outputs, attention_mask: torch.Tensor, task: str) -> torch.Tensor:
-    """[batch, hidden]: the head's pooled features, or for causal LM the mean of the last hidden states."""
+    """[batch, hidden]: the head's pooled features (or for causal LM the mean of the last hidden states),
+    L2-normalised as sentence embeddings are, so no objective can be met by growing or shrinking them: with
+    raw features the DANN domain loss grew without bound (17-25) and took the task with it."""
     if task == "causal_lm":
         hidden = outputs.hidden_states[-1]
-        return pool_hidden(hidden.float(), attention_mask[:, -hidden.shape[1]:], "mean")
-    return outputs.hidden_states[0]
+        features = pool_hidden(hidden.float(), attention_mask[:, -hidden.shape[1]:], "mean")
+    else:
+        features = outputs.hidden_states[0]
+    return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
 class DomainAdaptationTrainer(Trainer):
