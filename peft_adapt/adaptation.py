@@ -69,16 +69,20 @@ class DomainAdaptationTrainer(Trainer):
         target_outputs = model(**target, **extra)
         source = pooled_features(outputs, inputs["attention_mask"], self.task)
         target_features = pooled_features(target_outputs, target["attention_mask"], self.task)
+        weight = self.adaptation.weight
         if self.adaptation.method == "dann":
+            # as in Ganin et al. the weight scales only the reversed gradient reaching the adapter and the domain
+            # classifier's loss is not scaled (under AdamW that scale would cancel anyway)
             progress = self.state.global_step / max(1, self.state.max_steps)
             term = dann_loss(source, target_features, self.domain_classifier,
-                             dann_lambda(progress, self.adaptation.dann_gamma))
+                             weight * dann_lambda(progress, self.adaptation.dann_gamma))
+            weight = 1.0
         elif self.adaptation.method == "coral":
             term = coral_loss(source, target_features)
         else:
             term = mmd_loss(source, target_features)
         self._da_losses.append(float(term.detach()))
-        loss = outputs.loss + self.adaptation.weight * term
+        loss = outputs.loss + weight * term
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

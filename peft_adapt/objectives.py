@@ -29,7 +29,7 @@ class DomainAdaptationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["dann", "coral", "mmd"]
     target: str  # a file of unlabeled target-domain text (labels in it are never read)
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0)  # coral / mmd: x term; dann: x the reversed gradient (the classifier learns at 1)
     max_target_rows: int | None = Field(None, ge=1)
     dann_gamma: float = Field(10.0, gt=0)
     dann_hidden: int = Field(256, ge=1)
