@@ -60,7 +60,15 @@ def main() -> None:
     rows = args.rows or (800 if args.quick else None)
     epochs = args.epochs or 2
     methods = args.methods.split(",")
-    weights = OBJECTIVE_WEIGHTS | {k: float(v) for k, v in (w.split("=") for w in (args.weights or "").split(",") if w)}
+    weights = dict(OBJECTIVE_WEIGHTS)
+    for item in filter(None, (args.weights or "").split(",")):
+        name, _, value = item.partition("=")
+        try:
+            if name not in OBJECTIVE_WEIGHTS:
+                raise ValueError(name)
+            weights[name] = float(value)
+        except ValueError:
+            parser.error(f"--weights {item!r}: expected NAME=NUMBER with NAME in {', '.join(OBJECTIVE_WEIGHTS)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="amazon_cross_"))
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
