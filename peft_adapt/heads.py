@@ -44,8 +44,25 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean cross-entropy over the labelled items, or their sum over `num_items_in_batch` when Trainer passes it.
+
+    Trainer counts the labelled items of the whole step (all micro-batches, all processes) and then
+    multiplies the loss by the number of processes; a head that ignored the count and returned a mean
+    trained on a loss (and gradients) scaled by that number.
+    """
+    logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    total = nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+
+
 class SequenceClassifier(nn.Module):
     """A transformer encoder (`AutoModel`) + pooling + a linear head named `classifier`."""
+
+    # Trainer passes `num_items_in_batch` to models that accept loss kwargs; these heads use it
+    accepts_loss_kwargs = True
 
     def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float = 0.1):
         super().__init__()
@@ -80,7 +97,6 @@ class SequenceClassifier(nn.Module):
         """Last hidden states [batch, tokens, hidden] and the mask of their real tokens."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kwargs.pop("num_items_in_batch", None)
         for unused in ("output_attentions", "output_hidden_states", "return_dict", "inputs_embeds"):
             if kwargs.get(unused) is None:
                 kwargs.pop(unused, None)
@@ -90,11 +106,12 @@ class SequenceClassifier(nn.Module):
         # with prefix tuning the mask also covers the virtual tokens in front: keep the real tokens' part
         return hidden.float(), attention_mask[:, -hidden.shape[1]:]
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False,
+                num_items_in_batch=None, **kwargs):
         hidden, mask = self.encode(input_ids, attention_mask, past_key_values, kwargs)
         pooled = self.pool(hidden, mask)
         logits = self.classifier(self.dropout(pooled))
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = summed_cross_entropy(logits, labels, num_items_in_batch) if labels is not None else None
         # return_pooled: the pooled features, for domain-adaptation objectives
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=(pooled,) if return_pooled else None)
 
@@ -102,11 +119,10 @@ class SequenceClassifier(nn.Module):
 class TokenClassifier(SequenceClassifier):
     """A tag per token: the same encoder, a linear head on every token's hidden state."""
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False,
+                num_items_in_batch=None, **kwargs):
         hidden, mask = self.encode(input_ids, attention_mask, past_key_values, kwargs)
         logits = self.classifier(self.dropout(hidden))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss = summed_cross_entropy(logits, labels, num_items_in_batch) if labels is not None else None
         pooled = (pool_hidden(hidden, mask, "mean"),) if return_pooled else None
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=pooled)

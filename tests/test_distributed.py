@@ -57,3 +57,45 @@ def test_a_failing_worker_reports_its_domain_and_leaves_no_half_written_adapter(
     assert registry.verify().ok
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".failures")) == ["docs"]
+
+
+def _first_loss_rows(task: str) -> list[dict]:
+    if task == "causal_lm":
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        return [{"text": topics[k][:300]} for k in sorted(topics)[:8]]
+    if task == "classification":
+        return [{"text": f"{w} {w} item {i}", "label": i % 2} for i, w in enumerate(["good", "bad"] * 4)]
+    return [{"tokens": [n, "lives", "in", p, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]}
+            for n, p in zip(["Alice", "Bob", "Carol", "Dave"] * 2, ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern", "Riga", "Oslo"])]
+
+
+def test_one_and_two_processes_log_the_same_first_loss_for_every_task(tmp_path, tiny_llama, tiny_bert):
+    """Trainer scales the loss of models that accept loss kwargs by the number of processes: a head that
+    ignored `num_items_in_batch` logged (and trained on) twice the loss under two processes."""
+    first = {}
+    for task in ("causal_lm", "classification", "token_classification"):
+        data = write_jsonl(tmp_path / f"{task}.jsonl", _first_loss_rows(task))
+        base = tiny_llama if task == "causal_lm" else tiny_bert
+        for processes, batch in ((1, 8), (2, 4)):  # the same 8 rows in the first step either way
+            recipe = {
+                "base": {"model": str(base), "quantization": "nf4"},
+                "task": {"type": task, "max_length": 48},
+                "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                "training": {"max_steps": 1, "batch_size": batch, "learning_rate": 1e-9, "seed": 0, "logging_steps": 1},
+                "domains": {"d": {"train": str(data), "eval": str(data)}},
+            }
+            out = tmp_path / f"{task}-{processes}"
+            path = tmp_path / f"{task}-{processes}.yaml"
+            path.write_text(yaml.safe_dump(recipe))
+            command = [sys.executable, "-m", "peft_adapt.cli", "train", str(path), "--num-processes", str(processes),
+                       "--no-register", "--out", str(out)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stderr[-3000:]
+            history = json.loads((out / "d" / "log_history.json").read_text())
+            first[task, processes] = next(e["loss"] for e in history if "loss" in e)
+    for task in ("causal_lm", "classification", "token_classification"):
+        one, two = first[task, 1], first[task, 2]
+        # the classification head's own dropout draws differently in two processes: a few percent, never 2x
+        assert abs(two - one) / one < 0.05, (task, one, two)
