@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .builtin_models import sha256_file
@@ -20,6 +21,51 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 TRAINED_WEIGHTS = "trained_weights.safetensors"  # what a freezing baseline saves instead of an adapter
 BOTTLENECK_CONFIG = "bottleneck_config.json"  # our own format: peft has no bottleneck adapters
+CONFIG_FILES = (ADAPTER_CONFIG, BOTTLENECK_CONFIG)
+# files that travel with an adapter besides its configs and weights (each checksummed in the manifest);
+# anything else in a folder is left behind
+EXTRA_FILES = ("metrics.json", "log_history.json", "loss_curve.png", "README.md")
+
+
+def adapter_files_to_copy(folder: Path) -> list[Path]:
+    """The files of an adapter folder that belong in a registry: configs, weights (safetensors, or pickle for the
+    caller to convert) and EXTRA_FILES. A symbolic link or special file among them is refused: copying it would
+    read whatever it points at (a `notes.txt -> /etc/shadow` link would land in the registry)."""
+    chosen = []
+    for path in sorted(Path(folder).iterdir()):
+        name = path.name
+        known = name in CONFIG_FILES or name in EXTRA_FILES or name in PICKLE_WEIGHTS or name.endswith(".safetensors")
+        if not known or name.startswith("."):
+            continue
+        if path.is_symlink() or not path.is_file():
+            kind = "a symbolic link" if path.is_symlink() else "not a regular file"
+            raise UserInputError(f"{path} is {kind}; an adapter folder must hold plain files only. Copy the real file "
+                                 f"in its place")
+        chosen.append(path)
+    return chosen
+
+
+def read_folder_config(folder: Path) -> tuple[str, dict]:
+    """The folder's kind (`peft`, `bottleneck`, `trained_weights`) and its config (empty for trained weights)."""
+    kind = folder_kind(folder)
+    if kind == "peft":
+        return kind, read_adapter_config(folder)
+    if kind == "bottleneck":
+        path = folder / BOTTLENECK_CONFIG
+        config = _read_json(path)
+        if not isinstance(config, dict) or config.get("method") != "bottleneck" or not isinstance(config.get("sites"), dict):
+            raise UserInputError(f"{path}: not a bottleneck adapter config (method and sites are required)")
+        return kind, config
+    return kind, {}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def folder_kind(folder: Path) -> str:
@@ -59,10 +105,7 @@ def read_adapter_config(folder: Path) -> dict:
             f"{folder}: missing {ADAPTER_CONFIG}; an adapter folder needs peft's config beside its weights "
             f"(save it with model.save_pretrained(folder))"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from None
+    config = _read_json(path)
     if not isinstance(config, dict) or "peft_type" not in config:
         raise UserInputError(f"{path}: not a peft adapter config (no peft_type)")
     return config
@@ -100,13 +143,28 @@ def verify_checksums(folder: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def convert_pickle_to_safetensors(path: Path, out: Path) -> None:
-    """Only after the caller allowed pickle: load the .bin once and write it as safetensors."""
+def load_pickle_weights(path: Path) -> dict:
+    """Only after the caller allowed pickle: tensors only (`weights_only`); anything else is refused, not run."""
+    import pickle
+
     import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"{path}: refused: not a plain file of tensors ({first[:200]}); "
+                             f"only weights can be loaded from pickle, never code") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"{path}: refused: expected a mapping of names to tensors")
+    return state
+
+
+def convert_pickle_to_safetensors(path: Path, out: Path) -> None:
+    """Only after the caller allowed pickle: load the .bin once (tensors only) and write it as safetensors."""
     from safetensors.torch import save_file
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    save_file({k: v.contiguous() for k, v in load_pickle_weights(path).items()}, str(out))
 
 
 def fsync_tree(folder: Path) -> None:
@@ -127,3 +185,82 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- does an adapter fit a base?
+
+_LORA_TENSOR = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_BOTTLENECK_TENSOR = re.compile(r"^(.+)\.adapter\.(down|up)\.(weight|bias)$")
+_HEAD_TENSOR = re.compile(r"^(?:.+\.)?(classifier|score|lm_head)(?:\.(?:modules_to_save|original_module)\.[^.]+)?\.(weight|bias)$")
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in the weight files (safetensors headers; pickle only if allowed before)."""
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            shapes |= {k: list(v["shape"]) for k, v in check_safetensors(f).items()}
+        else:
+            import torch
+
+            shapes |= {k: list(v.shape) for k, v in load_pickle_weights(f).items()}
+    return shapes
+
+
+def base_module_shape(module_path: str, module_shapes: dict[str, dict]) -> list[int] | None:
+    """[out, in] of the base layer an adapter names, matched by its longest known suffix: an adapter's path
+    carries wrappers' prefixes (`base_model.model.`, our classifier's `encoder.`) the checkpoint does not."""
+    from .fingerprint import layer_pattern
+
+    parts = layer_pattern(module_path).split(".")
+    for start in range(len(parts) - 1):
+        suffix = ".".join(parts[start:])
+        for pattern, entry in module_shapes.items():
+            if pattern == suffix or pattern.endswith("." + suffix):
+                return entry["shape"]
+    return None
+
+
+def adapter_fit_problems(shapes: dict[str, list[int]], fingerprint: dict, base_config: dict,
+                         adapter_config: dict | None) -> list[str]:
+    """Why an adapter's tensors do not fit a base (empty when they do): every LoRA or bottleneck matrix must sit
+    on a layer of the base with matching features, a prefix must match its layers and width."""
+    problems: dict[str, str] = {}  # one line per layer, however many of its tensors disagree
+    modules = fingerprint["module_shapes"]
+    matched = 0
+    for key, shape in sorted(shapes.items()):
+        if m := _LORA_TENSOR.match(key):
+            path, which = m.group(1).removeprefix("base_model.model."), m.group(2)
+            base = base_module_shape(path, modules)
+            if base is None:
+                problems[path] = f"{path} is not a layer of the base"
+            elif which == "A" and shape[-1] != base[1]:
+                problems[path] = f"{path}: lora_A takes {shape[-1]} inputs, the base layer has {base[1]}"
+            elif which == "B" and shape[0] != base[0]:
+                problems[path] = f"{path}: lora_B gives {shape[0]} outputs, the base layer has {base[0]}"
+            matched += 1
+        elif m := _BOTTLENECK_TENSOR.match(key):
+            path, part = m.group(1), f"{m.group(2)}.{m.group(3)}"
+            base = base_module_shape(path, modules)
+            hidden = {"down.weight": shape[-1], "up.weight": shape[0], "up.bias": shape[0]}.get(part)
+            if base is None:
+                problems[path] = f"{path} is not a layer of the base"
+            elif hidden is not None and hidden != base[0]:
+                problems[path] = f"{path}: the adapter works on {hidden} features, the base layer gives {base[0]}"
+            matched += 1
+        elif key == "prompt_embeddings" and adapter_config is not None:
+            layers, width = adapter_config.get("num_layers"), adapter_config.get("token_dim")
+            base_layers = base_config.get("num_hidden_layers", base_config.get("n_layer"))
+            hidden = base_config.get("hidden_size", base_config.get("n_embd")) or 0
+            heads = base_config.get("num_attention_heads", base_config.get("n_head")) or 1
+            # keys and values are as wide as the hidden state, or narrower under grouped-query attention
+            widths = {hidden, hidden // heads * (base_config.get("num_key_value_heads") or heads)}
+            if layers != base_layers or width not in widths:
+                problems[key] = (f"the prefixes are for {layers} layers of width {width}, the base has {base_layers} "
+                                 f"layers of width {' or '.join(map(str, sorted(widths)))}")
+            matched += 1
+        elif not _HEAD_TENSOR.match(key):
+            problems[key] = f"tensor {key!r} is neither an adapter weight nor a task head"
+    if not matched and not problems:
+        problems["-"] = "no adapter weight names a layer of the base"
+    return list(problems.values())

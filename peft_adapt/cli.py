@@ -140,16 +140,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _prompts(args) -> list[str]:
-    prompts = list(args.prompts)
+def _inputs(args, unescape: bool = False) -> list[tuple[int | str, str]]:
+    """(id, text) pairs from the arguments (ids 1..N) and from --file: a data file's `--text-field` (ids: its `id`
+    field or row numbers), or a text file with one text per line (ids: line numbers)."""
+    from .data import read_texts
+
+    items: list[tuple[int | str, str]] = list(enumerate(args.prompts, start=1))
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UserInputError(f"prompt file {path} does not exist")
-        prompts += [line.rstrip("\n").replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UserInputError("no prompts: give them as arguments or with --file (one per line)")
-    return prompts
+        from_file = read_texts(args.file, args.text_field)
+        if unescape:  # prompt files write a newline inside a prompt as \n
+            from_file = [(i, text.replace("\\n", "\n")) for i, text in from_file]
+        items += from_file
+    if not items:
+        raise UserInputError("no inputs: give texts as arguments or with --file")
+    return items
 
 
 def _runtime_for(args, task: str):
@@ -184,29 +188,66 @@ def _adapter_names(args) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    prompts = _prompts(args)
+    items = _inputs(args, unescape=True)
+    prompts = [text for _, text in items]
     per_prompt = _per_prompt(_adapter_names(args), prompts, args)  # bad counts fail before the model loads
     runtime = _runtime_for(args, "causal_lm")
-    outputs = runtime.generate(prompts, per_prompt, max_new_tokens=args.max_new_tokens,
-                               do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    for prompt, adapter, text in zip(prompts, per_prompt, outputs):
-        if args.json:
-            print(json.dumps({"adapter": adapter, "prompt": prompt, "completion": text}))
-        else:
-            print(f"[{adapter or 'base'}] {prompt}{text}")
+    with _predictions_file(args) as out:
+        for start in range(0, len(items), args.batch_size):
+            chunk = slice(start, start + args.batch_size)
+            outputs = runtime.generate(prompts[chunk], per_prompt[chunk], max_new_tokens=args.max_new_tokens,
+                                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            for (item_id, prompt), adapter, text in zip(items[chunk], per_prompt[chunk], outputs):
+                record = {"id": item_id, "adapter": adapter, "completion": text}
+                if out is not None:
+                    out.write(json.dumps(record) + "\n")
+                elif args.json:
+                    print(json.dumps(record | {"prompt": prompt}), flush=True)
+                else:
+                    print(f"[{adapter or 'base'}] {prompt}{text}", flush=True)
     return 0
 
 
 def _cmd_classify(args) -> int:
-    texts = _prompts(args)
+    items = _inputs(args)
+    texts = [text for _, text in items]
     per_text = _per_prompt(_adapter_names(args), texts, args)
     runtime = _runtime_for(args, "classification")
-    for text, result in zip(texts, runtime.classify(texts, per_text)):
-        if args.json:
-            print(json.dumps({"text": text} | result))
-        else:
-            print(f"{result['label']}\t{max(result['probs'].values()):.3f}\t[{result['adapter']}] {text}")
+    with _predictions_file(args) as out:
+        # a chunk at a time, printed as it is done: a file of any size never goes through as one batch
+        for start in range(0, len(items), args.batch_size):
+            chunk = slice(start, start + args.batch_size)
+            for (item_id, text), result in zip(items[chunk], runtime.classify(texts[chunk], per_text[chunk], args.batch_size)):
+                record = {"id": item_id, "adapter": result["adapter"], "label": result["label"],
+                          "label_id": result["label_id"], "probs": result["probs"]}
+                if out is not None:
+                    out.write(json.dumps(record) + "\n")
+                elif args.json:
+                    print(json.dumps(record | {"text": text}), flush=True)
+                else:
+                    print(f"{item_id}\t{result['label']}\t{max(result['probs'].values()):.3f}\t[{result['adapter']}] "
+                          f"{_one_line(text)}", flush=True)
+    if out is not None:
+        print(f"wrote {len(items)} predictions to {args.out}")
     return 0
+
+
+def _one_line(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _predictions_file(args):
+    """--out: predictions as JSONL, one per input with its id; otherwise nothing (they are printed)."""
+    from contextlib import nullcontext
+
+    if not getattr(args, "out", None):
+        return nullcontext(None)
+    path = Path(args.out)
+    if path.is_dir():
+        raise UserInputError(f"--out {path} is a folder; name a file such as predictions.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w", encoding="utf-8")
 
 
 def _cmd_merge(args) -> int:
@@ -312,10 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--domain")
     a.add_argument("--tag", action="append")
     a.add_argument("--allow-pickle", action="store_true")
-    a = actions.add_parser("import", help="register any peft adapter folder, fingerprinted against BASE")
+    a = actions.add_parser("import", help="register an adapter folder from elsewhere (`registry export`'s, or plain "
+                                          "peft causal LM), checked against its base")
     a.add_argument("folder")
-    a.add_argument("--base", required=True, help="the base model it was trained on (alias, folder or hub id)")
-    a.add_argument("--name", required=True)
+    a.add_argument("--base", help="the base model it was trained on (alias, folder or hub id; default: the one its "
+                                  "manifest names)")
+    a.add_argument("--name", help="its name here (default: the name in its manifest)")
     a.add_argument("--domain")
     a.add_argument("--tag", action="append")
     a.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (converted to safetensors)")
@@ -326,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("gc", help="remove folders left unreachable by interrupted writes")
     a.add_argument("--min-age", type=float, default=3600, help="only folders older than this many seconds")
+    for action in actions.choices.values():  # --registry after the verb too, as generate, classify and serve take it
+        action.add_argument("--registry", default=argparse.SUPPRESS, help="registry root")
     p.set_defaults(func=_cmd_registry)
 
     p = sub.add_parser("eval", help="evaluate a trained adapter folder on a data file")
@@ -342,7 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     ("classify", "label texts with a classification adapter (or one per text)", _cmd_classify)):
         p = sub.add_parser(command, help=helptext)
         p.add_argument("prompts", nargs="*", help="texts (or use --file)")
-        p.add_argument("--file", help="one text per line (write \\n for a newline inside one)")
+        p.add_argument("--file", help="a text file with one text per line (lines end at \\n only"
+                       + (", write \\\\n for a newline inside a prompt" if command == "generate" else "")
+                       + "), or a JSONL / CSV / Parquet file or datasets folder (see --text-field)")
+        p.add_argument("--text-field", default="text", help="the field that holds the text in a data file (default: text)")
+        p.add_argument("--out", help="write predictions as JSONL to this file, one per input with its id")
+        p.add_argument("--batch-size", type=int, default=32, help="inputs run together (default 32)")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--adapter", help="one adapter for every text: registry NAME[@VERSION|@TAG] or a folder")
         group.add_argument("--adapters", help="comma-separated, one per text (base for none)")

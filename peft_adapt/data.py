@@ -41,27 +41,38 @@ class TaskSpec(BaseModel):
 # ---------------------------------------------------------------- reading
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; a byte that is not UTF-8 is named with its line, instead of a traceback."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserInputError(f"{path}: line {line}: byte {raw[exc.start]:#x} is not UTF-8; save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserInputError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
-            rows.append((line_no, row))
+    # lines end at "\n" only: a stray "\r" or U+2028 inside a line must not split a record
+    for line_no, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserInputError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
+        rows.append((line_no, row))
     return rows
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        # row numbers count data rows; the header is row 0
-        return [(i, dict(row)) for i, row in enumerate(reader, start=1)]
+    import io
+
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    # row numbers count data rows; the header is row 0
+    return [(i, dict(row)) for i, row in enumerate(reader, start=1)]
 
 
 def _read_parquet(path: Path) -> list[tuple[int, dict]]:
@@ -113,6 +124,27 @@ def read_rows(path: str | Path, split: str = "train") -> list[tuple[int, dict]]:
     if not rows:
         raise UserInputError(f"{path}: the dataset is empty (no rows); add examples or point to another file")
     return rows
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".parquet", ".pq")
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[tuple[int | str, str]]:
+    """(id, text) pairs to run a model on: a data file's rows (`text_field`; the id is the row's `id` field or its
+    row number), or a plain text file with one text per line, split on "\\n" only (a "\\r" inside a line, form
+    feeds and Unicode line separators stay part of the text), its ids the line numbers. Blank lines are skipped."""
+    path = Path(path)
+    if path.is_dir() or path.suffix in DATA_SUFFIXES:
+        return [(row.get("id", n) if isinstance(row.get("id"), (int, str)) else n, text_of(row, text_field, f"row {n}", path))
+                for n, row in read_rows(path, "test")]
+    if not path.is_file():
+        raise UserInputError(f"input file {path} does not exist")
+    lines = read_utf8(path).split("\n")
+    items = [(n, line[:-1] if line.endswith("\r") else line) for n, line in enumerate(lines, start=1)]
+    items = [(n, text) for n, text in items if text.strip()]
+    if not items:
+        raise UserInputError(f"{path}: no text in the file (every line is blank)")
+    return items
 
 
 def file_sha256(path: str | Path) -> str:

@@ -12,7 +12,6 @@ from .builtin_models import sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors",)
 
 
 def library_versions() -> dict:
@@ -25,9 +24,10 @@ def library_versions() -> dict:
     return versions
 
 
-def weight_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every weight file in an adapter folder."""
-    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.suffix in WEIGHT_SUFFIXES}
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file in an adapter folder but the manifest itself: weights, configs and what travels with them."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith(".")}
 
 
 def write_json(path: Path, obj) -> None:
@@ -72,7 +72,7 @@ def build_manifest(
         "recipe": recipe,
         "data_sha256": data_sha256,
         "metrics": metrics,
-        "files": weight_checksums(folder),
+        "files": file_checksums(folder),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "library_versions": library_versions(),
     }

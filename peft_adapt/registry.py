@@ -25,19 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapter_files import (
-    ADAPTER_CONFIG,
     PICKLE_WEIGHTS,
+    adapter_files_to_copy,
+    adapter_fit_problems,
     check_safetensors,
     convert_pickle_to_safetensors,
-    folder_kind,
     fsync_dir,
     fsync_tree,
-    read_adapter_config,
+    read_folder_config,
+    tensor_shapes,
     verify_checksums,
     weight_files,
 )
 from .errors import UserInputError
-from .manifest import MANIFEST, build_manifest, read_manifest, weight_checksums, write_json
+from .manifest import MANIFEST, build_manifest, read_manifest, file_checksums, write_json
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SCHEMA = """
@@ -225,44 +226,68 @@ class Registry:
         staging = self._stage(folder, allow_pickle)
         return self._commit(staging, manifest, name, domain or manifest.get("domain"), tags)
 
-    def import_peft(self, folder: str | Path, base: str, name: str, domain: str | None = None,
-                    tags: tuple[str, ...] | list[str] = (), allow_pickle: bool = False) -> AdapterEntry:
-        """Register any peft adapter folder, fingerprinted against the base it is imported for."""
+    def import_peft(self, folder: str | Path, base: str | None = None, name: str | None = None,
+                    domain: str | None = None, tags: tuple[str, ...] | list[str] = (),
+                    allow_pickle: bool = False) -> AdapterEntry:
+        """Register an adapter folder from elsewhere: one that `registry export` wrote (any task and method: its
+        manifest travels with it and is checked), or a plain peft folder of a causal LM adapter. Either way every
+        adapter matrix must fit a layer of `base` (default: the base its manifest names)."""
         from .backbone import resolve_model_path
         from .fingerprint import base_fingerprint
 
         folder = Path(folder)
-        check_name(name)
+        if not folder.is_dir():
+            raise UserInputError(f"{folder} is not a folder; `registry import` takes an adapter folder")
+        has_manifest = (folder / MANIFEST).is_file()
+        manifest = read_manifest(folder) if has_manifest else None
+        kind, config = read_folder_config(folder)
+        if kind == "trained_weights":
+            raise UserInputError(f"{folder} holds a fine-tuned model's weights, not an adapter; only adapters are imported")
+        files = weight_files(folder, allow_pickle)
+        if manifest is not None:
+            self._check_files(folder, manifest, allow_pickle)
+            task = manifest.get("task")
+            base = base or manifest.get("base_model")
+        else:
+            task = {"CAUSAL_LM": "causal_lm", None: "causal_lm"}.get(config.get("task_type"))
+            if kind != "peft" or task is None:
+                raise UserInputError(
+                    f"{folder}: a {config.get('task_type') or kind} adapter without {MANIFEST}; only causal LM adapters "
+                    f"(task_type CAUSAL_LM) can be imported bare, because other heads differ between peft and this "
+                    f"package. Import a folder written by `peft-adapt registry export`, which carries its manifest"
+                )
+        name = check_name(name or (manifest or {}).get("name") or "")
         for t in tags:
             self._check_tag(t)
-        config = read_adapter_config(folder)
-        files = weight_files(folder, allow_pickle)
-        fingerprint = base_fingerprint(resolve_model_path(base))
-        _check_adapter_fits_base(folder, files, fingerprint, base)
-        task = {"CAUSAL_LM": "causal_lm"}.get(config.get("task_type") or "CAUSAL_LM")
-        if task is None:
-            raise UserInputError(
-                f"{folder}: importing a {config.get('task_type')} adapter is not supported; only causal LM adapters "
-                f"(task_type CAUSAL_LM) can be imported, because other heads differ between peft and this package"
-            )
+        if not base:
+            raise UserInputError(f"{folder}: name the base model it was trained on (--base MODEL)")
+        base_path = resolve_model_path(base)
+        fingerprint = base_fingerprint(base_path)
+        if manifest is not None:
+            _check_same_base(folder, manifest, fingerprint, base)
+        base_config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+        problems = adapter_fit_problems(tensor_shapes(files), fingerprint, base_config, config if kind == "peft" else None)
+        if problems:
+            raise UserInputError(f"{folder} does not fit the base {base!r}: " + "; ".join(problems[:5])
+                                 + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         staging = self._stage(folder, allow_pickle)
-        manifest = build_manifest(
-            folder=staging, name=name, domain=domain or name, method=str(config["peft_type"]).lower(), task=task,
-            base_model=base, base_fingerprint=fingerprint, quantization={"quantization": "unknown"},
-            recipe={"base": {"model": base, "quantization": "none"}, "task": {"type": task}},
-            data_sha256={}, metrics={},
-        )
+        if manifest is not None:  # it now runs on `base`, named as the user named it here
+            recipe = manifest.get("recipe") or {}
+            manifest = manifest | {"base_model": base, "base_fingerprint": fingerprint,
+                                   "recipe": recipe | {"base": (recipe.get("base") or {}) | {"model": base}}}
+        else:
+            method = {"PREFIX_TUNING": "prefix"}.get(str(config["peft_type"]).upper(), str(config["peft_type"]).lower())
+            manifest = build_manifest(
+                folder=staging, name=name, domain=domain or name, method=method, task=task,
+                base_model=base, base_fingerprint=fingerprint, quantization={"quantization": "unknown"},
+                recipe={"base": {"model": base, "quantization": "none"}, "task": {"type": task}},
+                data_sha256={}, metrics={},
+            )
         manifest["imported_from"] = str(folder.resolve())
-        return self._commit(staging, manifest, name, domain or name, tags)
+        return self._commit(staging, manifest, name, domain or manifest.get("domain") or name, tags)
 
     def _check_files(self, folder: Path, manifest: dict, allow_pickle: bool) -> None:
-        kind = folder_kind(folder)
-        if kind == "peft":
-            read_adapter_config(folder)
-        elif kind == "bottleneck":
-            from .methods.bottleneck import read_bottleneck_config
-
-            read_bottleneck_config(folder)
+        read_folder_config(folder)
         weight_files(folder, allow_pickle)
         problems = verify_checksums(folder, manifest)
         if problems:
@@ -271,18 +296,17 @@ class Registry:
             )
 
     def _stage(self, folder: Path, allow_pickle: bool) -> Path:
-        """Copy the adapter into a private staging folder (pickle converted to safetensors) and fsync it."""
+        """Copy the adapter's own files into a private staging folder (pickle converted to safetensors) and fsync it."""
+        sources = adapter_files_to_copy(folder)  # refuses links and special files before anything is written
         staging = self.root / ".staging" / f"{os.getpid()}-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
-            for src in sorted(folder.iterdir()):
-                if not src.is_file() or src.name.startswith(".") or src.name == MANIFEST:
-                    continue
+            for src in sources:
                 if src.name in PICKLE_WEIGHTS:
                     if allow_pickle and not any(folder.glob("*.safetensors")):
                         convert_pickle_to_safetensors(src, staging / "adapter_model.safetensors")
                     continue
-                shutil.copy2(src, staging / src.name)
+                shutil.copyfile(src, staging / src.name, follow_symlinks=False)
             _crash_point("staged")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -295,7 +319,7 @@ class Registry:
                 row = db.execute("SELECT last_version FROM names WHERE name=?", (name,)).fetchone()
                 version = (row[0] if row else 0) + 1
                 manifest = manifest | {"name": name, "domain": domain, "version": version,
-                                       "files": weight_checksums(staging)}
+                                       "files": file_checksums(staging)}
                 write_json(staging / MANIFEST, manifest)
                 fsync_tree(staging)
                 target = self.root / "adapters" / name / str(version)
@@ -420,37 +444,19 @@ class Registry:
         return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref)
 
 
-def _check_adapter_fits_base(folder: Path, files: list[Path], fingerprint: dict, base: str) -> None:
-    """Every LoRA matrix must sit on a module of the base with matching in/out features."""
-    from .fingerprint import layer_pattern
+def _check_same_base(folder: Path, manifest: dict, fingerprint: dict, base: str) -> None:
+    """An adapter that says which base it was trained on is imported onto that base only."""
+    from .fingerprint import fingerprint_differences
 
-    shapes = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            shapes |= {k: v["shape"] for k, v in check_safetensors(f).items()}
-        else:
-            import torch
-
-            shapes |= {k: list(v.shape) for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
-    modules = fingerprint["module_shapes"]
-    problems, matched = [], 0
-    for key, shape in shapes.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if not m:
-            continue
-        module, which = layer_pattern(m.group(1)), m.group(2)
-        if module not in modules:
-            problems.append(f"{m.group(1)} is not a layer of the base")
-            continue
-        out_features, in_features = modules[module]["shape"]
-        if which == "A" and shape[1] != in_features:
-            problems.append(f"{m.group(1)}: lora_A takes {shape[1]} inputs, the base layer has {in_features}")
-        if which == "B" and shape[0] != out_features:
-            problems.append(f"{m.group(1)}: lora_B gives {shape[0]} outputs, the base layer has {out_features}")
-        matched += 1
-    if problems or not matched:
-        detail = "; ".join(problems[:5]) if problems else "no LoRA weight names a layer of the base"
-        raise UserInputError(f"{folder} does not fit the base {base!r}: {detail}")
+    expected = manifest.get("base_fingerprint") or {}
+    if expected.get("id") in (None, fingerprint["id"]):
+        return
+    diffs = fingerprint_differences(expected, fingerprint)
+    raise UserInputError(
+        f"{folder} was trained on base {manifest.get('base_model')!r} (fingerprint {expected.get('id')}), not on "
+        f"{base!r} (fingerprint {fingerprint['id']}): they differ in " + "; ".join(diffs[:3])
+        + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") + ". Import it with --base naming that model"
+    )
 
 
 class _ClosingConnection:

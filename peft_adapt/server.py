@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -26,6 +27,7 @@ from .errors import UserInputError
 from .runtime.batcher import ClassifyJob, DynamicBatcher, GenerationJob, QueueFull
 from .runtime.decoding import Sampling
 
+log = logging.getLogger("peft_adapt.server")
 
 @dataclass
 class ServerSettings:
@@ -131,6 +133,10 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
             yield gauge
 
     metrics.register(RuntimeCollector())
+    if settings.max_prompt_tokens > runtime.max_positions:
+        log.warning("--max-prompt-tokens %d exceeds the %d positions of the base; using %d",
+                    settings.max_prompt_tokens, runtime.max_positions, runtime.max_positions)
+        settings.max_prompt_tokens = runtime.max_positions
     batcher = DynamicBatcher(runtime, settings.max_batch, settings.batch_window_ms / 1000, settings.max_queue,
                              on_batch=batch_sizes.observe)
     app.state.batcher = batcher
@@ -152,7 +158,8 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         else:
             try:
                 response = await call_next(request)
-            except Exception:  # never a traceback to the client
+            except Exception:  # never a traceback to the client; always one in the server's log
+                log.exception("%s %s failed", request.method, endpoint)
                 response = error_body(500, "internal server error", "server_error")
         requests_total.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -211,9 +218,13 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "the prompt is empty", param="prompt")
         return ids
 
-    def sampling_of(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> Sampling:
+    def sampling_of(max_tokens: int, temperature: float, top_p: float, seed: int | None, prompt_tokens: int) -> Sampling:
         if max_tokens > settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {settings.max_tokens}", param="max_tokens")
+        if prompt_tokens + max_tokens > runtime.max_positions:
+            raise APIError(400, f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed the "
+                                f"{runtime.max_positions} positions of the base", param="max_tokens",
+                           code="context_length_exceeded")
         return Sampling(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                         top_p=top_p, seed=seed)
 
@@ -247,7 +258,7 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
                 if kind == "error":
                     for job in jobs:
                         job.cancelled = True
-                    raise value if isinstance(value, UserInputError) else APIError(500, "generation failed", "server_error")
+                    raise _as_api_error(value, "generation failed")
                 if kind == "token":
                     tokens[index].append(value)
                     text = runtime.tokenizer.decode(tokens[index], skip_special_tokens=True)
@@ -337,7 +348,7 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         check_common(body.n, len(prompts))
         adapter = adapter_for(body.model)
         ids = [tokens_of(p) for p in prompts]
-        sampling = sampling_of(body.max_tokens, body.temperature, body.top_p, body.seed)
+        sampling = sampling_of(body.max_tokens, body.temperature, body.top_p, body.seed, max(map(len, ids)))
         return await answer("completion", body.model, ids, adapter, sampling, body.stops, body.stream)
 
     @app.post("/v1/chat/completions")
@@ -347,7 +358,7 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         adapter = adapter_for(body.model)
         ids = [tokens_of(chat_prompt(runtime.tokenizer, [m.model_dump(include={"role", "content"}) for m in body.messages]))]
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        sampling = sampling_of(max_tokens, body.temperature, body.top_p, body.seed)
+        sampling = sampling_of(max_tokens, body.temperature, body.top_p, body.seed, len(ids[0]))
         return await answer("chat", body.model, ids, adapter, sampling, body.stops, body.stream)
 
     @app.post("/v1/classify")
@@ -358,8 +369,7 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > settings.max_batch:
             raise APIError(400, f"input: give 1 to {settings.max_batch} texts", param="input")
-        for text in texts:
-            tokens_of(text)
+        # texts are cut to the adapter's training max_length by the runtime, off the event loop
         adapter = adapter_for(body.model)
         if adapter is None:
             raise APIError(400, "classification needs an adapter: the base has no head", param="model")
@@ -369,7 +379,7 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
             lambda: done.done() or done.set_result((kind, value)))))
         kind, value = await done
         if kind == "error":
-            raise value if isinstance(value, UserInputError) else APIError(500, "classification failed", "server_error")
+            raise _as_api_error(value, "classification failed")
         return {"object": "list", "model": body.model,
                 "data": [{"index": i, **{k: r[k] for k in ("label", "label_id", "probs")}} for i, r in enumerate(value)]}
 
@@ -410,6 +420,14 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _as_api_error(exc: Exception, what: str) -> Exception:
+    """A client's mistake passes through as a 400; anything else is logged with its traceback and becomes a 500."""
+    if isinstance(exc, (UserInputError, APIError)):
+        return exc
+    log.error("%s: %s", what, exc, exc_info=exc)
+    return APIError(500, what, "server_error")
 
 
 def _sse(obj: dict) -> str:

@@ -350,3 +350,52 @@ def test_train_registers_every_adapter_and_list_json_shows_them(tmp_path, tiny_l
         for key in ("name", "version", "domain", "method", "base", "fingerprint", "created", "metrics"):
             assert key in e
         assert e["metrics"]["eval"]["perplexity"] > 1
+
+
+def _ner_file(tmp_path: Path) -> Path:
+    from conftest import write_jsonl
+
+    rows = [{"tokens": [n, "lives", "in", p, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]}
+            for n, p in zip(["Alice", "Bob", "Carol", "Dave"] * 4, ["Paris", "Rome", "Oslo", "Lima"] * 4)]
+    return write_jsonl(tmp_path / "ner.jsonl", rows)
+
+
+_ADAPTER_SPECS = {"lora": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                  "bottleneck": {"method": "bottleneck", "reduction_factor": 8},
+                  "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "prefix"])
+@pytest.mark.parametrize("task", ["causal_lm", "classification", "token_classification"])
+def test_export_then_import_then_load_computes_what_the_original_computes(tmp_path, tiny_llama, tiny_bert, docs_file,
+                                                                          sentiment_file, task, method, capsys):
+    from conftest import causal_recipe, classification_recipe
+
+    from peft_adapt.loading import load_trained
+    from peft_adapt.recipe import parse_recipe
+    from peft_adapt.train import train_domain
+
+    if task == "causal_lm":
+        data = causal_recipe(tiny_llama, docs_file, max_steps=2)
+    else:
+        data = classification_recipe(tiny_bert, sentiment_file if task == "classification" else _ner_file(tmp_path),
+                                     max_steps=2)
+        data["task"]["type"] = task
+    data["adapter"] = _ADAPTER_SPECS[method]
+    data["training"]["learning_rate"] = 1e-2
+    result = train_domain(parse_recipe(data), next(iter(data["domains"])), tmp_path / "runs")
+    first = Registry(tmp_path / "first")
+    first.add(result.out_dir, name="shared-adapter")
+    assert main(["registry", "export", "shared-adapter", "--out", str(tmp_path / "exported"),
+                 "--registry", str(first.root)]) == 0  # --registry after the verb, too
+    second = Registry(tmp_path / "second")
+    assert main(["registry", "--registry", str(second.root), "import", str(tmp_path / "exported")]) == 0, capsys.readouterr()
+    entry = second.get("shared-adapter")
+    assert (entry.task, entry.method) == (task, method)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        original = load_trained(result.out_dir).model.eval()(input_ids=ids, attention_mask=mask).logits
+        imported = second.load("shared-adapter").model.eval()(input_ids=ids, attention_mask=mask).logits
+    assert (original - imported).abs().max() < 1e-5
+    assert second.verify().ok

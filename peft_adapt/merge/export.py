@@ -19,7 +19,7 @@ import torch
 from ..adapter_files import ADAPTER_CONFIG, read_adapter_config
 from ..backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
 from ..errors import UserInputError
-from ..manifest import weight_checksums, write_json
+from ..manifest import file_checksums, write_json
 from ..runtime.lora_weights import read_lora_weights
 from .fidelity import compare_logits, probe_token_ids
 from .lowrank import lora_delta
@@ -219,5 +219,5 @@ def export_adapter_folder(registry, ref: str, out: str | Path, pad_rank: bool = 
     import json
 
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    write_json(out / "manifest.json", entry.manifest | {"files": weight_checksums(out)})
+    write_json(out / "manifest.json", entry.manifest | {"files": file_checksums(out)})
     return warnings

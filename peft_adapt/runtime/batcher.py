@@ -9,6 +9,7 @@ Classification jobs are batched the same way.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .decoding import Sampling
+
+log = logging.getLogger("peft_adapt.batcher")
 
 
 class QueueFull(Exception):
@@ -141,6 +144,7 @@ class DynamicBatcher:
             for i in active:
                 jobs[i].emit("done", "length")
         except Exception as exc:  # every waiting request hears of it; the worker keeps serving
+            _log_unexpected(exc, "a generation batch failed")
             for i in active:
                 jobs[i].emit("error", exc)
 
@@ -168,6 +172,7 @@ class DynamicBatcher:
         try:
             results = self.runtime.classify(texts, adapters)
         except Exception as exc:
+            _log_unexpected(exc, "a classification batch failed")
             for j in jobs:
                 j.emit("error", exc)
             return
@@ -175,3 +180,11 @@ class DynamicBatcher:
         for j in jobs:
             j.emit("result", results[start : start + len(j.texts)])
             start += len(j.texts)
+
+
+def _log_unexpected(exc: Exception, what: str) -> None:
+    """A bad request is the client's to hear about; anything else goes to the server's log with its traceback."""
+    from ..errors import UserInputError
+
+    if not isinstance(exc, UserInputError):
+        log.error("%s: %s", what, exc, exc_info=exc)

@@ -22,6 +22,7 @@ class ResidentAdapter:
     head: dict = field(default_factory=dict)  # classification head (weight, bias), if any
     labels: list[str] | None = None
     pooling: str | None = None
+    max_length: int | None = None  # the training max_length: classification inputs are cut to it
     recipe: dict | None = None  # for a load-time combination: {ref: weight}
 
 

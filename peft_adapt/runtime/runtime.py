@@ -53,6 +53,8 @@ class AdapterRuntime:
         self.model = self.backbone.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = self.backbone.tokenizer
+        # the longest row the base can take: learned position tables (BERT, GPT-2) end there
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.device = self.backbone.device
         self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self._registry = registry
@@ -112,7 +114,7 @@ class AdapterRuntime:
         adapter = ResidentAdapter(
             name=name, slot=slot, rank=0, nbytes=weights.nbytes, source=meta["source"], pinned=pin,
             head=getattr(weights, "head", {}), labels=meta.get("labels"), pooling=meta.get("pooling"),
-            recipe=dict(recipe) if recipe else None,
+            max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
         )
         if isinstance(weights, LoraWeights):
             self._write_slot(slot, weights)
@@ -153,7 +155,8 @@ class AdapterRuntime:
             raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
         if self.task == "classification" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
-        meta = {"source": source, "labels": manifest.get("labels"), "pooling": manifest.get("pooling") or "mean"}
+        meta = {"source": source, "labels": manifest.get("labels"), "pooling": manifest.get("pooling") or "mean",
+                "max_length": ((manifest.get("recipe") or {}).get("task") or {}).get("max_length")}
         return weights, meta
 
     def _module_at(self, path: str) -> tuple[torch.nn.Module, object, str]:
@@ -304,18 +307,33 @@ class AdapterRuntime:
         sizes = {a.slot: a.size for a in resident if a is not None}
         return AdapterBatch.build(slots, ranks, sizes, self.device)
 
-    def _encode(self, inputs, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, inputs, padding_side: str = "right", limits: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of texts or id lists, padded; with `limits`, each text truncated to its limit."""
         if isinstance(inputs, str):
             raise UserInputError("pass a list of texts (one per row), not a single string")
-        if inputs and isinstance(inputs[0], str):
-            self.tokenizer.padding_side = padding_side
-            enc = self.tokenizer(list(inputs), return_tensors="pt", padding=True)
-            return enc["input_ids"], enc["attention_mask"]
+        if not inputs:
+            raise UserInputError("no inputs: pass at least one text")
+        if isinstance(inputs[0], str):
+            inputs = self._tokenize(list(inputs), limits)
+        for i, row in enumerate(inputs):
+            if len(row) > self.max_positions:
+                raise UserInputError(f"input {i} has {len(row)} tokens; this base takes at most {self.max_positions}")
         width = max(len(row) for row in inputs)
         pad = self.tokenizer.pad_token_id
         ids = [([pad] * (width - len(r)) + list(r)) if padding_side == "left" else (list(r) + [pad] * (width - len(r))) for r in inputs]
         mask = [([0] * (width - len(r)) + [1] * len(r)) if padding_side == "left" else ([1] * len(r) + [0] * (width - len(r))) for r in inputs]
         return torch.tensor(ids), torch.tensor(mask)
+
+    def _tokenize(self, texts: list[str], limits: list[int | None] | None) -> list[list[int]]:
+        """Token ids per text; a text with a limit is cut to it, as training cut it (grouped by limit)."""
+        limits = limits or [None] * len(texts)
+        rows: list[list[int]] = [[] for _ in texts]
+        for limit in set(limits):
+            index = [i for i, l in enumerate(limits) if l == limit]
+            options = dict(truncation=True, max_length=limit) if limit else {}
+            for i, ids in zip(index, self.tokenizer([texts[i] for i in index], **options)["input_ids"]):
+                rows[i] = ids
+        return rows
 
     def _forward(self, batch: AdapterBatch | None, model=None, **inputs):
         self.context.current = batch
@@ -392,6 +410,10 @@ class AdapterRuntime:
             raise UserInputError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
         with self._lock:
             ids, mask = self._encode(prompts, padding_side="left")  # generation appends on the right
+            longest = int(mask.sum(1).max())
+            if longest + sampling.max_new_tokens > self.max_positions:
+                raise UserInputError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
+                                     f"{self.max_positions} positions this base takes; shorten the prompt or max_new_tokens")
             ids, mask = ids.to(self.device), mask.to(self.device)
             resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
             eos = self.tokenizer.eos_token_id
@@ -443,30 +465,43 @@ class AdapterRuntime:
             result[i] = row[: row.index(eos) + 1] if eos in row else row
         return result
 
-    def classify(self, texts, adapters) -> list[dict]:
-        """Label each text with its row's classification adapter (its own head and pooling)."""
+    def classify(self, texts, adapters, batch_size: int = 32) -> list[dict]:
+        """Label each text with its row's classification adapter (its own head and pooling). Texts are cut to
+        the adapter's training `max_length` (and the base's positions) and run `batch_size` at a time."""
         if self.task != "classification":
             raise UserInputError("classify() is for classification runtimes (task='classification')")
-        with self._lock:
-            ids, mask = self._encode(texts)
-            batch, resident = self._batch(adapters, ids.shape[0])  # prefix classifiers are refused at load
-            if any(a is None for a in resident):
-                raise UserInputError("classification needs an adapter for every row (the base has no head)")
-            hidden = self._forward(batch, input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            mask = mask.to(self.device)
-            results: list[dict | None] = [None] * len(resident)
-            for slot in sorted({a.slot for a in resident}):
-                rows = [i for i, a in enumerate(resident) if a.slot == slot]
-                adapter = resident[rows[0]]
-                pooled = pool_hidden(hidden[rows].float(), mask[rows], adapter.pooling)
-                logits = pooled @ adapter.head["weight"].float().T.to(self.device) + adapter.head["bias"].float().to(self.device)
-                probs = logits.softmax(-1)
-                for i, p in zip(rows, probs):
-                    label_id = int(p.argmax())
-                    names = adapter.labels or [str(k) for k in range(len(p))]
-                    results[i] = {"adapter": adapter.name, "label": names[label_id], "label_id": label_id,
-                                  "probs": dict(zip(names, p.tolist()))}
-            return results
+        if isinstance(texts, str):
+            raise UserInputError("pass a list of texts (one per row), not a single string")
+        names = [adapters] * len(texts) if adapters is None or isinstance(adapters, str) else list(adapters)
+        if len(names) != len(texts):
+            raise UserInputError(f"{len(names)} adapter names for {len(texts)} texts; give one per text, or one for all")
+        results: list[dict] = []
+        for start in range(0, len(texts), batch_size):
+            with self._lock:
+                results += self._classify_batch(list(texts[start : start + batch_size]), names[start : start + batch_size])
+        return results
+
+    def _classify_batch(self, texts: list[str], names: list) -> list[dict]:
+        batch, resident = self._batch(names, len(texts))  # prefix classifiers are refused at load
+        if any(a is None for a in resident):
+            raise UserInputError("classification needs an adapter for every row (the base has no head)")
+        limits = [min(a.max_length or self.max_positions, self.max_positions) for a in resident]
+        ids, mask = self._encode(texts, limits=limits)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self._forward(batch, input_ids=ids, attention_mask=mask).last_hidden_state
+        results: list[dict | None] = [None] * len(resident)
+        for slot in sorted({a.slot for a in resident}):
+            rows = [i for i, a in enumerate(resident) if a.slot == slot]
+            adapter = resident[rows[0]]
+            pooled = pool_hidden(hidden[rows].float(), mask[rows], adapter.pooling)
+            logits = pooled @ adapter.head["weight"].float().T.to(self.device) + adapter.head["bias"].float().to(self.device)
+            probs = logits.softmax(-1)
+            names_of = adapter.labels or [str(k) for k in range(probs.shape[-1])]
+            for i, p in zip(rows, probs):
+                label_id = int(p.argmax())
+                results[i] = {"adapter": adapter.name, "label": names_of[label_id], "label_id": label_id,
+                              "probs": dict(zip(names_of, p.tolist())), "tokens": int(mask[i].sum())}
+        return results
 
 
 def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
