@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .builtin_models import BUILTIN_MODELS, builtin_model_path
 from .errors import UserInputError
@@ -33,16 +33,18 @@ class BaseSpec(BaseModel):
     """The `base:` section of a recipe."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(description="built-in alias, local folder, or hub id (needs the network)",
+                       json_schema_extra={"example": "minilm-l6"})
     quantization: Quantization = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     # the dtype 4-bit weights are packed into; FSDP shards only floating tensors, so FSDP + QLoRA needs
     # bfloat16 (matching the other parameters' dtype)
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field("uint8", description="bfloat16 for FSDP + QLoRA")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (only if you trust it)")
+    allow_pickle: bool = Field(False, description="accept .bin / .pt weights, which can run code when loaded")
 
 
 @dataclass

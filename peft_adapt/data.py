@@ -30,12 +30,14 @@ class TaskSpec(BaseModel):
     """The `task:` section of a recipe."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["causal_lm", "classification", "token_classification"]
-    max_length: int = Field(256, ge=8)
-    packing: bool = False
-    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
-    text_field: str = "text"
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    type: Literal["causal_lm", "classification", "token_classification"] = Field(
+        json_schema_extra={"example": "classification"})
+    max_length: int = Field(256, ge=8, description="tokens per example: longer ones are cut (packing: split)")
+    packing: bool = Field(False, description="causal_lm: pack examples into max_length blocks")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="classification: auto (as the encoder was trained) | mean | cls | last")
+    text_field: str = Field("text", description="the field that holds the text")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="carved from train when a domain has no eval file; 0: none")
 
 
 # ---------------------------------------------------------------- reading

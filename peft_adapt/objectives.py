@@ -27,12 +27,13 @@ class DomainAdaptationSpec(BaseModel):
     """The recipe's `domain_adaptation:` section."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["dann", "coral", "mmd"]
-    target: str  # a file of unlabeled target-domain text (labels in it are never read)
-    weight: float = Field(1.0, ge=0)  # coral / mmd: x term; dann: x the reversed gradient (the classifier learns at 1)
+    method: Literal["dann", "coral", "mmd"] = Field(json_schema_extra={"example": "dann"})
+    target: str = Field(description="unlabeled target-domain text (its labels are never read)",
+                        json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/kitchen.train.jsonl"})
+    weight: float = Field(1.0, ge=0, description="coral / mmd: x the term; dann: x the reversed gradient")
     max_target_rows: int | None = Field(None, ge=1)
-    dann_gamma: float = Field(10.0, gt=0)
-    dann_hidden: int = Field(256, ge=1)
+    dann_gamma: float = Field(10.0, gt=0, description="how fast the reversal strength rises")
+    dann_hidden: int = Field(256, ge=1, description="the domain classifier's hidden width")
 
 
 class GradientReversal(torch.autograd.Function):

@@ -25,8 +25,8 @@ from .objectives import DomainAdaptationSpec
 
 class EarlyStoppingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metric: str = "eval_loss"
-    patience: int = Field(3, ge=1)
+    metric: str = Field("eval_loss", description="eval_loss, accuracy, macro_f1, f1, perplexity")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     threshold: float = Field(0.0, ge=0)
 
 
@@ -34,42 +34,61 @@ class TrainingSpec(BaseModel):
     """The `training:` section."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="or max_steps")
     max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, description="per process")
+    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size")
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="instead of warmup_ratio")
     weight_decay: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
     seed: int = 42
-    eval_steps: int | None = Field(None, ge=1)  # None: evaluate once per epoch (or at the end with max_steps)
+    eval_steps: int | None = Field(None, ge=1, description="default: evaluate once per epoch (or at the end with max_steps)")
     logging_steps: int = Field(10, ge=1)
-    early_stopping: EarlyStoppingSpec | None = None
-    max_train_rows: int | None = Field(None, ge=1)
+    early_stopping: EarlyStoppingSpec | None = Field(None, description="e.g. {metric: accuracy, patience: 3}")
+    max_train_rows: int | None = Field(None, ge=1, description="subsample for quick runs")
     max_eval_rows: int | None = Field(None, ge=1)
+    checkpoint_steps: int | None = Field(
+        100, ge=1, description="save a checkpoint this often, for `train --resume`; null: never (early stopping saves its own)")
+    threads: int | Literal["auto"] = Field("auto", description="CPU threads per process; auto: the cores shared by the processes")
+    report_to: list[str] = Field([], description="experiment trackers, e.g. [tensorboard]; logs in <out>/logs/<domain>")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_least_one_thread(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("threads must be at least 1, or auto")
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_many(cls, value):
+        if value in (None, "none"):
+            return []
+        return [value] if isinstance(value, str) else value
 
 
 class DomainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    train: str
-    eval: str | None = None
-    test: str | None = None
+    train: str = Field(json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/books.train.jsonl"})
+    eval: str | None = Field(None, description="default: carved from train (task.eval_fraction)")
+    test: str | None = Field(None, description="scored once at the end")
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = None
+    name: str | None = Field(None, description="names the adapters <name>-<domain>")
     base: BaseSpec
     task: TaskSpec
     adapter: AdapterSpec | None = None
-    freeze: str | None = None
+    freeze: str | None = Field(None, description="instead of adapter: all (head only) | none (full fine-tune) | bottom:N")
     training: TrainingSpec = TrainingSpec()
-    domain_adaptation: DomainAdaptationSpec | None = None
-    domains: dict[str, DomainSpec] = Field(min_length=1)
+    domain_adaptation: DomainAdaptationSpec | None = Field(
+        None, description="optional: align with a target domain's unlabeled text")
+    domains: dict[str, DomainSpec] = Field(min_length=1, description="name -> train file, or {train, eval, test}")
     _source: Path | None = PrivateAttr(None)  # the file it was read from
 
     @field_validator("domains", mode="before")
@@ -118,6 +137,98 @@ class Recipe(BaseModel):
         if not path.is_absolute() and self.source is not None:
             path = self.source.parent / path
         return path
+
+
+# ---------------------------------------------------------------- the reference README shows
+
+COMMENT_COLUMN = 33
+
+
+def _yaml_value(value) -> str:
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+
+
+def _describe(field) -> str:
+    """The field's description; for a Literal, the choices first unless the description names them."""
+    from typing import get_args, get_origin
+
+    text = field.description or ""
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if choices and " | ".join(map(str, choices)) not in text and "|" not in text:
+        text = " | ".join(map(str, choices)) + (f"; {text}" if text else "")
+    return text
+
+
+def _field_line(indent: int, key: str, value, comment: str, commented: bool = False) -> str:
+    text = f"{'  ' * indent}{key}:" + (f" {value}" if value != "" else "")
+    if commented:
+        text = "# " + text
+    return f"{text.ljust(COMMENT_COLUMN - 2)}  # {comment}" if comment else text
+
+
+def _example(field):
+    """A required field's example: its own, or the one value a one-choice Literal allows (a method's tag)."""
+    from typing import get_args, get_origin
+
+    if isinstance(field.json_schema_extra, dict) and "example" in field.json_schema_extra:
+        return field.json_schema_extra["example"]
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    return choices[0] if len(choices) == 1 else None
+
+
+def _header(indent: int, key: str, comment: str, commented: bool = False) -> str:
+    return _field_line(indent, key, "", comment, commented)
+
+
+def _inline(model: type[BaseModel]) -> str:
+    """A section on one line: `{key: default, ...}`, required keys with their example."""
+    parts = []
+    for key, field in model.model_fields.items():
+        value = field.get_default(call_default_factory=True) if not field.is_required() else _example(field)
+        parts.append(f"{key}: {_yaml_value(value)}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _section(model: type[BaseModel], indent: int, lines: list[str], commented: bool = False) -> None:
+    for key, field in model.model_fields.items():
+        nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if nested is not None and field.is_required():
+            lines.append(_header(indent, key, _describe(field), commented))
+            _section(nested, indent + 1, lines, commented)
+            continue
+        value = _example(field) if field.is_required() else field.get_default(call_default_factory=True)
+        lines.append(_field_line(indent, key, _yaml_value(value), _describe(field), commented))
+
+
+def recipe_reference() -> str:
+    """Every recipe key with its default (or, for required keys, an example) and what it means, generated
+    from the pydantic models so the README cannot drift from the code."""
+    from .methods import SPECS
+
+    lines: list[str] = []
+    fields = Recipe.model_fields
+    lines.append(_field_line(0, "name", "null", _describe(fields["name"])))
+    for key, model in (("base", BaseSpec), ("task", TaskSpec)):
+        lines.append(f"{key}:")
+        _section(model, 1, lines)
+    lines.append(_header(0, "adapter", "or freeze: (below), not both"))
+    _section(SPECS["lora"], 1, lines)
+    for name, spec in SPECS.items():
+        if name != "lora":
+            lines.append(f"# adapter: {_inline(spec)}")
+    lines.append(_field_line(0, "freeze", "null", _describe(fields["freeze"]), commented=True))
+    lines.append("training:")
+    for key, field in TrainingSpec.model_fields.items():
+        value = field.get_default(call_default_factory=True)
+        lines.append(_field_line(1, key, _yaml_value(value), _describe(field)))
+    lines.append(_header(0, "domain_adaptation", _describe(fields["domain_adaptation"]), commented=True))
+    _section(DomainAdaptationSpec, 1, lines, commented=True)
+    lines.append(_header(0, "domains", _describe(fields["domains"])))
+    lines.append("  books:")
+    _section(DomainSpec, 2, lines)
+    return "\n".join(lines) + "\n"
 
 
 def _freeze_method(freeze: str) -> str:
@@ -220,3 +331,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if overrides and isinstance(data, dict):
         data = apply_overrides(data, overrides)
     return parse_recipe(data, path)
+
+
+if __name__ == "__main__":  # `python -m peft_adapt.recipe` prints the reference the README shows
+    print(recipe_reference(), end="")

@@ -43,10 +43,10 @@ class BottleneckSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["bottleneck"]
     variant: Literal["houlsby", "pfeiffer"] = "pfeiffer"
-    bottleneck_size: int | None = Field(None, ge=1)
+    bottleneck_size: int | None = Field(None, ge=1, description="instead of hidden size / reduction_factor")
     reduction_factor: int = Field(16, ge=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    modules: list[str] | None = None  # explicit sites (full names or suffixes), for other families
+    modules: list[str] | None = Field(None, description="explicit sites (full names or suffixes), for other families")
 
 
 class BottleneckAdapter(nn.Module):

@@ -16,12 +16,12 @@ class LoraSpec(BaseModel):
     """The `adapter:` section for `method: lora`."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
+    method: Literal["lora"] = Field("lora", description="lora | bottleneck | prefix")
+    r: int = Field(16, ge=1, description="rank")
+    alpha: float = Field(32.0, gt=0, description="the delta is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    dora: bool = False
+    target_modules: str | list[str] = Field("all-linear", description="or a list of layer names, e.g. [q_proj, v_proj]")
+    dora: bool = Field(False, description="weight-decomposed LoRA (Liu et al. 2024)")
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

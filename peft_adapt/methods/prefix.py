@@ -18,7 +18,7 @@ class PrefixSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["prefix"]
     num_virtual_tokens: int = Field(16, ge=1)
-    projection: bool = False
+    projection: bool = Field(False, description="train through a reparameterising MLP (folded on save)")
     projection_hidden_size: int = Field(128, ge=1)
 
 
