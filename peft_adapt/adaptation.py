@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
 
+from .checkpoints import AdapterTrainer
 from .heads import pool_hidden
 from .objectives import DomainAdaptationSpec, DomainClassifier, coral_loss, dann_lambda, dann_loss, mmd_loss
 
@@ -28,7 +28,7 @@ def pooled_features(outputs, attention_mask: torch.Tensor, task: str) -> torch.T
     return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
-class DomainAdaptationTrainer(Trainer):
+class DomainAdaptationTrainer(AdapterTrainer):
     def __init__(self, *args, adaptation: DomainAdaptationSpec, target_features: list[dict], task: str,
                  hidden_size: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,6 +44,9 @@ class DomainAdaptationTrainer(Trainer):
             self.domain_classifier = DomainClassifier(hidden_size, adaptation.dann_hidden).to(device)
         self.model_accepts_loss_kwargs = False  # our loss is a mean already: let Trainer scale for accumulation
         self._da_losses: list[float] = []
+
+    def extra_state(self) -> dict[str, torch.nn.Module]:
+        return {"_domain_classifier": self.domain_classifier} if self.domain_classifier is not None else {}
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

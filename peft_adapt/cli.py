@@ -18,20 +18,15 @@ def _cmd_train(args) -> int:
     from .recipe import load_recipe
     from .train import train_recipe
 
+    if args.threads is not None:
+        args.set.append(f"training.threads={args.threads}")
     recipe = load_recipe(args.recipe, args.set)  # a bad recipe fails here, before any worker starts
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
     if args.num_processes > 1 and world().size == 1:
         return _launch_workers(args, out)
     registry = None if args.no_register else Registry(args.registry)
-    results = train_recipe(recipe, out, args.domain, registry=registry, parallel_domains=args.parallel_domains)
-    for r in results:
-        if r.manifest is None:  # a data-parallel worker other than the main one
-            continue
-        shown = {k: v for k, v in r.metrics.get("test", r.metrics["eval"]).items()}
-        split = "test" if "test" in r.metrics else "eval"
-        where = f"{r.out_dir}" + (f", registered as {r.registered.ref}" if r.registered else "")
-        print(f"{r.domain}: {split} {json.dumps(shown)}  trainable={r.metrics['trainable_parameters']:,}  "
-              f"time={r.metrics['train_seconds']:.0f}s  -> {where}")
+    train_recipe(recipe, out, args.domain, registry=registry, parallel_domains=args.parallel_domains,
+                 resume=args.resume, report=lambda line: print(line, flush=True))
     return 0
 
 
@@ -329,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in N processes: data parallel per domain (accelerate; gloo on the CPU)")
     p.add_argument("--parallel-domains", action="store_true",
                    help="with several processes: each worker trains different domains at the same time")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: finished domains are skipped, an interrupted one continues from "
+                        "its last checkpoint (training.checkpoint_steps)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")
@@ -469,13 +467,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.set_defaults(func=_cmd_quickstart)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=_threads_arg, default=None,
+                             help="CPU threads per process (default: auto, the cores shared by the processes)")
     return parser
+
+
+def _threads_arg(value: str):
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: give a number of threads (1 or more) or auto")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command != "train":  # training sets its threads from the recipe (which --threads overrides)
+            from .threads import configure_threads
+
+            configure_threads(args.threads)
         return args.func(args)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

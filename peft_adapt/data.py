@@ -172,6 +172,7 @@ class Example:
     label: int | None = None
     words: list[str] | None = None  # token classification: the words and their tag ids
     tags: list[int] | None = None
+    messages: list[dict] | None = None  # chat: [{role, content}, ...], the loss on assistant turns only
 
 
 @dataclass
@@ -255,6 +256,8 @@ def parse_examples(
         if task.type == "causal_lm":
             if task.text_field in row:
                 examples.append(Example(row_no, text=text_of(row, task.text_field, where, source)))
+            elif "messages" in row:
+                examples.append(Example(row_no, messages=chat_messages(row["messages"], f"{source}: {where}")))
             elif "prompt" in row or "completion" in row:
                 examples.append(
                     Example(
@@ -265,8 +268,8 @@ def parse_examples(
                 )
             else:
                 raise UserInputError(
-                    f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion'); "
-                    f"fields found: {sorted(row)}"
+                    f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion', or "
+                    f"'messages'); fields found: {sorted(row)}"
                 )
         elif task.type == "token_classification":
             words, tags = row.get("tokens"), row.get("tags")
@@ -283,6 +286,52 @@ def parse_examples(
                 raise UserInputError(f"{source}: {where}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
             examples.append(Example(row_no, text=text, label=labels.id_of(value, f"{source}: {where}")))
     return examples
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def chat_messages(value, where: str) -> list[dict]:
+    """A conversation `[{role, content}, ...]` with at least one assistant turn to learn from."""
+    if not isinstance(value, list) or not value:
+        raise UserInputError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(value):
+        if (not isinstance(message, dict) or message.get("role") not in CHAT_ROLES
+                or not isinstance(message.get("content"), str)):
+            raise UserInputError(f"{where}: messages[{i}] must be {{role: {' | '.join(CHAT_ROLES)}, content: text}}, "
+                                 f"found {message!r}"[:400])
+    if not any(m["role"] == "assistant" for m in value):
+        raise UserInputError(f"{where}: no assistant message: chat training learns the assistant's turns")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the base expects it: its chat template, or `role: content` lines when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant:" if add_generation_prompt else "")
+
+
+def tokenize_chat(messages: list[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and labels that keep only the assistant turns (with their
+    end-of-turn marks, so the model learns to stop); everything else is IGNORE_INDEX."""
+    text = render_chat(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render_chat(tokenizer, messages[: i + 1])
+        if not text.startswith(through) or not through.startswith(before):
+            raise UserInputError(f"{where}: the base's chat template does not render this conversation turn by turn, "
+                                 f"so its assistant turns cannot be found; train on prompt + completion instead")
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+              for token, offset in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
 
 
 def split_off_eval(examples: list[Example], fraction: float, seed: int, source: Path) -> tuple[list, list]:
@@ -308,6 +357,9 @@ def tokenize_causal_lm(examples: list[Example], tokenizer, max_length: int, pack
     eos = tokenizer.eos_token_id
     sequences = []
     for ex in examples:
+        if ex.messages is not None:  # the template closes each turn itself: no EOS appended
+            sequences.append((*tokenize_chat(ex.messages, tokenizer, f"row {ex.row}"), ex.row))
+            continue
         if ex.prompt is None:
             ids = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
             labels = list(ids)
@@ -318,16 +370,16 @@ def tokenize_causal_lm(examples: list[Example], tokenizer, max_length: int, pack
             labels = [IGNORE_INDEX] * len(prompt) + list(completion)
         if eos is not None:
             ids, labels = ids + [eos], labels + [eos]
-        sequences.append((ids, labels))
+        sequences.append((ids, labels, ex.row))
     if not packing:
         features = []
-        for ids, labels in sequences:
+        for ids, labels, row in sequences:
             ids, labels = ids[:max_length], labels[:max_length]
             if any(label != IGNORE_INDEX for label in labels[1:]):
-                features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+                features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "row": row})
         return features
-    flat_ids = [t for ids, _ in sequences for t in ids]
-    flat_labels = [t for _, labels in sequences for t in labels]
+    flat_ids = [t for ids, _, _ in sequences for t in ids]
+    flat_labels = [t for _, labels, _ in sequences for t in labels]
     features = []
     for start in range(0, len(flat_ids), max_length):
         ids, labels = flat_ids[start : start + max_length], flat_labels[start : start + max_length]
@@ -340,7 +392,8 @@ def tokenize_classification(examples: list[Example], tokenizer, max_length: int)
     features = []
     for ex in examples:
         enc = tokenizer(ex.text, truncation=True, max_length=max_length)
-        features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ex.label})
+        features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": ex.label,
+                         "row": ex.row})
     return features
 
 
@@ -358,7 +411,7 @@ def tokenize_token_classification(examples: list[Example], tokenizer, max_length
             first_of.append(word if is_first else -1)
             previous = word
         features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels,
-                         "word_ids": first_of, "n_words": len(ex.words), "word_tags": ex.tags})
+                         "word_ids": first_of, "n_words": len(ex.words), "word_tags": ex.tags, "row": ex.row})
     return features
 
 
@@ -446,8 +499,10 @@ def read_domain(
     train = parse_examples(train_rows, task, train_path, labels)
     if eval_path is not None:
         held = parse_examples(read_rows(eval_path, "eval"), task, eval_path, labels)
-    else:
+    elif task.eval_fraction > 0:
         train, held = split_off_eval(train, task.eval_fraction, seed, train_path)
+    else:  # eval_fraction: 0: every row trains, nothing is evaluated during training
+        held = []
     test = parse_examples(read_rows(test_path, "test"), task, test_path, labels) if test_path else None
     if max_train_rows:
         train = _subsample(train, max_train_rows, seed)
@@ -472,7 +527,7 @@ def tokenize_domain(examples: DomainExamples, tokenizer, task: TaskSpec) -> Doma
         "test": tokenize(examples.test, tokenizer, task) if examples.test is not None else None,
     }
     for name in ("train", "eval"):
-        if not splits[name]:
+        if not splits[name] and (name == "train" or examples.eval):
             path = examples.paths[name] or examples.paths["train"]
             raise UserInputError(
                 f"{path}: no {name} example is left after tokenization (each needs 2+ tokens with a label); "

@@ -38,6 +38,7 @@ from .adapter_files import (
     weight_files,
 )
 from .errors import UserInputError
+from .faults import crash_point as _crash_point
 from .manifest import MANIFEST, build_manifest, read_manifest, file_checksums, write_json
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -64,12 +65,6 @@ def check_name(value: str, what: str = "name") -> str:
             f"a letter or digit, without '/', '..' or control characters"
         )
     return value
-
-
-def _crash_point(step: str) -> None:
-    """Fault injection for the crash-safety tests: die here if PEFT_ADAPT_CRASH_AT names this step."""
-    if os.environ.get("PEFT_ADAPT_CRASH_AT") == step:
-        os.kill(os.getpid(), 9)
 
 
 @dataclass

@@ -435,10 +435,10 @@ def _sse(obj: dict) -> str:
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The tokenizer's chat template, or a plain `role: content` transcript when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    """The conversation rendered as chat training renders it, ready for the assistant's turn."""
+    from .data import render_chat
+
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def serve(base: str, quantization: str = "nf4", registry_root: str | None = None, adapters: list[str] | None = None,

@@ -8,6 +8,7 @@ the loss curves.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import torch
 
+from transformers import TrainerCallback
+
 from .adaptation import DomainAdaptationTrainer
 from .adapter_files import TRAINED_WEIGHTS
 from .backbone import Backbone, disable_cpu_repacking, load_backbone
+from .checkpoints import AdapterTrainer, CrashAfterCheckpoint
 from .data import Collator, DomainData, read_domain, tokenize_domain
 from .errors import UserInputError
 from .evaluation import evaluate_task, nll_per_row
@@ -92,17 +96,26 @@ def _metric_key(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
-def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n_train: int):
+def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n_train: int, has_eval: bool,
+                        quiet: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
-    if t.eval_steps:
+    if not has_eval:
+        strategy, steps = "no", None
+    elif t.eval_steps:
         strategy, steps = "steps", t.eval_steps
     elif t.max_steps:
         strategy, steps = "steps", t.max_steps
     else:
         strategy, steps = "epoch", None
     early = t.early_stopping
+    if early:  # early stopping saves where it evaluates, to keep the best
+        save_strategy, save_steps = strategy, steps
+    elif t.checkpoint_steps:
+        save_strategy, save_steps = "steps", t.checkpoint_steps
+    else:
+        save_strategy, save_steps = "no", None
     use_bf16 = backbone.device.type == "cuda" and recipe.base.compute_dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -119,22 +132,22 @@ def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n
         data_seed=t.seed,
         eval_strategy=strategy,
         eval_steps=steps,
-        save_strategy=strategy if early else "no",
-        save_steps=steps,
-        save_total_limit=1 if early else None,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=1 if save_strategy != "no" else None,
         load_best_model_at_end=bool(early),
         metric_for_best_model=_metric_key(early.metric) if early else None,
         greater_is_better=(not any(k in early.metric for k in LOWER_IS_BETTER)) if early else None,
         logging_steps=min(t.logging_steps, max(1, math.ceil(n_train / (t.batch_size * t.grad_accum)))),
         logging_first_step=True,
-        report_to="none",
-        disable_tqdm=False,
+        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",  # tensorboard: our own callback
+        disable_tqdm=quiet,
         use_cpu=backbone.device.type == "cpu",
         bf16=use_bf16,
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
-        save_only_model=True,
+        save_only_model=False,  # optimizer, scheduler and RNG state too: `train --resume` continues exactly
         ddp_find_unused_parameters=False,  # adapters and heads are all used in every forward
     )
 
@@ -169,9 +182,50 @@ def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[st
     return compute, lambda logits, labels: nll_per_row(logits, labels)
 
 
-def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResult:
-    """Train, evaluate and save one domain's adapter into `out_root/<domain>/`."""
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+def checkpoint_folder(out_root: str | Path, domain: str) -> Path:
+    """Where a domain's training checkpoints live: beside its output folder, removed once it is saved."""
+    return Path(out_root) / f".{domain}.checkpoints"
+
+
+def last_checkpoint(out_root: str | Path, domain: str) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = checkpoint_folder(out_root, domain)
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(last) if last else None
+
+
+class ProgressLines(TrainerCallback):
+    """One plain line per log event, named by worker and domain: readable when several workers share a terminal
+    (progress bars from several processes interleave into noise)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (logs or {}).items()
+                         if k in ("loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_perplexity"))
+        print(f"[{self.label}] step {state.global_step}/{state.max_steps} {shown}", flush=True)
+
+
+def _tensorboard(out_root: Path, domain: str):
+    """Trainer's TensorBoard callback writing to <out_root>/logs/<domain> (offline event files)."""
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        callback = TensorBoardCallback()
+    except RuntimeError:
+        raise UserInputError("training.report_to: tensorboard needs the tensorboard package: "
+                             "pip install 'peft-adapt[tensorboard]'") from None
+    callback.logging_dir = str(Path(out_root) / "logs" / domain)
+    return callback
+
+
+def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool = False,
+                 progress_label: str | None = None) -> TrainResult:
+    """Train, evaluate and save one domain's adapter into `out_root/<domain>/`; with `resume`, continue from the
+    domain's last checkpoint if a previous run left one. `progress_label`: plain progress lines instead of a bar."""
+    from transformers import EarlyStoppingCallback, set_seed
 
     spec = recipe.domain(domain)
     train_path = recipe.data_path(spec.train)
@@ -191,18 +245,25 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
         raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
 
     out_dir = Path(out_root) / domain
-    checkpoints = Path(out_root) / f".{domain}.checkpoints"  # early stopping's, beside the output, removed after
-    args = _training_arguments(recipe, backbone, checkpoints, len(data.train))
+    checkpoints = checkpoint_folder(out_root, domain)
+    if t.early_stopping and not data.eval:
+        raise UserInputError(f"{recipe.source}: training.early_stopping needs eval data, but domain {domain!r} has no "
+                             f"eval file and task.eval_fraction is 0")
+    args = _training_arguments(recipe, backbone, checkpoints, len(data.train), bool(data.eval), progress_label is not None)
     label_names = examples.labels.names if examples.labels else None
     compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels, label_names)
-    callbacks = []
+    callbacks = [CrashAfterCheckpoint()]
     if t.early_stopping:
         callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
+    if "tensorboard" in t.report_to:
+        callbacks.append(_tensorboard(Path(out_root), domain))
+    if progress_label is not None:
+        callbacks.append(ProgressLines(progress_label))
     options = dict(
         model=model,
         args=args,
         train_dataset=data.train,
-        eval_dataset=data.eval,
+        eval_dataset=data.eval or None,
         data_collator=Collator(backbone.tokenizer.pad_token_id),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
@@ -214,11 +275,14 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
             target_features=target_features(recipe, backbone.tokenizer), hidden_size=backbone.model.config.hidden_size,
         )
     else:
-        trainer = Trainer(**options)
+        trainer = AdapterTrainer(**options)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    resume_from = last_checkpoint(out_root, domain) if resume else None
+    if resume_from is not None:
+        log.warning("%s: resuming from %s", domain, resume_from)
     started = time.perf_counter()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
 
     eval_batch = t.eval_batch_size or t.batch_size
@@ -228,12 +292,16 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path) -> TrainResu
         "epochs": trainer.state.epoch,
         "train_tokens": _tokens_seen(data.train, trainer.state.global_step, t.batch_size * t.grad_accum),
         "train_seconds": wall,
+        "threads": torch.get_num_threads(),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "rows": data.examples.n_rows,
-        "eval": evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels, eval_batch,
-                              label_names),
     }
+    if resume_from is not None:
+        metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
+    if data.eval:
+        metrics["eval"] = evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels,
+                                        eval_batch, label_names)
     metrics["train_tokens_per_second"] = metrics["train_tokens"] / wall if wall > 0 else None
     if data.test is not None:
         metrics["test"] = evaluate_task(model, data.test, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels,
@@ -319,27 +387,50 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
     return manifest
 
 
+def result_line(result: TrainResult) -> str:
+    """One line a person reads when a domain is done: its score, size, time and where it went."""
+    split = "test" if "test" in result.metrics else "eval" if "eval" in result.metrics else None
+    scores = json.dumps(result.metrics[split]) if split else "(no eval data)"
+    where = f"{result.out_dir}" + (f", registered as {result.registered.ref}" if result.registered else "")
+    return (f"{result.domain}: {split or 'trained'} {scores}  trainable={result.metrics['trainable_parameters']:,}  "
+            f"time={result.metrics['train_seconds']:.0f}s ({result.metrics['threads']} threads)  -> {where}")
+
+
 def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,
-                 registry=None, parallel_domains: bool = False) -> list[TrainResult]:
+                 registry=None, parallel_domains: bool = False, resume: bool = False,
+                 report=None) -> list[TrainResult]:
     """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a
     registry. Under a multi-process launcher: data parallel per domain, or with `parallel_domains` each
-    worker trains its own share of the domains; a failed domain is reported with its worker and error."""
+    worker trains its own share of the domains; a failed domain is reported with its worker and error.
+    With `resume`, a domain whose adapter is already saved is skipped and an interrupted one continues from
+    its last checkpoint. `report(line)` hears a banner before each domain and its result line after it."""
     from .distributed import become_single_process, my_domains, record_failure, wait_for_all, world
+    from .threads import configure_threads
 
     names = domains or list(recipe.domains)
     for name in names:
         recipe.domain(name)  # fail on an unknown domain before training anything
     here = world()
-    if parallel_domains and here.size > 1:
+    configure_threads(recipe.training.threads)  # after the launcher's environment is read, before any work
+    separate = parallel_domains and here.size > 1
+    if separate:
         here = become_single_process()
         names = my_domains(names, here)
+    say = report if (report is not None and (separate or here.rank == 0)) else (lambda line: None)
+    prefix = f"[worker {here.rank}] " if separate else ""
     results, failed = [], []
-    for name in names:
-        log.info("training domain %s", name)
+    for index, name in enumerate(names, start=1):
+        out_dir = Path(out_root) / name
+        if resume and (out_dir / "manifest.json").is_file() and last_checkpoint(out_root, name) is None:
+            say(f"{prefix}{name}: already trained in {out_dir}; skipped (--resume)")
+            continue
+        say(f"{prefix}== {name} ({index}/{len(names)}): {recipe.method} on {recipe.base.model} "
+            f"({recipe.base.quantization}), {recipe.task.type} ==")
         try:
-            result = train_domain(recipe, name, out_root)
+            result = train_domain(recipe, name, out_root, resume=resume,
+                                  progress_label=f"worker {here.rank} {name}" if separate else None)
         except Exception as exc:
-            if not (parallel_domains and here.size > 1):
+            if not separate:
                 raise
             record_failure(Path(out_root), name, here, exc)
             print(f"error: domain {name!r} failed on worker {here.rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -347,8 +438,10 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
             continue
         if registry is not None and result.manifest is not None:  # the main process (or each domain's worker)
             result.registered = registry.add(result.out_dir)
+        if result.manifest is not None:
+            say(prefix + result_line(result))
         results.append(result)
-    if parallel_domains and here.size > 1:
+    if separate:
         wait_for_all(Path(out_root), here, os.environ.get("PEFT_ADAPT_RUN_ID", "run"))
         if failed:
             raise SystemExit(1)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import causal_recipe, classification_recipe
+from conftest import causal_recipe, classification_recipe, write_jsonl
 
 from peft_adapt.backbone import BaseSpec, disable_cpu_repacking, load_backbone
+from peft_adapt.errors import UserInputError
 from peft_adapt.evaluation import evaluate_task
 from peft_adapt.recipe import parse_recipe
 from peft_adapt.train import train_domain
@@ -60,7 +62,9 @@ def test_training_writes_adapter_manifest_metrics_and_curves(tmp_path, tiny_bert
     assert manifest["quantization"]["quantization"] == "nf4"
     from peft_adapt.builtin_models import sha256_file
 
-    assert manifest["files"] == {"adapter_model.safetensors": sha256_file(out / "adapter_model.safetensors")}
+    # every file travels checksummed: the weights, the config that says how to read them, the reports
+    assert manifest["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != "manifest.json"}
+    assert {"adapter_model.safetensors", "adapter_config.json", "metrics.json"} <= set(manifest["files"])
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / ".checkpoints").exists()
 
@@ -181,3 +185,105 @@ def test_training_with_evaluations_between_steps_survives_on_nf4(tmp_path, tiny_
     assert len(evals) == 4 and evals[-1] < evals[0]
     packed = [m for m in result.model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
     assert packed == []
+
+
+# ---- resuming, experiment logs, chat data, no eval split
+
+
+def _run_cli(tmp_path: Path, recipe: dict, *flags: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "peft_adapt.cli", "train", str(path), "--no-register", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | (env or {}))
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+def test_an_interrupted_run_resumed_gives_the_adapter_of_an_uninterrupted_one(tmp_path, tiny_llama, docs_file, method):
+    from safetensors.torch import load_file
+
+    recipe = causal_recipe(tiny_llama, docs_file, "nf4", max_steps=8, checkpoint_steps=3, threads=1, learning_rate=5e-3)
+    if method == "bottleneck":
+        recipe["adapter"] = {"method": "bottleneck", "reduction_factor": 8}
+    whole = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "cut"), env={"PEFT_ADAPT_CRASH_AT": "checkpoint-6"})
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "docs").exists()  # died after checkpoint 6, unsaved
+    resumed = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "cut"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads((tmp_path / "cut" / "docs" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 8
+    expected = load_file(tmp_path / "whole" / "docs" / "adapter_model.safetensors")
+    found = load_file(tmp_path / "cut" / "docs" / "adapter_model.safetensors")
+    assert expected.keys() == found.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], found[key], atol=1e-6), key
+    assert not (tmp_path / "cut" / ".docs.checkpoints").exists()  # removed once the adapter is saved
+    again = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "cut"), "--resume")  # nothing left to do
+    assert again.returncode == 0 and "already trained" in again.stdout
+
+
+def test_report_to_tensorboard_writes_event_files_offline(tmp_path, tiny_bert, sentiment_file):
+    pytest.importorskip("tensorboard")
+    recipe = parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=4, logging_steps=1,
+                                                report_to="tensorboard"))
+    train_domain(recipe, "sentiment", tmp_path)
+    events = list((tmp_path / "logs" / "sentiment").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert len(accumulator.Scalars("train/loss")) >= 3
+
+
+def test_eval_fraction_0_trains_on_every_row_and_evaluates_nothing(tmp_path, tiny_bert, sentiment_file):
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=3)
+    data["task"]["eval_fraction"] = 0
+    result = train_domain(parse_recipe(data), "sentiment", tmp_path)
+    assert result.metrics["rows"] == {"train": 96, "eval": 0} and "eval" not in result.metrics
+    data["training"]["early_stopping"] = {"metric": "accuracy"}
+    with pytest.raises(UserInputError, match="early_stopping needs eval data"):
+        train_domain(parse_recipe(data), "sentiment", tmp_path / "early")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["no-template", "chatml"])
+def test_chat_rows_train_on_the_assistant_turns_only(tiny_llama, template):
+    from transformers import AutoTokenizer
+
+    from peft_adapt.data import Example, tokenize_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"},
+                {"role": "assistant", "content": "An ordered sequence."}, {"role": "user", "content": "And a set?"},
+                {"role": "assistant", "content": "An unordered collection."}]
+    (feature,) = tokenize_causal_lm([Example(1, messages=messages)], tokenizer, 512, packing=False)
+    learned = tokenizer.decode([t for t, label in zip(feature["input_ids"], feature["labels"]) if label != -100])
+    if template:
+        assert learned == "An ordered sequence.<|im_end|>\nAn unordered collection.<|im_end|>\n"
+    else:  # `assistant: text` lines: the reply starts after the colon, with its space
+        assert learned == " An ordered sequence.\n An unordered collection.\n"
+    whole = tokenizer.decode(feature["input_ids"])
+    assert "What is a list?" in whole and "Be brief." in whole  # the prompt is there, just not learned
+
+
+def test_chat_data_trains_a_causal_lm_adapter(tmp_path, tiny_llama):
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
+            for w in ["red", "green", "blue", "cyan"] * 8]
+    data = causal_recipe(tiny_llama, write_jsonl(tmp_path / "chat.jsonl", rows), max_steps=10)
+    result = train_domain(parse_recipe(data), "docs", tmp_path)
+    first, last = _loss_before_and_after(result)
+    assert last < first
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UserInputError, match=r"bad.jsonl: row 1: no assistant message"):
+        train_domain(parse_recipe(causal_recipe(tiny_llama, bad)), "docs", tmp_path / "bad")

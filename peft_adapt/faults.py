@@ -1,0 +1,10 @@
+"""Fault injection for the crash-safety tests: a process dies at a named step when PEFT_ADAPT_CRASH_AT names it."""
+
+from __future__ import annotations
+
+import os
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get("PEFT_ADAPT_CRASH_AT") == step:
+        os.kill(os.getpid(), 9)
