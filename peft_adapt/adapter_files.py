@@ -233,20 +233,20 @@ def adapter_fit_problems(shapes: dict[str, list[int]], fingerprint: dict, base_c
             path, which = m.group(1).removeprefix("base_model.model."), m.group(2)
             base = base_module_shape(path, modules)
             if base is None:
-                problems[path] = f"{path} is not a layer of the base"
+                problems.setdefault(path, f"{path} is not a layer of the base")
             elif which == "A" and shape[-1] != base[1]:
-                problems[path] = f"{path}: lora_A takes {shape[-1]} inputs, the base layer has {base[1]}"
+                problems.setdefault(path, f"{path}: lora_A takes {shape[-1]} inputs, the base layer has {base[1]}")
             elif which == "B" and shape[0] != base[0]:
-                problems[path] = f"{path}: lora_B gives {shape[0]} outputs, the base layer has {base[0]}"
+                problems.setdefault(path, f"{path}: lora_B gives {shape[0]} outputs, the base layer has {base[0]}")
             matched += 1
         elif m := _BOTTLENECK_TENSOR.match(key):
             path, part = m.group(1), f"{m.group(2)}.{m.group(3)}"
             base = base_module_shape(path, modules)
             hidden = {"down.weight": shape[-1], "up.weight": shape[0], "up.bias": shape[0]}.get(part)
             if base is None:
-                problems[path] = f"{path} is not a layer of the base"
+                problems.setdefault(path, f"{path} is not a layer of the base")
             elif hidden is not None and hidden != base[0]:
-                problems[path] = f"{path}: the adapter works on {hidden} features, the base layer gives {base[0]}"
+                problems.setdefault(path, f"{path}: the adapter works on {hidden} features, the base layer gives {base[0]}")
             matched += 1
         elif key == "prompt_embeddings" and adapter_config is not None:
             layers, width = adapter_config.get("num_layers"), adapter_config.get("token_dim")

@@ -127,11 +127,32 @@ def _cmd_registry(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluation import evaluate_file
+    from .evaluation import evaluate_base_model, evaluate_file
 
-    metrics = evaluate_file(args.adapter, args.data, quantization=args.quantization, device=args.device,
-                            batch_size=args.batch_size, max_rows=args.max_rows, force=args.force)
-    print(json.dumps({"adapter": str(args.adapter), "data": str(args.data), **metrics}))
+    records: list | None = [] if args.out else None
+    try:
+        folder, source = Registry(args.registry).locate(args.adapter)
+    except UserInputError:
+        if not args.base_only:
+            raise
+        folder, source = None, args.adapter  # --base-only on a model name rather than an adapter
+    if args.base_only and folder is not None and not (folder / "manifest.json").is_file():
+        folder = None  # a model folder, not an adapter
+    if folder is None:
+        metrics = evaluate_base_model(args.adapter, args.data, quantization=args.quantization or "nf4",
+                                      device=args.device, batch_size=args.batch_size, max_rows=args.max_rows,
+                                      max_length=args.max_length, records=records)
+    else:
+        metrics = evaluate_file(folder, args.data, quantization=args.quantization, device=args.device,
+                                batch_size=args.batch_size, max_rows=args.max_rows, force=args.force,
+                                base_only=args.base_only, records=records, source=source)
+    subject = {"base_of" if folder is not None and args.base_only else "base" if folder is None else "adapter": source}
+    print(json.dumps(subject | {"data": str(args.data), **metrics}))
+    if args.out:
+        with _predictions_file(args) as out:
+            for record in records:
+                out.write(json.dumps(record) + "\n")
+        print(f"wrote {len(records)} per-example predictions to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -161,7 +182,7 @@ def _runtime_for(args, task: str):
     if base is None:
         if not named:
             raise UserInputError("give --base MODEL, or an adapter whose base the registry knows")
-        folder = Path(named[0]) if Path(named[0]).is_dir() else registry.get(named[0]).path
+        folder = registry.locate(named[0])[0]
         from .manifest import read_manifest
 
         manifest = read_manifest(folder)
@@ -332,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")
     p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
     actions = p.add_subparsers(dest="action", required=True)
-    a = actions.add_parser("list", help="registered adapters, newest versions last")
+    a = actions.add_parser("list", help="registered adapters, by name, then version (newest last)")
     for flag in ("--domain", "--method", "--base", "--tag"):
         a.add_argument(flag)
     a.add_argument("--json", action="store_true", help="one JSON array, for scripts")
@@ -371,9 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--registry", default=argparse.SUPPRESS, help="registry root")
     p.set_defaults(func=_cmd_registry)
 
-    p = sub.add_parser("eval", help="evaluate a trained adapter folder on a data file")
-    p.add_argument("adapter", help="a folder written by `peft-adapt train`")
+    p = sub.add_parser("eval", help="evaluate an adapter (registry ref or folder) on a data file")
+    p.add_argument("adapter", help="registry NAME[@VERSION|@TAG], or a folder written by `peft-adapt train` (a path: "
+                                   "runs/x/books, ./books); with --base-only also a base model")
     p.add_argument("data", help="JSONL, CSV, Parquet or a saved datasets folder")
+    p.add_argument("--base-only", action="store_true",
+                   help="score the adapter's base (or the named base model) without any adapter: causal LM perplexity")
+    p.add_argument("--max-length", type=int, default=256, help="with --base-only on a base model: tokens per example")
+    p.add_argument("--out", help="write one JSON line per example (prediction, gold, probabilities or loss)")
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
     p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], help="load the base this way instead")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)

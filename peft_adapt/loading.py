@@ -48,6 +48,20 @@ def require_checksums(folder: Path, manifest: dict, source: str) -> None:
         raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
 
 
+def check_fits_base(folder: Path, backbone: Backbone, source: str) -> None:
+    """For a folder without a manifest: every adapter matrix sits on a layer of this base with matching features."""
+    import json
+
+    from .adapter_files import adapter_fit_problems, read_folder_config, tensor_shapes, weight_files
+
+    kind, config = read_folder_config(folder)
+    base_config = json.loads((backbone.path / "config.json").read_text(encoding="utf-8"))
+    problems = adapter_fit_problems(tensor_shapes(weight_files(folder)), backbone.fingerprint, base_config,
+                                    config if kind == "peft" else None)
+    if problems:
+        raise UserInputError(f"{source} does not fit the base {backbone.spec.model!r}: " + "; ".join(problems[:5]))
+
+
 def check_adapter(folder: Path, manifest: dict, backbone: Backbone, source: str, force: bool = False) -> None:
     """Before anything is loaded: the files are what the manifest says, and the base fits."""
     require_checksums(folder, manifest, source)

@@ -67,6 +67,12 @@ def check_name(value: str, what: str = "name") -> str:
     return value
 
 
+def is_folder_ref(ref: str) -> bool:
+    """A reference written as a path (`runs/x/books`, `./books`, `~/a`): adapter names cannot contain a `/` or
+    start with `.` or `~`, so a name and a path never read alike. Only such references mean folders."""
+    return "/" in ref or os.sep in ref or ref.startswith((".", "~"))
+
+
 @dataclass
 class AdapterEntry:
     name: str
@@ -176,6 +182,22 @@ class Registry:
             if row is None:
                 raise UserInputError(self._not_found(db, name, selector))
             return self._entry(db, row)
+
+    def locate(self, ref: str) -> tuple[Path, str]:
+        """(folder, source) of a registry ref, or of an adapter folder written as a path. A bare name is always a
+        registry name: a folder of that name in the working directory never shadows it."""
+        if is_folder_ref(ref):
+            folder = Path(ref).expanduser()
+            if not folder.is_dir():
+                raise UserInputError(f"{ref}: no such adapter folder")
+            return folder, str(folder)
+        try:
+            entry = self.get(ref)
+        except UserInputError as exc:
+            if Path(ref).is_dir():
+                raise UserInputError(f"{exc}. A folder {ref!r} exists here: write ./{ref} to use the folder") from None
+            raise
+        return entry.path, entry.ref
 
     def _not_found(self, db, name: str, selector: str) -> str:
         versions = [v for (v,) in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]

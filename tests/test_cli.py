@@ -100,3 +100,40 @@ def test_bad_input_exits_2_with_a_message_naming_it(tmp_path, tiny_bert, sentime
 def test_missing_recipe_file_exits_2(tmp_path, capsys):
     code, _, err = _run(capsys, "train", tmp_path / "nope.yaml")
     assert code == 2 and "nope.yaml does not exist" in err
+
+
+def test_eval_takes_registry_refs_scores_the_base_alone_and_writes_each_example(tmp_path, tiny_llama, docs_file, capsys,
+                                                                                monkeypatch):
+    train, held = _split_file(docs_file, tmp_path, 8)
+    data = causal_recipe(tiny_llama, train, "none", max_steps=5)
+    data["domains"]["docs"]["eval"] = str(held)
+    registry = tmp_path / "reg"
+    assert _run(capsys, "train", _recipe_file(tmp_path, data), "--out", tmp_path / "runs", "--registry", registry)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t-docs").mkdir()  # a folder named like the adapter never shadows the registered one
+    code, out, _ = _run(capsys, "eval", "t-docs", held, "--registry", registry, "--out", tmp_path / "per-row.jsonl")
+    assert code == 0
+    adapter = json.loads(out)
+    assert adapter["adapter"] == "t-docs@1"
+    rows = [json.loads(line) for line in (tmp_path / "per-row.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(1, 9)) and sum(r["tokens"] for r in rows) == adapter["tokens"]
+    code, out, _ = _run(capsys, "eval", "t-docs", held, "--registry", registry, "--base-only")
+    base = json.loads(out)
+    assert code == 0 and base["base_of"] == "t-docs@1" and base["tokens"] == adapter["tokens"]
+    assert base["perplexity"] > adapter["perplexity"]  # five steps on this domain already help
+    code, out, _ = _run(capsys, "eval", tiny_llama, held, "--base-only", "--quantization", "none", "--max-length", "64")
+    assert code == 0 and json.loads(out)["perplexity"] == pytest.approx(base["perplexity"], rel=1e-6)
+
+
+def test_eval_writes_each_classification_with_its_gold_label(tmp_path, tiny_bert, sentiment_file, capsys):
+    train, held = _split_file(sentiment_file, tmp_path, 12)
+    data = classification_recipe(tiny_bert, train, max_steps=5)
+    assert _run(capsys, "train", _recipe_file(tmp_path, data), "--out", tmp_path / "runs", "--no-register")[0] == 0
+    code, out, _ = _run(capsys, "eval", tmp_path / "runs" / "sentiment", held, "--out", tmp_path / "p.jsonl")
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["gold"] for r in rows} <= {"negative", "positive"}
+    accuracy = sum(r["label"] == r["gold"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(json.loads(out)["accuracy"])
+    code, _, err = _run(capsys, "eval", tmp_path / "runs" / "sentiment", held, "--base-only")
+    assert code == 2 and "--base-only measures causal LM bases" in err

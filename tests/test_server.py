@@ -143,7 +143,7 @@ def test_every_error_comes_back_in_openai_shape_and_the_server_keeps_serving(ser
         (post("/v1/completions", good | {"max_tokens": 100000}), 400, "exceeds the limit"),
         (post("/v1/completions", good | {"n": 3}), 400, "n must be 1"),
         (post("/v1/completions", good | {"temperature": "hot"}), 400, "temperature"),
-        (post("/v1/completions", good | {"prompt": "x " * 5000}), 400, "the limit is 2048"),
+        (post("/v1/completions", good | {"prompt": "x " * 5000}), 400, "the limit is 512"),  # the base's positions
         (post("/v1/completions", good, {"Authorization": "Bearer wrong"}), 401, "wrong API key"),
         (httpx.post(f"{url}/v1/completions", json=good), 401, "missing or wrong API key"),
         (post("/v1/adapters/load", {"name": "ad1"}), 401, "admin key"),

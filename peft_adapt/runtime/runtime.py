@@ -26,7 +26,7 @@ import torch
 from ..backbone import BaseSpec, load_backbone
 from ..errors import UserInputError
 from ..heads import pool_hidden
-from ..loading import check_adapter
+from ..loading import check_adapter, check_fits_base
 from ..manifest import read_manifest
 from ..adapter_files import folder_kind, read_adapter_config
 from .batch import AdapterBatch
@@ -129,18 +129,15 @@ class AdapterRuntime:
 
     def _read(self, ref: str, force: bool) -> tuple[object, dict]:
         """LoRA, bottleneck or prefix weights of a folder or registry ref, after checking they fit this base."""
-        folder = Path(ref)
-        if folder.is_dir():
-            source = str(folder)
-        else:
-            entry = self.registry.get(ref)
-            folder, source = entry.path, entry.ref
+        folder, source = self.registry.locate(ref)
         manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
-        if manifest:  # a plain peft folder has none: nothing to check it against
+        if manifest:
             check_adapter(folder, manifest, self.backbone, source, force)
             task = manifest.get("task", "causal_lm")
             if task != self.task:
                 raise UserInputError(f"{source} is a {task} adapter; this runtime serves {self.task}")
+        else:  # a plain peft folder: no checksums to check, but every matrix must fit a layer of this base
+            check_fits_base(folder, self.backbone, source)
         prefix = "encoder." if self.task == "classification" else ""
         kind = folder_kind(folder)
         if kind == "bottleneck":
