@@ -191,7 +191,26 @@ def _runtime_for(args, task: str):
     return AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
 
 
+MIX_NAME = "mix"
+
+
+def _mix_weights(args) -> dict[str, float] | None:
+    """--mix A=0.5,B=0.5: adapters and their weights, loaded as one linear mix."""
+    if not args.mix:
+        return None
+    weights = {}
+    for item in args.mix.split(","):
+        ref, _, value = item.partition("=")
+        try:
+            weights[ref.strip()] = float(value)
+        except ValueError:
+            raise UserInputError(f"--mix {item!r}: expected NAME=WEIGHT, e.g. --mix books=0.5,dvd=0.5") from None
+    return weights
+
+
 def _per_prompt(names: list[str], prompts: list[str], args) -> list[str | None]:
+    if args.mix:
+        return [MIX_NAME] * len(prompts)
     if args.adapters:
         if len(names) != len(prompts):
             raise UserInputError(f"--adapters names {len(names)} adapters for {len(prompts)} prompts; give one per prompt")
@@ -200,14 +219,23 @@ def _per_prompt(names: list[str], prompts: list[str], args) -> list[str | None]:
 
 
 def _adapter_names(args) -> list[str]:
+    if args.mix:
+        return list(_mix_weights(args))
     return args.adapters.split(",") if args.adapters else [args.adapter] if args.adapter else []
+
+
+def _runtime_with_mix(args, task: str):
+    runtime = _runtime_for(args, task)
+    if args.mix:
+        runtime.load(MIX_NAME, weights=_mix_weights(args))
+    return runtime
 
 
 def _cmd_generate(args) -> int:
     items = _inputs(args, unescape=True)
     prompts = [text for _, text in items]
     per_prompt = _per_prompt(_adapter_names(args), prompts, args)  # bad counts fail before the model loads
-    runtime = _runtime_for(args, "causal_lm")
+    runtime = _runtime_with_mix(args, "causal_lm")
     with _predictions_file(args) as out:
         for start in range(0, len(items), args.batch_size):
             chunk = slice(start, start + args.batch_size)
@@ -228,7 +256,7 @@ def _cmd_classify(args) -> int:
     items = _inputs(args)
     texts = [text for _, text in items]
     per_text = _per_prompt(_adapter_names(args), texts, args)
-    runtime = _runtime_for(args, "classification")
+    runtime = _runtime_with_mix(args, "classification")
     with _predictions_file(args) as out:
         # a chunk at a time, printed as it is done: a file of any size never goes through as one batch
         for start in range(0, len(items), args.batch_size):
@@ -421,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
         group.add_argument("--adapter", help="one adapter for every text: registry NAME[@VERSION|@TAG] or a folder")
         group.add_argument("--adapters", help="comma-separated, one per text (base for none)")
+        group.add_argument("--mix", help="one linear mix of adapters for every text, e.g. --mix books=0.5,dvd=0.5 "
+                                         "(LoRA; classifiers need one label map)")
         p.add_argument("--base", help="base model (default: the one the first adapter was trained on)")
         p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"])
         p.add_argument("--device", default="auto")

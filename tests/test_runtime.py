@@ -278,3 +278,35 @@ def test_generate_cli_uses_one_adapter_per_prompt(tmp_path, tiny_llama, adapters
     assert [r["completion"] for r in rows] == rt.generate(prompts, ["first", "second", None], max_new_tokens=6)
     assert main(["generate", "--registry", str(root), "--adapters", "first,second", *prompts]) == 2
     assert "2 adapters for 3 prompts" in capsys.readouterr().err
+
+
+def test_classifiers_mix_at_load_time_and_weights_1_0_give_the_first(tmp_path, tiny_bert, sentiment_file, capsys):
+    import json
+
+    from conftest import classification_recipe
+
+    from peft_adapt.cli import main
+    from peft_adapt.recipe import parse_recipe
+    from peft_adapt.train import train_domain
+
+    registry = Registry(tmp_path / "reg")
+    for seed, name in ((0, "first"), (1, "second")):
+        recipe = classification_recipe(tiny_bert, sentiment_file, max_steps=6, seed=seed)
+        registry.add(train_domain(parse_recipe(recipe), "sentiment", tmp_path / name).out_dir, name=name)
+    rt = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)
+    texts = ["good great fine", "awful broken sad", "nice poor lovely"]
+    rt.load("only-first", weights={"first": 1.0, "second": 0.0})
+    first, only_first = rt.classify(texts, "first"), rt.classify(texts, "only-first")
+    for a, b in zip(first, only_first):
+        assert b["probs"] == pytest.approx(a["probs"], abs=1e-5)
+    rt.load("half", weights={"first": 0.5, "second": 0.5})
+    half = rt.classify(texts, "half")
+    assert any(abs(h["probs"]["positive"] - f["probs"]["positive"]) > 1e-4 for h, f in zip(half, first))
+    with pytest.raises(UserInputError, match="is not allowed"):
+        rt.load("first+second", weights={"first": 0.5, "second": 0.5})
+    capsys.readouterr()
+    code = main(["classify", "--registry", str(registry.root), "--quantization", "none", "--mix", "first=0.5,second=0.5",
+                 "--json", *texts])
+    assert code == 0
+    from_cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["probs"] for r in from_cli] == pytest.approx([h["probs"] for h in half], abs=1e-5)

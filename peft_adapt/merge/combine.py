@@ -22,7 +22,7 @@ import torch
 from ..adapter_files import read_adapter_config
 from ..errors import UserInputError
 from ..manifest import build_manifest, write_json
-from ..runtime.lora_weights import LoraWeights, read_lora_weights
+from ..runtime.lora_weights import LoraWeights, average_heads, read_lora_weights
 from .lowrank import lora_delta, to_lora
 from .methods import DELTA_METHODS
 
@@ -74,13 +74,9 @@ def merge_lora(parents: list[LoraWeights], weights: list[float], method: str, de
 
 
 def _merged_head(parents: list[LoraWeights], weights: list[float], labels: list) -> dict:
-    heads = [p.head for p in parents]
-    if not any(heads):
-        return {}
-    if not all(heads) or any(lab != labels[0] for lab in labels):
+    if any(lab != labels[0] for lab in labels):
         raise UserInputError("classification adapters can be combined only when all have the same label map")
-    total = sum(weights)
-    return {k: sum(h[k].float() * (w / total) for h, w in zip(heads, weights)) for k in heads[0]}
+    return average_heads([p.head for p in parents], weights)
 
 
 def average_adapter_files(folders: list[Path], weights: list[float], out: Path) -> dict:

@@ -79,8 +79,20 @@ def read_lora_weights(folder: str | Path, strip_prefix: str = "") -> LoraWeights
     return LoraWeights(modules, head)
 
 
+def average_heads(heads: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Classification heads mixed like their adapters, the weights normalised to sum to 1 (weights 1, 0: the first)."""
+    if not any(heads):
+        return {}
+    if not all(heads):
+        raise UserInputError("a classification adapter can be combined only with other classification adapters")
+    total = sum(weights)
+    if total == 0:
+        raise UserInputError("the weights of combined classifiers sum to 0; their heads cannot be averaged")
+    return {k: sum(h[k].float() * (w / total) for h, w in zip(heads, weights)) for k in heads[0]}
+
+
 def combine_linearly(parts: list[tuple[LoraWeights, float]]) -> LoraWeights:
-    """sum_i w_i * delta_i exactly, as one LoRA: A stacked along the rank, B scaled and concatenated."""
+    """sum_i w_i * delta_i exactly, as one LoRA: A stacked along the rank, B scaled and concatenated; heads averaged."""
     modules: dict[str, tuple[list, list]] = {}
     for weights, w in parts:
         for path, (a, b, scale) in weights.modules.items():
@@ -88,7 +100,4 @@ def combine_linearly(parts: list[tuple[LoraWeights, float]]) -> LoraWeights:
             entry[0].append(a.float())
             entry[1].append(b.float() * (w * scale))
     combined = {path: (torch.cat(a_list), torch.cat(b_list, dim=1), 1.0) for path, (a_list, b_list) in modules.items()}
-    heads = [w for w, _ in parts if w.head]
-    if heads:
-        raise UserInputError("combining classification adapters (each with its own head) is not supported")
-    return LoraWeights(combined)
+    return LoraWeights(combined, average_heads([lora.head for lora, _ in parts], [w for _, w in parts]))

@@ -94,15 +94,30 @@ class AdapterRuntime:
                 raise UserInputError(f"{name!r} names the base model; give the adapter another name")
             started = time.perf_counter()
             if weights:
-                parts = [(self._read(ref, force)[0], float(w)) for ref, w in weights.items()]
-                if not all(isinstance(p, LoraWeights) for p, _ in parts):
-                    raise UserInputError("load-time combinations combine LoRA adapters only")
-                lora, meta = combine_linearly(parts), {"source": "+".join(weights)}
+                lora, meta = self._mix(name, weights, force)
             else:
                 lora, meta = self._read(name, force)
             adapter = self._install(name, lora, meta, pin, weights, keep)
             self.residency.load_seconds += time.perf_counter() - started
             return adapter
+
+    def _mix(self, name: str, weights: dict[str, float], force: bool) -> tuple[LoraWeights, dict]:
+        """sum_i w_i * delta_i of LoRA adapters as one adapter; classifiers mix their heads the same way (weights
+        normalised), which needs one label map and one pooling."""
+        from ..registry import check_name
+
+        check_name(name)
+        read = [(self._read(ref, force), float(w)) for ref, w in weights.items()]
+        if not all(isinstance(lora, LoraWeights) for (lora, _), _ in read):
+            raise UserInputError("load-time combinations combine LoRA adapters only")
+        metas = [meta for (_, meta), _ in read]
+        for ref, meta in zip(weights, metas):
+            if (meta.get("labels"), meta.get("pooling")) != (metas[0].get("labels"), metas[0].get("pooling")):
+                raise UserInputError(f"{ref} has labels {meta.get('labels')} (pooling {meta.get('pooling')}) and "
+                                     f"{next(iter(weights))} {metas[0].get('labels')} ({metas[0].get('pooling')}): "
+                                     f"only classifiers with one label map and pooling can be mixed")
+        source = " + ".join(f"{w:g}*{ref}" for ref, w in weights.items())
+        return combine_linearly([(lora, w) for (lora, _), w in read]), metas[0] | {"source": source}
 
     def _install(self, name: str, weights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
         """Put LoRA, bottleneck or prefix weights into a fresh slot, evicting what must go."""
