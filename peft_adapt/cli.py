@@ -322,7 +322,10 @@ def _cmd_export(args) -> int:
               f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
     floor = report["noise_floor"]
     print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")
-    print(f"saved to {args.out} (fidelity.json beside the weights)")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    kind = f"{args.dtype}" + (f", requantized to {args.requantize}" if args.requantize else "")
+    print(f"saved a standalone model in {kind} to {args.out} (fidelity.json beside the weights)")
     return 0
 
 

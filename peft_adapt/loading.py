@@ -29,11 +29,13 @@ def check_base_fits(manifest: dict, backbone: Backbone, source: str, force: bool
     expected = manifest["base_fingerprint"]
     diffs = fingerprint_differences(expected, backbone.fingerprint)
     if diffs and not force:
+        # the whole comparison goes to the log (and `registry show --json` has the fingerprint); the error stays short
+        log.warning("%s does not fit the base %s: %s", source, backbone.spec.model, "; ".join(diffs))
+        more = f" (and {len(diffs) - 1} more difference{'s' if len(diffs) > 2 else ''})" if len(diffs) > 1 else ""
         raise UserInputError(
-            f"{source} was trained on base {manifest['base_model']!r} (fingerprint {expected.get('id')}), "
-            f"but the loaded base {backbone.spec.model!r} has fingerprint {backbone.fingerprint['id']}; they differ in: "
-            + "; ".join(diffs[:8]) + (f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else "")
-            + ". Load it onto the base it was trained on, or pass force=True / --force if you know better."
+            f"{source} was trained on base {manifest['base_model']!r} (fingerprint {expected.get('id')}), not on "
+            f"{backbone.spec.model!r} ({backbone.fingerprint['id']}): {diffs[0]}{more}. Load it onto the base it was "
+            f"trained on, or pass force=True / --force if you know better."
         )
     if diffs:
         log.warning("%s: loading onto a different base despite: %s", source, "; ".join(diffs[:3]))

@@ -389,7 +389,8 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
     async def models(request: Request):
         check_key(request)
         created = int(time.time())
-        names = [settings.base_name] + sorted(set(runtime.resident()) | {e.name for e in registry.list()})
+        servable = {e.name for e in registry.list(base=runtime.backbone.fingerprint["id"]) if e.task == runtime.task}
+        names = [settings.base_name] + sorted(set(runtime.resident()) | servable)
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "peft-adapt",
                                             "resident": n in runtime.resident() or n == settings.base_name}
                                            for n in names]}

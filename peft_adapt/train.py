@@ -360,6 +360,9 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
 
         trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trained, str(staging / TRAINED_WEIGHTS))
+    if recipe.adapter is not None:
+        describe_for_plain_tools(staging, recipe, domain, data.labels.names if data.labels else None,
+                                 getattr(backbone.model, "pooling", None))
     write_json(staging / "metrics.json", metrics)
     write_json(staging / "log_history.json", log_history)
     plot_loss_curves(log_history, staging / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
@@ -394,6 +397,25 @@ def result_line(result: TrainResult) -> str:
     where = f"{result.out_dir}" + (f", registered as {result.registered.ref}" if result.registered else "")
     return (f"{result.domain}: {split or 'trained'} {scores}  trainable={result.metrics['trainable_parameters']:,}  "
             f"time={result.metrics['train_seconds']:.0f}s ({result.metrics['threads']} threads)  -> {where}")
+
+
+def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: list[str] | None,
+                             pooling: str | None) -> None:
+    """What other tools read: peft's `base_model_name_or_path` names the base portably (the hub id of a
+    built-in, not a path inside this machine's cache), and README.md says how to load it without us."""
+    from .adapter_files import ADAPTER_CONFIG
+    from .builtin_models import portable_name
+    from .model_card import model_card
+
+    config_path = folder / ADAPTER_CONFIG
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = portable_name(recipe.base.model)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    peft_loadable = config_path.is_file() and (recipe.method != "prefix" or recipe.task.type == "causal_lm")
+    card = model_card(f"{recipe.name}-{domain}" if recipe.name else domain, recipe.task.type, recipe.method,
+                      recipe.base.model, labels, pooling, recipe.task.max_length, peft_loadable)
+    (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,

@@ -167,6 +167,7 @@ def test_qlora_export_agrees_with_the_unmerged_nf4_model_as_well_as_the_noise_fl
                             probe=docs_file)
     floor = default["noise_floor"]["top1_agreement"]
     assert default["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005
+    assert default["warnings"] == []  # nothing to warn about at the noise floor
     # folding into the original weights departs further from what was trained
     assert (original["variants"]["export_fp32"]["mean_abs_logit_diff"]
             > default["variants"]["export_fp32"]["mean_abs_logit_diff"])
@@ -210,3 +211,14 @@ def test_adapter_only_export_for_vllm_pads_the_rank_on_request(tmp_path, tiny_ll
             logits.append(model(ids).logits)
     assert (logits[0] - logits[1]).abs().max() < 1e-5
     assert two_adapters.add(tmp_path / "padded", name="padded-again").version == 1  # its manifest's checksums hold
+
+
+def test_an_export_below_the_noise_floor_is_warned_about():
+    from peft_adapt.merge.export import fidelity_warnings
+
+    floor = {"top1_agreement": 0.983}
+    variants = {"export_bf16": {"top1_agreement": 0.978}, "requantized_nf4": {"top1_agreement": 0.981}}
+    warnings = fidelity_warnings(variants, floor, "bf16")
+    assert len(warnings) == 1 and "export_bf16: top-1 agreement 97.8% is below the noise floor's 98.3%" in warnings[0]
+    assert "--dtype fp32" in warnings[0]
+    assert fidelity_warnings({"export_fp32": {"top1_agreement": 0.993}}, floor, "fp32") == []

@@ -399,3 +399,46 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
         imported = second.load("shared-adapter").model.eval()(input_ids=ids, attention_mask=mask).logits
     assert (original - imported).abs().max() < 1e-5
     assert second.verify().ok
+
+
+@pytest.mark.parametrize("task", ["classification", "token_classification", "causal_lm"])
+def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tiny_llama, tiny_bert, docs_file,
+                                                                   sentiment_file, task, monkeypatch):
+    """README.md's snippet, run as written (no peft_adapt import), computes the logits peft_adapt computes."""
+    from conftest import causal_recipe, classification_recipe
+
+    from peft_adapt.loading import load_trained
+    from peft_adapt.recipe import parse_recipe
+    from peft_adapt.train import train_domain
+
+    if task == "causal_lm":
+        data = causal_recipe(tiny_llama, docs_file, max_steps=2)
+    else:
+        data = classification_recipe(tiny_bert, sentiment_file if task == "classification" else _ner_file(tmp_path),
+                                     max_steps=3)
+        data["task"]["type"] = task
+    result = train_domain(parse_recipe(data), next(iter(data["domains"])), tmp_path / "runs")
+    registry = Registry(tmp_path / "reg")
+    registry.add(result.out_dir, name="carded")
+    out = registry.export("carded", tmp_path / "exported")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama if task == "causal_lm" else tiny_bert)
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "peft_adapt" not in snippet
+    monkeypatch.chdir(out)  # the snippet loads ADAPTER = "." (this folder)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - our own generated, tested snippet
+    ids = scope["batch"]["input_ids"]
+    with torch.no_grad():
+        ours = load_trained(result.out_dir).model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    theirs = scope["logits"]
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_builtin_bases_are_named_by_their_hub_id_for_plain_tools():
+    from peft_adapt.builtin_models import portable_name
+
+    assert portable_name("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_name("/models/mine") == "/models/mine"
