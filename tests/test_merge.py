@@ -167,7 +167,8 @@ def test_qlora_export_agrees_with_the_unmerged_nf4_model_as_well_as_the_noise_fl
                             probe=docs_file)
     floor = default["noise_floor"]["top1_agreement"]
     assert default["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005
-    assert default["warnings"] == []  # nothing to warn about at the noise floor
+    below = [v for v, s in default["variants"].items() if s["top1_agreement"] < floor]
+    assert [w.split(":")[0] for w in default["warnings"]] == below  # a warning exactly where it falls below
     # folding into the original weights departs further from what was trained
     assert (original["variants"]["export_fp32"]["mean_abs_logit_diff"]
             > default["variants"]["export_fp32"]["mean_abs_logit_diff"])
