@@ -193,7 +193,7 @@ def test_a_full_queue_answers_429(tmp_path, tiny_llama):
         proc.wait(timeout=30)
 
 
-def test_classification_server(tmp_path, tiny_bert, sentiment_file):
+def test_classification_server(tmp_path, tiny_bert, tiny_llama, sentiment_file):
     from conftest import classification_recipe
 
     from peft_adapt.recipe import parse_recipe
@@ -202,8 +202,11 @@ def test_classification_server(tmp_path, tiny_bert, sentiment_file):
     registry = Registry(tmp_path / "reg")
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=10)), "sentiment", tmp_path)
     registry.add(result.out_dir, name="sentiment")
+    registry.import_peft(make_lora(tiny_llama, tmp_path / "lm", 4, ["q_proj"], seed=0), base=str(tiny_llama), name="lm")
     proc, url = _start(tiny_bert, registry.root)
     try:
+        listed = [m["id"] for m in httpx.get(f"{url}/v1/models", headers=_auth()).json()["data"]]
+        assert listed == [str(tiny_bert), "sentiment"]  # not the causal LM adapter of another base
         texts = ["good great fine", "awful broken sad"]
         body = httpx.post(f"{url}/v1/classify", headers=_auth(), json={"model": "sentiment", "input": texts}).json()
         runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)
