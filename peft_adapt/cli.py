@@ -353,6 +353,7 @@ def _cmd_quickstart(args) -> int:
         out=args.out, domains=tuple(args.domains.split(",")), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, eval_blocks=args.eval_blocks, model=args.model,
         quantization=args.quantization, rank=args.rank, learning_rate=args.learning_rate,
+        registry=None if args.no_register else Registry(args.registry),
     )
     print(format_report(report))
     print(f"report: {Path(args.out) / 'report.json'}  heatmap: {Path(args.out) / 'perplexity_heatmap.png'}")
@@ -526,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    p.add_argument("--no-register", action="store_true", help="do not register the adapters as quickstart-<domain>")
     p.set_defaults(func=_cmd_quickstart)
     for command in sub.choices.values():
         command.add_argument("--threads", type=_threads_arg, default=None,

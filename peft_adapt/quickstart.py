@@ -89,7 +89,10 @@ def quickstart_recipe(model: str, quantization: str, domains: dict, steps: int, 
 
 def run_quickstart(out: str | Path = "quickstart_out", domains: tuple[str, ...] = CORPORA, steps: int = 20,
                    batch_size: int = 4, max_length: int = 128, eval_blocks: int = 8, model: str = "smollm2-135m",
-                   quantization: str = "nf4", rank: int = 16, learning_rate: float = 1e-3, seed: int = 0) -> dict:
+                   quantization: str = "nf4", rank: int = 16, learning_rate: float = 1e-3, seed: int = 0,
+                   registry=None) -> dict:
+    """Train, measure and report; with a `registry`, each adapter is registered as quickstart-<domain>, ready for
+    `peft-adapt generate --adapter quickstart-code ...` and the server."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
@@ -113,11 +116,13 @@ def run_quickstart(out: str | Path = "quickstart_out", domains: tuple[str, ...] 
         held_out[name] = blocks[:eval_blocks]
 
     perplexity: dict[str, dict[str, float]] = {name: {} for name in domains}
-    train_seconds = {}
+    train_seconds, registered = {}, {}
     for step, name in enumerate(domains, start=1):
         print(f"== quickstart: training the {name} adapter ({step}/{len(domains)}) ==", flush=True)
         result = train_domain(recipe, name, out / "adapters")
         train_seconds[name] = result.metrics["train_seconds"]
+        if registry is not None:
+            registered[name] = registry.add(result.out_dir).ref
         pad = result.backbone.tokenizer.pad_token_id
         if "base" not in perplexity[domains[0]]:
             # The base is the first adapter's model with the adapter switched off: no second load.
@@ -140,6 +145,7 @@ def run_quickstart(out: str | Path = "quickstart_out", domains: tuple[str, ...] 
             name: perplexity[name][f"adapter:{name}"] / perplexity[name]["base"] - 1 for name in domains
         },
         "train_seconds": train_seconds,
+        "registered": registered,
         "wall_seconds": time.perf_counter() - started,
     }
     write_json(out / "report.json", report)
@@ -160,5 +166,8 @@ def format_report(report: dict) -> str:
     for name, change in report["own_domain_change"].items():
         verdict = "beats the base" if change < 0 else "does NOT beat the base"
         lines.append(f"adapter:{name} on its own domain: {change:+.1%} perplexity vs base ({verdict})")
+    if report.get("registered"):
+        lines.append("registered: " + ", ".join(report["registered"].values())
+                     + "  (try: peft-adapt generate --adapter quickstart-code \"def fibonacci(n):\")")
     lines.append(f"wall time: {report['wall_seconds']:.0f} s")
     return "\n".join(lines)
