@@ -106,7 +106,7 @@ def _cmd_registry(args) -> int:
     elif action == "import":
         entry = registry.import_peft(args.folder, base=args.base, name=args.name, domain=args.domain,
                                      tags=args.tag or [], allow_pickle=args.allow_pickle)
-        print(f"imported {entry.ref} (base {args.base}, fingerprint {entry.fingerprint})")
+        print(f"imported {entry.ref} (base {entry.base_model}, fingerprint {entry.fingerprint})")
     elif action == "export":
         print(f"exported {args.ref} to {registry.export(args.ref, args.out)}")
     elif action == "verify":
@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.set_defaults(func=_cmd_serve)
 

@@ -35,7 +35,7 @@ class ServerSettings:
     api_key: str | None = None
     admin_key: str | None = None
     max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int = 2048
+    max_prompt_tokens: int | None = None  # default: the base's positions
     max_tokens: int = 512
     max_batch: int = 32
     batch_window_ms: float = 10.0
@@ -133,7 +133,9 @@ def create_app(runtime, registry, settings: ServerSettings) -> FastAPI:
             yield gauge
 
     metrics.register(RuntimeCollector())
-    if settings.max_prompt_tokens > runtime.max_positions:
+    if settings.max_prompt_tokens is None:
+        settings.max_prompt_tokens = runtime.max_positions
+    elif settings.max_prompt_tokens > runtime.max_positions:
         log.warning("--max-prompt-tokens %d exceeds the %d positions of the base; using %d",
                     settings.max_prompt_tokens, runtime.max_positions, runtime.max_positions)
         settings.max_prompt_tokens = runtime.max_positions
