@@ -205,7 +205,8 @@ class ProgressLines(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (logs or {}).items()
                          if k in ("loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_perplexity"))
-        print(f"[{self.label}] step {state.global_step}/{state.max_steps} {shown}", flush=True)
+        if shown:
+            print(f"[{self.label}] step {state.global_step}/{state.max_steps} {shown}", flush=True)
 
 
 def _tensorboard(out_root: Path, domain: str):
@@ -276,6 +277,10 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         )
     else:
         trainer = AdapterTrainer(**options)
+    if progress_label is not None:  # our lines replace Trainer's printed dicts
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     resume_from = last_checkpoint(out_root, domain) if resume else None

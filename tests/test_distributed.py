@@ -43,6 +43,12 @@ def test_parallel_domains_registers_each_domain_once(tmp_path, tiny_llama, docs_
     assert done.returncode == 0, done.stderr[-3000:]
     entries = Registry(tmp_path / "reg").list()
     assert sorted((e.name, e.version) for e in entries) == [("t-code", 1), ("t-docs", 1)]
+    # each worker reports in whole lines of its own, not interleaved progress bars
+    lines = done.stdout.splitlines()
+    for worker, domain in ((0, "code"), (1, "docs")):  # the recipe's domains, dealt out in order
+        assert any(line.startswith(f"[worker {worker} {domain}] step 4/4") for line in lines), done.stdout
+        assert any(line.startswith(f"[worker {worker}] {domain}: eval") for line in lines), done.stdout
+    assert "it/s]" not in done.stderr and not any(line.startswith("{'") for line in lines)
 
 
 def test_a_failing_worker_reports_its_domain_and_leaves_no_half_written_adapter(tmp_path, tiny_llama, docs_file):
