@@ -134,6 +134,9 @@ def verify_checksums(folder: Path, manifest: dict) -> list[str]:
     problems = []
     for name, expected in manifest.get("files", {}).items():
         path = folder / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):  # never open what a link or FIFO leads to
+            problems.append(f"{path}: {'a symbolic link' if path.is_symlink() else 'not a regular file'}")
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing (the manifest lists it)")
             continue

@@ -13,6 +13,7 @@ Several processes may write at once: SQLite's write lock orders them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -50,7 +51,10 @@ CREATE TABLE IF NOT EXISTS adapters (
     PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (name, tag));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('changes', 0);
 """
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_root() -> Path:
@@ -124,33 +128,87 @@ def _summary_metrics(metrics: dict) -> dict:
 class Registry:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_root()
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "adapters").mkdir(exist_ok=True)
-        (self.root / ".staging").mkdir(exist_ok=True)
         self.db_path = self.root / "registry.db"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        # a registry on a read-only mount (or without write permission) is read, never written: no folders are
+        # made and the journal mode is left as its writer set it
+        self.read_only = self.root.is_dir() and not (os.access(self.root, os.W_OK) and
+                                                     (not self.db_path.exists() or os.access(self.db_path, os.W_OK)))
+        if self.read_only:
+            if not self.db_path.is_file():
+                raise UserInputError(f"{self.root} is read-only and holds no registry (no registry.db)")
+            return
+        with self._writing("create the registry"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "adapters").mkdir(exist_ok=True)
+            (self.root / ".staging").mkdir(exist_ok=True)
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
 
     # ------------------------------------------------------------ plumbing
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return _ClosingConnection(self._connect_read_only())
         db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=60000")
         return _ClosingConnection(db)
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Read-only: `mode=ro` reads a live WAL database; where its -shm file cannot be made (a read-only mount
+        of a registry nobody writes), `immutable=1` reads the file as it is."""
+        uri = self.db_path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
+        try:
+            db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+
+    def _require_writable(self, what: str) -> None:
+        if self.read_only:
+            raise UserInputError(f"cannot {what}: the registry {self.root} is read-only (a read-only mount or no write "
+                                 f"permission); reading it works, writes need a writable copy")
+
+    @contextmanager
+    def _writing(self, what: str):
+        """A full disk (or quota) is the user's to hear about in one line; nothing half-written is left visible."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise UserInputError(f"cannot {what}: no space left on the device holding {self.root} ({exc.strerror}); "
+                                     f"nothing was changed. Free some space and try again") from None
+            raise
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc) or "disk I/O" in str(exc):
+                raise UserInputError(f"cannot {what}: the registry index could not be written ({exc}); nothing was "
+                                     f"changed. Free some space and try again") from None
+            raise
+
     @contextmanager
     def _write(self):
-        """One write transaction; SQLite's lock makes concurrent writers take turns."""
+        """One write transaction; SQLite's lock makes concurrent writers take turns. Every write bumps the change
+        counter, which is how other processes (a server) notice that a name may now mean another version."""
+        self._require_writable("change the registry")
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def changes(self) -> int:
+        """A counter that moves with every write to the index, by any process: one cheap read to tell whether
+        anything a reader cached may have changed."""
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
+        return row[0] if row else 0
 
     def _entry(self, db, row) -> AdapterEntry:
         name, version = row[0], row[1]
@@ -240,8 +298,10 @@ class Registry:
         for t in tags:
             self._check_tag(t)
         self._check_files(folder, manifest, allow_pickle)
-        staging = self._stage(folder, allow_pickle)
-        return self._commit(staging, manifest, name, domain or manifest.get("domain"), tags)
+        self._require_writable(f"add {folder}")
+        with self._writing(f"add {folder}"):
+            staging = self._stage(folder, allow_pickle)
+            return self._commit(staging, manifest, name, domain or manifest.get("domain"), tags)
 
     def import_peft(self, folder: str | Path, base: str | None = None, name: str | None = None,
                     domain: str | None = None, tags: tuple[str, ...] | list[str] = (),
@@ -255,6 +315,7 @@ class Registry:
         folder = Path(folder)
         if not folder.is_dir():
             raise UserInputError(f"{folder} is not a folder; `registry import` takes an adapter folder")
+        adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
         has_manifest = (folder / MANIFEST).is_file()
         manifest = read_manifest(folder) if has_manifest else None
         kind, config = read_folder_config(folder)
@@ -287,6 +348,11 @@ class Registry:
         if problems:
             raise UserInputError(f"{folder} does not fit the base {base!r}: " + "; ".join(problems[:5])
                                  + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        self._require_writable(f"import {folder}")
+        with self._writing(f"import {folder}"):
+            return self._import_staged(folder, manifest, config, name, domain, tags, base, fingerprint, task, allow_pickle)
+
+    def _import_staged(self, folder, manifest, config, name, domain, tags, base, fingerprint, task, allow_pickle):
         staging = self._stage(folder, allow_pickle)
         if manifest is not None:  # it now runs on `base`, named as the user named it here
             recipe = manifest.get("recipe") or {}
@@ -304,6 +370,7 @@ class Registry:
         return self._commit(staging, manifest, name, domain or manifest.get("domain") or name, tags)
 
     def _check_files(self, folder: Path, manifest: dict, allow_pickle: bool) -> None:
+        adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
         read_folder_config(folder)
         weight_files(folder, allow_pickle)
         problems = verify_checksums(folder, manifest)
@@ -428,11 +495,13 @@ class Registry:
                 problems.append(f"{e.ref}: the manifest lists no weight files")
         known = {e.path for e in entries}
         orphans = [str(p) for p in sorted((self.root / "adapters").glob("*/*")) if p not in known]
-        orphans += [str(p) for p in sorted((self.root / ".staging").iterdir())]
+        staging = self.root / ".staging"
+        orphans += [str(p) for p in sorted(staging.iterdir())] if staging.is_dir() else []
         return VerifyReport(len(entries), problems, orphans)
 
     def collect_garbage(self, min_age_seconds: float = 3600) -> list[str]:
         """Delete orphan folders older than `min_age_seconds` (younger ones may belong to a live writer)."""
+        self._require_writable("collect garbage")
         removed = []
         now = time.time()
         for path in map(Path, self.verify().orphans):
@@ -442,15 +511,16 @@ class Registry:
         return removed
 
     def export(self, ref: str, out: str | Path) -> Path:
-        """Copy an adapter version into `out` as a plain peft folder (with its manifest)."""
+        """Copy an adapter version into `out` as a plain peft folder (with its manifest and model card)."""
         entry = self.get(ref)
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        for src in sorted(entry.path.iterdir()):
-            if src.is_file():
-                shutil.copy2(src, out / src.name)
+        check_export_target(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for src in adapter_files_to_copy(entry.path) + [entry.path / MANIFEST]:
+                shutil.copyfile(src, out / src.name, follow_symlinks=False)
+        except OSError as exc:
+            raise UserInputError(f"cannot export {entry.ref} to {out}: {exc.strerror or exc}") from None
         return out
 
     def load(self, ref: str, backbone=None, quantization: str | None = None, force: bool = False):
@@ -459,6 +529,14 @@ class Registry:
 
         entry = self.get(ref)
         return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref)
+
+
+def check_export_target(out: Path) -> None:
+    """An export writes a new folder: not into a file, not over anything."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"export target {out} is a file; give a new folder's path")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
 
 
 def _check_same_base(folder: Path, manifest: dict, fingerprint: dict, base: str) -> None:

@@ -442,3 +442,150 @@ def test_builtin_bases_are_named_by_their_hub_id_for_plain_tools():
     assert portable_name("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
     assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_name("/models/mine") == "/models/mine"
+
+
+# ---- read-only registries, a full disk, bad bytes
+
+
+READ_ONLY_SCRIPT = r"""
+import json, os, subprocess, sys, time
+import httpx
+from peft_adapt.cli import main
+from peft_adapt.registry import Registry
+root, base = sys.argv[1], sys.argv[2]
+registry = Registry(root)
+print("listed", [e.ref for e in registry.list()], registry.read_only, flush=True)
+print("verify", registry.verify().ok, flush=True)
+for argv in (["list"], ["show", "t-docs"], ["verify"], ["tag", "t-docs@1", "prod"]):
+    print("cli", argv[0], main(["registry", "--registry", root, *argv]), flush=True)
+server = subprocess.Popen([sys.executable, "-m", "peft_adapt.cli", "serve", "--base", base, "--quantization", "none",
+                           "--registry", root, "--port", sys.argv[3]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+url = f"http://127.0.0.1:{sys.argv[3]}"
+for _ in range(300):
+    try:
+        if httpx.get(url + "/health", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.2)
+reply = httpx.post(url + "/v1/completions", json={"model": "t-docs", "prompt": "def", "max_tokens": 3, "temperature": 0})
+print("served", reply.status_code, flush=True)
+server.terminate()
+print("files", sorted(os.listdir(root)), flush=True)
+"""
+
+
+def test_a_read_only_registry_is_listed_verified_and_served_and_refuses_writes(tmp_path, trained_adapter, tiny_llama):
+    from isolation import read_only_bind, run_with_mounts
+    from test_server import _free_port
+
+    registry = Registry(tmp_path / "reg")
+    registry.add(trained_adapter)
+    before = sorted(p.name for p in registry.root.iterdir())
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = run_with_mounts(read_only_bind(registry.root, mount), READ_ONLY_SCRIPT, str(mount), str(tiny_llama),
+                           str(_free_port()))
+    out = done.stdout
+    assert done.returncode == 0, done.stderr[-3000:] + out[-3000:]
+    assert "listed ['t-docs@1'] True" in out and "verify True" in out
+    assert "cli list 0" in out and "cli show 0" in out and "cli verify 0" in out
+    assert "cli tag 2" in out and "is read-only" in done.stdout + done.stderr
+    assert "served 200" in out
+    assert sorted(p.name for p in registry.root.iterdir()) == before  # nothing written beside it
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+DISK_FULL_SCRIPT = r"""
+import os, shutil, sys
+from peft_adapt.cli import main
+from peft_adapt.registry import Registry
+disk, adapter = sys.argv[1], sys.argv[2]
+registry = Registry(os.path.join(disk, "reg"))
+registry.add(adapter)
+before = [e.ref for e in registry.list()]
+free = shutil.disk_usage(disk).free
+with open(os.path.join(disk, "filler"), "wb") as f:  # leave less room than one more adapter needs
+    f.write(b"\0" * max(0, free - 16 * 1024))
+code = main(["registry", "--registry", registry.root.as_posix(), "add", adapter])
+print("add", code, flush=True)
+os.remove(os.path.join(disk, "filler"))
+print("after", [e.ref for e in registry.list()] == before, registry.verify().ok, flush=True)
+print("again", registry.add(adapter).ref, flush=True)
+"""
+
+
+def test_a_full_disk_during_add_is_one_clear_error_and_changes_nothing(tmp_path, trained_adapter):
+    from isolation import run_with_mounts
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = run_with_mounts([f"mount -t tmpfs -o size=4m tmpfs {disk}"], DISK_FULL_SCRIPT, str(disk), str(trained_adapter))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "add 2" in done.stdout and "no space left on the device" in done.stderr, done.stderr[-2000:]
+    assert "after True True" in done.stdout and "again t-docs@2" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_a_malicious_pickle_is_refused_in_one_line_even_when_pickle_is_allowed(tmp_path, trained_adapter, tiny_llama,
+                                                                               capsys):
+    import pickle
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    shutil.copy(trained_adapter / "adapter_config.json", folder)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    root = tmp_path / "reg"
+    code = main(["registry", "--registry", str(root), "import", str(folder), "--base", str(tiny_llama), "--name", "evil",
+                 "--allow-pickle"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused: not a plain file of tensors" in err and "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_export_to_a_file_is_refused(tmp_path, trained_adapter, capsys):
+    root = tmp_path / "reg"
+    Registry(root).add(trained_adapter)
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert main(["registry", "--registry", str(root), "export", "t-docs", "--out", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+def _evil_folder(trained_adapter: Path, tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / kind
+    shutil.copytree(trained_adapter, folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    if kind == "linked-extra":  # a link among the files that travel
+        (folder / "README.md").unlink(missing_ok=True)
+        os.symlink(secret, folder / "README.md")
+    elif kind == "linked-weights":
+        (folder / "adapter_model.safetensors").rename(tmp_path / "real.safetensors")
+        os.symlink(tmp_path / "real.safetensors", folder / "adapter_model.safetensors")
+    elif kind == "fifo":
+        os.mkfifo(folder / "metrics.json.tmp")  # an unknown name: left behind, never opened
+        (folder / "metrics.json").unlink()
+        os.mkfifo(folder / "metrics.json")
+    elif kind == "unknown-link":
+        os.symlink(secret, folder / "notes.txt")
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["linked-extra", "linked-weights", "fifo", "unknown-link"])
+def test_import_and_add_copy_only_the_adapters_own_plain_files(tmp_path, trained_adapter, tiny_llama, kind):
+    folder = _evil_folder(trained_adapter, tmp_path, kind)
+    registry = Registry(tmp_path / "reg")
+    if kind == "unknown-link":  # not a file of the adapter: left behind, not followed
+        entry = registry.add(folder)
+        assert not (entry.path / "notes.txt").exists()
+        assert "not yours" not in "".join(p.read_text(errors="ignore") for p in entry.path.iterdir())
+        return
+    for register in (lambda: registry.add(folder), lambda: registry.import_peft(folder, base=str(tiny_llama), name="x")):
+        with pytest.raises(UserInputError, match="symbolic link|not a regular file|missing"):
+            register()
+    assert registry.list() == [] and registry.verify().ok and not registry.verify().orphans

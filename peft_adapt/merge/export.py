@@ -20,6 +20,7 @@ from ..adapter_files import ADAPTER_CONFIG, read_adapter_config
 from ..backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
 from ..errors import UserInputError
 from ..manifest import file_checksums, write_json
+from ..registry import check_export_target
 from ..runtime.lora_weights import read_lora_weights
 from .fidelity import compare_logits, probe_token_ids
 from .lowrank import lora_delta
@@ -102,8 +103,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
             f"so only causal LM adapters export to a standalone model. Serve it with the runtime instead."
         )
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
+    check_export_target(out)
     base_model = manifest["recipe"]["base"]["model"]
     trained_q = manifest["recipe"]["base"].get("quantization", "none")
     lora = read_lora_weights(entry.path)
@@ -198,8 +198,7 @@ def export_adapter_folder(registry, ref: str, out: str | Path, pad_rank: bool = 
 
     entry = registry.get(ref)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
+    check_export_target(out)
     config = read_adapter_config(entry.path)
     if str(config.get("peft_type")).upper() != "LORA":
         raise UserInputError(f"{entry.ref} is a {config.get('peft_type')} adapter; vLLM serves LoRA adapters")
