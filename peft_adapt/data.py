@@ -224,23 +224,46 @@ def build_tag_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
     return LabelMap(sorted(tags, key=lambda t: (t != "O", t)))
 
 
+def label_value(row: dict, where: str):
+    """A row's label: `label` (an integer id or a name), else `label_name`; null, floats and lists are refused."""
+    key = "label" if row.get("label") is not None else "label_name"
+    value = row.get(key)
+    if value is None:
+        present = [k for k in ("label", "label_name") if k in row]
+        if present:
+            raise UserInputError(f"{where}: {' and '.join(present)} {'is' if len(present) == 1 else 'are'} null; "
+                                 f"give each row a label")
+        raise UserInputError(f"{where}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
+    if isinstance(value, float):
+        if value.is_integer():
+            raise UserInputError(f"{where}: label {value!r} is a number with a fraction part; write the id as an "
+                                 f"integer ({int(value)}) or use a name")
+        raise UserInputError(f"{where}: label {value!r} is a fraction; classification labels are integer ids or names")
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise UserInputError(f"{where}: label {value!r} is a {type(value).__name__}; use an integer id or a name")
+    return value
+
+
 def build_label_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
     """Integer labels keep their ids (names from `label_name` where given); string labels are sorted."""
     ids: dict[int, str] = {}
     names: set[str] = set()
+    first_id_row = first_name_row = None
     for row_no, row in rows:
-        value = row.get("label", row.get("label_name"))
-        if value is None:
-            raise UserInputError(f"{source}: row {row_no}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
-        if _is_int_label(value) and "label" in row:
+        value = label_value(row, f"{source}: row {row_no}")
+        if _is_int_label(value) and row.get("label") is not None:
             index = int(value)
             if index < 0:
                 raise UserInputError(f"{source}: row {row_no}: label {value!r} is negative; label ids start at 0")
             ids[index] = str(row.get("label_name", ids.get(index, index)))
+            first_id_row = first_id_row or (row_no, value)
         else:
             names.add(str(value))
+            first_name_row = first_name_row or (row_no, value)
     if ids and names:
-        raise UserInputError(f"{source}: labels mix integer ids and names; use one kind for every row")
+        raise UserInputError(
+            f"{source}: labels mix integer ids and names (row {first_id_row[0]} has {first_id_row[1]!r}, row "
+            f"{first_name_row[0]} has {first_name_row[1]!r}); use one kind for every row")
     if names:
         return LabelMap(sorted(names))
     return LabelMap([ids.get(i, str(i)) for i in range(max(ids) + 1)])
@@ -281,9 +304,7 @@ def parse_examples(
             examples.append(Example(row_no, words=[str(w) for w in words], tags=ids))
         else:
             text = text_of(row, task.text_field, where, source)
-            value = row.get("label", row.get("label_name"))
-            if value is None:
-                raise UserInputError(f"{source}: {where}: missing field 'label' or 'label_name' (fields found: {sorted(row)})")
+            value = label_value(row, f"{source}: {where}")
             examples.append(Example(row_no, text=text, label=labels.id_of(value, f"{source}: {where}")))
     return examples
 
@@ -497,7 +518,11 @@ def read_domain(
     if labels is not None and len(labels.names) < 2:
         raise UserInputError(f"{train_path}: every row has the same label {labels.names}; classification needs 2+ classes")
     train = parse_examples(train_rows, task, train_path, labels)
-    if eval_path is not None:
+    if task.type == "classification":
+        present = sorted({e.label for e in train})
+        if len(present) < 2:
+            raise UserInputError(f"{train_path}: every training row has label {labels.names[present[0]]!r}: a classifier "
+                                 f"learns nothing from one class; add rows of the other classes")
         held = parse_examples(read_rows(eval_path, "eval"), task, eval_path, labels)
     elif task.eval_fraction > 0:
         train, held = split_off_eval(train, task.eval_fraction, seed, train_path)

@@ -324,8 +324,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"recipe {path} does not exist")
+    from .data import read_utf8
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         raise UserInputError(f"{path}: not valid YAML: {exc}") from None
     if overrides and isinstance(data, dict):

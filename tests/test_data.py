@@ -86,6 +86,12 @@ def test_label_map_keeps_integer_ids_and_their_names():
         ([{"text": "ok", "label": 0}, {"body": "no text", "label": 1}], "row 2: missing field 'text'"),
         ([{"text": "", "label": 0}, {"text": "ok", "label": 1}], "row 1: field 'text' must be a non-empty string"),
         ([{"text": "no label"}], "row 1: missing field 'label'"),
+        ([{"text": "a", "label": 0}, {"text": "b", "label": None}], r"row 2: label is null"),
+        ([{"text": "a", "label": 0}, {"text": "b", "label": "pos"}], r"labels mix integer ids and names \(row 1 has 0, "
+                                                                    r"row 2 has 'pos'\)"),
+        ([{"text": "a", "label": 0}, {"text": "b", "label": 1.0}], r"row 2: label 1.0 is a number with a fraction part"),
+        ([{"text": "a", "label": 0.5}, {"text": "b", "label": 1}], r"row 1: label 0.5 is a fraction"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], r"every training row has label '1'"),
     ],
 )
 def test_bad_rows_name_the_file_and_row(tmp_path, rows, message):
@@ -121,3 +127,16 @@ def test_causal_lm_rows_need_text_or_prompt_and_completion(tmp_path):
     path = write_jsonl(tmp_path / "lm.jsonl", [{"text": "fine"}, {"prompt": "only a prompt"}])
     with pytest.raises(UserInputError, match="lm.jsonl: row 2: missing field 'completion'"):
         read_domain(TaskSpec(type="causal_lm"), path)
+
+
+def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
+    from peft_adapt.recipe import load_recipe
+
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes('{"text": "fine"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserInputError, match=r"latin1.jsonl: line 2: byte 0xe9 is not UTF-8"):
+        read_rows(data)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes("name: caf\xe9\nbase: {model: x}\n".encode("latin-1"))
+    with pytest.raises(UserInputError, match=r"recipe.yaml: line 1: byte 0xe9 is not UTF-8"):
+        load_recipe(recipe)
