@@ -336,7 +336,7 @@ def _cmd_serve(args) -> int:
         base_name=args.base, api_key=args.api_key or os.environ.get("PEFT_ADAPT_API_KEY"),
         admin_key=args.admin_key or os.environ.get("PEFT_ADAPT_ADMIN_KEY"), max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
-        batch_window_ms=args.batch_window_ms, max_queue=args.max_queue,
+        batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, batch_invariant=args.batch_invariant,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every request's output independent of what it is batched with (each row runs alone)")
     p.set_defaults(func=_cmd_serve)
 
     from .corpora import CORPORA

@@ -523,6 +523,7 @@ def read_domain(
         if len(present) < 2:
             raise UserInputError(f"{train_path}: every training row has label {labels.names[present[0]]!r}: a classifier "
                                  f"learns nothing from one class; add rows of the other classes")
+    if eval_path is not None:
         held = parse_examples(read_rows(eval_path, "eval"), task, eval_path, labels)
     elif task.eval_fraction > 0:
         train, held = split_off_eval(train, task.eval_fraction, seed, train_path)

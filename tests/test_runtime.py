@@ -311,3 +311,26 @@ def test_classifiers_mix_at_load_time_and_weights_1_0_give_the_first(tmp_path, t
     from_cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for row, h in zip(from_cli, half):
         assert row["probs"] == pytest.approx(h["probs"], abs=1e-5)
+
+
+def test_batch_invariant_mode_gives_each_row_what_it_gets_alone_on_nf4(tiny_llama, registry_with_adapters):
+    """32 prompts of mixed lengths over 4 adapters (and the base): alone, in any batch, or padded, the greedy tokens
+    are identical and the logits equal to < 1e-6 (by construction: every row runs as a batch of one, unpadded)."""
+    rng = random.Random(3)
+    words = "def class return import the of value list print for while self".split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) for _ in range(32)]
+    names = [rng.choice(["ad0", "ad1", "ad2", "ad3", None]) for _ in prompts]
+    rt = AdapterRuntime(str(tiny_llama), quantization="nf4", registry=registry_with_adapters, batch_invariant=True)
+    alone_tokens = [rt.generate([p], [n], max_new_tokens=6, return_tokens=True)[0] for p, n in zip(prompts, names)]
+    alone_logits = [rt.logits([p], [n])[0] for p, n in zip(prompts, names)]
+    assert rt.generate(prompts, names, max_new_tokens=6, return_tokens=True) == alone_tokens
+    order = list(range(32))
+    rng.shuffle(order)
+    subset = order[:11]
+    assert rt.generate([prompts[i] for i in subset], [names[i] for i in subset], max_new_tokens=6,
+                       return_tokens=True) == [alone_tokens[i] for i in subset]
+    for side in ("left", "right"):
+        padded = rt.logits(prompts, names, padding_side=side)
+        for i, alone in enumerate(alone_logits):
+            row = padded[i, -len(alone):] if side == "left" else padded[i, : len(alone)]
+            assert (row - alone).abs().max() < 1e-6, (side, i)

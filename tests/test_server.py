@@ -138,7 +138,7 @@ def test_every_error_comes_back_in_openai_shape_and_the_server_keeps_serving(ser
     post = lambda path, body, headers=None: httpx.post(f"{url}{path}", json=body, headers=headers or _auth(), timeout=60)  # noqa: E731
     good = {"model": "ad0", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     checks = [
-        (post("/v1/completions", good | {"model": "nope"}), 404, "ad0, ad1, ad2, ad3, base"),
+        (post("/v1/completions", good | {"model": "nope"}), 404, "base, ad0, ad1, ad2, ad3"),
         (post("/v1/completions", {"model": "ad0"}), 400, "prompt"),
         (post("/v1/completions", good | {"max_tokens": 100000}), 400, "exceeds the limit"),
         (post("/v1/completions", good | {"n": 3}), 400, "n must be 1"),

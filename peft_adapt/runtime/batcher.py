@@ -1,10 +1,12 @@
 """Dynamic batching: requests that arrive within a short window, whatever their adapters, run as one
-mixed batch through the runtime; each request gets its own tokens back as they are generated.
+mixed batch through the runtime; each request gets its own text back as it is generated.
 
-One worker thread owns the runtime. Requests wait in a bounded queue (a full queue is refused at
-once, so callers can answer 429). Generation jobs with the same sampling settings share a batch; each
-job keeps its own `max_tokens` (the batch runs to the longest, rows stop at their own limit or EOS).
-Classification jobs are batched the same way.
+One worker thread owns the runtime: every tokenizer call and forward pass happens there, never on a
+server's event loop. Requests wait in a bounded queue (a full queue is refused at once, so callers can
+answer 429). Generation jobs with the same sampling settings share a batch; each job keeps its own
+`max_tokens` and stop sequences (the batch runs to the longest, rows stop at their own limit, EOS or
+stop sequence). Classification jobs are batched the same way. Before each batch the runtime is told of
+registry changes made by any process (a name now meaning another version, or nothing).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .decoding import Sampling
+from ..errors import UserInputError
+from .decoding import Sampling, TextStream
 
 log = logging.getLogger("peft_adapt.batcher")
 
@@ -30,9 +33,11 @@ class GenerationJob:
     prompt: list[int]  # token ids
     adapter: str | None
     sampling: Sampling  # max_new_tokens is this job's own limit
-    emit: Callable[[str, object], None]  # ("token", id) | ("done", finish_reason) | ("error", exception)
-    cancelled: bool = False  # set by the caller (a stop sequence was reached, the client went away)
+    emit: Callable[[str, object], None]  # ("text", (piece, tokens so far)) | ("done", reason) | ("error", exc)
+    stops: list[str] = field(default_factory=list)
+    cancelled: bool = False  # set by the caller (the client went away)
     generated: int = 0
+    text: TextStream | None = None
 
     def group_key(self) -> tuple:
         s = self.sampling
@@ -44,12 +49,6 @@ class ClassifyJob:
     texts: list[str]
     adapter: str
     emit: Callable[[str, object], None]  # ("result", [dicts]) | ("error", exception)
-
-
-@dataclass
-class BatcherStats:
-    batches: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class DynamicBatcher:
@@ -84,25 +83,37 @@ class DynamicBatcher:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            jobs = [first]
-            deadline = time.monotonic() + self.window_seconds
-            while len(jobs) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    jobs.append(self._queue.get(timeout=remaining))
-                except queue.Empty:
-                    break
-            generation = [j for j in jobs if isinstance(j, GenerationJob) and not j.cancelled]
+            jobs = self._gather(first)
+            try:
+                self.runtime.sync_with_registry()
+            except Exception as exc:  # an unreadable registry fails this batch, not the worker
+                _log_unexpected(exc, "reading the registry failed")
+                for job in jobs:
+                    job.emit("error", exc)
+                continue
             groups: dict[tuple, list[GenerationJob]] = {}
-            for job in generation:
-                groups.setdefault(job.group_key(), []).append(job)
+            for job in jobs:
+                if isinstance(job, GenerationJob) and not job.cancelled:
+                    groups.setdefault(job.group_key(), []).append(job)
             for group in groups.values():
                 self._generate(group)
             classify = [j for j in jobs if isinstance(j, ClassifyJob)]
             if classify:
                 self._classify(classify)
+
+    def _gather(self, first) -> list:
+        """The first job and whatever else arrives within the window, up to max_batch."""
+        jobs = [first]
+        deadline = time.monotonic() + self.window_seconds
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return jobs
 
     def _generate(self, jobs: list[GenerationJob]) -> None:
         jobs = self._with_resident_adapters(jobs)
@@ -115,38 +126,42 @@ class DynamicBatcher:
             max_new_tokens=max(j.sampling.max_new_tokens for j in jobs), do_sample=first.do_sample,
             temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=first.seed,
         )
-        eos = self.runtime.tokenizer.eos_token_id
+        for job in jobs:
+            job.text = TextStream(self.runtime.tokenizer, job.stops)
         active = set(range(len(jobs)))
         try:
             stream = self.runtime.generate_stream([j.prompt for j in jobs], [j.adapter for j in jobs], sampling)
             for step in stream:
                 for i in list(active):
-                    job, token = jobs[i], step[i]
-                    if job.cancelled:
+                    if self._advance(jobs[i], step[i]):
                         active.discard(i)
-                        job.emit("done", "stop")
-                        continue
-                    if token is None:
-                        active.discard(i)
-                        job.emit("done", "stop")
-                        continue
-                    job.generated += 1
-                    job.emit("token", token)
-                    if token == eos:
-                        active.discard(i)
-                        job.emit("done", "stop")
-                    elif job.generated >= job.sampling.max_new_tokens:
-                        active.discard(i)
-                        job.emit("done", "length")
                 if not active:
                     stream.close()
                     break
             for i in active:
-                jobs[i].emit("done", "length")
+                _finish(jobs[i], "length")
         except Exception as exc:  # every waiting request hears of it; the worker keeps serving
             _log_unexpected(exc, "a generation batch failed")
             for i in active:
                 jobs[i].emit("error", exc)
+
+    def _advance(self, job: GenerationJob, token: int | None) -> bool:
+        """Take the row's next token; True once the job is done (EOS, its limit, a stop sequence, or cancelled)."""
+        if job.cancelled or token is None:
+            _finish(job, "stop")
+            return True
+        job.generated += 1
+        eos = token == self.runtime.tokenizer.eos_token_id
+        piece = "" if eos else job.text.add(token)
+        if piece:
+            job.emit("text", (piece, job.generated))
+        if eos or job.text.stopped:
+            _finish(job, "stop")
+            return True
+        if job.generated >= job.sampling.max_new_tokens:
+            _finish(job, "length")
+            return True
+        return False
 
     def _with_resident_adapters(self, jobs: list) -> list:
         """Load each distinct adapter first; a job whose adapter fails to load fails alone."""
@@ -155,6 +170,7 @@ class DynamicBatcher:
             try:
                 self.runtime.ensure_resident(name)
             except Exception as exc:
+                _log_unexpected(exc, f"loading adapter {name!r} failed")
                 failed[name] = exc
         for job in jobs:
             if job.adapter in failed:
@@ -182,9 +198,14 @@ class DynamicBatcher:
             start += len(j.texts)
 
 
+def _finish(job: GenerationJob, reason: str) -> None:
+    rest = job.text.finish() if job.text is not None else ""
+    if rest:
+        job.emit("text", (rest, job.generated))
+    job.emit("done", (reason, job.generated))
+
+
 def _log_unexpected(exc: Exception, what: str) -> None:
     """A bad request is the client's to hear about; anything else goes to the server's log with its traceback."""
-    from ..errors import UserInputError
-
     if not isinstance(exc, UserInputError):
         log.error("%s: %s", what, exc, exc_info=exc)

@@ -67,3 +67,43 @@ def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         logits = forward(tokens[:, None], mask, positions, cache)
+
+
+class TextStream:
+    """Tokens in, text out, as a client should see it stream: pieces are sent once they are final (never half a
+    character, never the start of what may become a stop sequence), and the stream stops at the first stop
+    sequence, which is not sent."""
+
+    def __init__(self, tokenizer, stops: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in (stops or []) if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The new text this token makes final ('' if none yet); `stopped` turns True at a stop sequence."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._send(text[:cut])
+        final = len(text) - self.holdback
+        if text.endswith("\ufffd"):  # the bytes of a character still arriving
+            final = min(final, len(text) - 1)
+        return self._send(text[: max(final, len(self.sent))])
+
+    def finish(self) -> str:
+        """What was held back, once no more tokens come."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return self._send(text)
+
+    def _send(self, upto: str) -> str:
+        if not upto.startswith(self.sent):  # decoding revised text already sent: send nothing until it settles
+            return ""
+        piece, self.sent = upto[len(self.sent):], upto
+        return piece

@@ -24,6 +24,7 @@ class ResidentAdapter:
     pooling: str | None = None
     max_length: int | None = None  # the training max_length: classification inputs are cut to it
     recipe: dict | None = None  # for a load-time combination: {ref: weight}
+    version: int | None = None  # the registry version it was read from (None: a folder, a mix, memory)
 
 
 class Residency:
@@ -50,7 +51,7 @@ class Residency:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(a.nbytes for a in self.adapters.values())
+        return sum(a.nbytes for a in self.adapters.copy().values())
 
     def victims_for(self, nbytes: int, keep: set[str] = frozenset()) -> list[str]:
         """Least-recently-used unpinned adapters to evict so one more of `nbytes` fits."""

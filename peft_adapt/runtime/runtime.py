@@ -44,7 +44,8 @@ TASKS = ("causal_lm", "classification")
 class AdapterRuntime:
     def __init__(self, base: str | BaseSpec, task: str = "causal_lm", quantization: str = "nf4",
                  registry=None, max_adapters: int | None = None, max_bytes: int | None = None,
-                 initial_capacity: int = 8, initial_rank: int = 8, device: str = "auto"):
+                 initial_capacity: int = 8, initial_rank: int = 8, device: str = "auto",
+                 batch_invariant: bool = False):
         if task not in TASKS:
             raise UserInputError(f"runtime task {task!r} is not known; use {' or '.join(TASKS)}")
         spec = base if isinstance(base, BaseSpec) else BaseSpec(model=base, quantization=quantization, device=device)
@@ -66,6 +67,9 @@ class AdapterRuntime:
         self._rank = max(1, initial_rank)
         self._size = 1  # padded bottleneck size
         self._lock = threading.RLock()
+        # each row runs alone, unpadded: its outputs never depend on its batch-mates (see `batch_invariant` below)
+        self.batch_invariant = batch_invariant
+        self._registry_changes: int | None = None
 
     # ------------------------------------------------------------ adapters in and out
 
@@ -129,7 +133,7 @@ class AdapterRuntime:
         adapter = ResidentAdapter(
             name=name, slot=slot, rank=0, nbytes=weights.nbytes, source=meta["source"], pinned=pin,
             head=getattr(weights, "head", {}), labels=meta.get("labels"), pooling=meta.get("pooling"),
-            max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
+            max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None, version=meta.get("version"),
         )
         if isinstance(weights, LoraWeights):
             self._write_slot(slot, weights)
@@ -144,7 +148,14 @@ class AdapterRuntime:
 
     def _read(self, ref: str, force: bool) -> tuple[object, dict]:
         """LoRA, bottleneck or prefix weights of a folder or registry ref, after checking they fit this base."""
-        folder, source = self.registry.locate(ref)
+        from ..registry import is_folder_ref
+
+        if is_folder_ref(ref):
+            folder, source = self.registry.locate(ref)
+            version = None
+        else:
+            entry = self.registry.get(ref)
+            folder, source, version = entry.path, entry.ref, entry.version
         manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
         if manifest:
             check_adapter(folder, manifest, self.backbone, source, force)
@@ -167,7 +178,8 @@ class AdapterRuntime:
             raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
         if self.task == "classification" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
-        meta = {"source": source, "labels": manifest.get("labels"), "pooling": manifest.get("pooling") or "mean",
+        meta = {"source": source, "version": version, "labels": manifest.get("labels"),
+                "pooling": manifest.get("pooling") or "mean",
                 "max_length": ((manifest.get("recipe") or {}).get("task") or {}).get("max_length")}
         return weights, meta
 
@@ -247,6 +259,32 @@ class AdapterRuntime:
         if count:
             self.residency.evictions += 1
 
+    def sync_with_registry(self) -> list[str]:
+        """Drop what the registry no longer says: a resident adapter loaded by registry name whose name now means
+        another version (a new one, a moved tag) or nothing (removed) is evicted; a pinned one is loaded again at
+        once. One cheap read of the registry's change counter when nothing changed. Returns the names affected."""
+        if self._registry is None:
+            return []
+        changes = self.registry.changes()
+        if changes == self._registry_changes:
+            return []
+        with self._lock:
+            self._registry_changes = changes
+            stale = []
+            for name, adapter in list(self.residency.adapters.items()):
+                if adapter.version is None:  # a folder, a mix or weights in memory: not the registry's to change
+                    continue
+                try:
+                    now = self.registry.get(name).version
+                except UserInputError:
+                    now = None
+                if now != adapter.version:
+                    stale.append(name)
+                    self._evict(name, count=False)
+                    if adapter.pinned and now is not None:
+                        self._load(name, None, True, False, keep=set())
+            return stale
+
     def unload(self, name: str) -> None:
         with self._lock:
             if name not in self.residency:
@@ -266,21 +304,22 @@ class AdapterRuntime:
         with self._lock:
             self._resident(name).pinned = pinned
 
+    # resident() and stats() read without the lock: a health check or metrics scrape never waits for a batch
+    # (a generation holds the lock for its whole stream); a read racing a load may miss that one adapter
+
     def resident(self) -> list[str]:
-        with self._lock:
-            return list(self.residency.adapters)
+        return list(self.residency.adapters.copy())
 
     def stats(self) -> dict:
-        with self._lock:
-            r = self.residency
-            stack_bytes = sum(b.numel() * b.element_size() for m in list(self.layers.values()) + list(self.bottlenecks.values())
-                              for b in m.buffers(recurse=False))
-            return {
-                "resident": len(r.adapters), "resident_adapter_bytes": r.resident_bytes, "stack_bytes": stack_bytes,
-                "slots": self._capacity, "padded_rank": self._rank, "padded_bottleneck": self._size,
-                "hits": r.hits, "misses": r.misses,
-                "evictions": r.evictions, "load_seconds": r.load_seconds,
-            }
+        r = self.residency
+        stacks = list(self.layers.values()) + list(self.bottlenecks.values())
+        stack_bytes = sum(b.numel() * b.element_size() for m in stacks for b in m.buffers(recurse=False))
+        return {
+            "resident": len(r.adapters), "resident_adapter_bytes": r.resident_bytes, "stack_bytes": stack_bytes,
+            "slots": self._capacity, "padded_rank": self._rank, "padded_bottleneck": self._size,
+            "hits": r.hits, "misses": r.misses,
+            "evictions": r.evictions, "load_seconds": r.load_seconds,
+        }
 
     def _resident(self, name: str, keep: set[str] = frozenset()) -> ResidentAdapter:
         """A resident adapter (a hit), or loaded now from where it came from (a miss), never evicting `keep`."""
@@ -294,9 +333,7 @@ class AdapterRuntime:
 
     def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
         """Each row's adapter (made resident), the rows that run stacked, and each prefix adapter's rows."""
-        names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
-        if len(names) != rows:
-            raise UserInputError(f"{len(names)} adapter names for {rows} rows; give one per row, or one for all")
+        names = _per_row(adapters, rows)
         wanted = {n for n in names if n not in BASE_NAMES}
         resident = [None if n in BASE_NAMES else self._resident(n, keep=wanted) for n in names]
         stacked = [i for i, a in enumerate(resident) if a is None or a.method != "prefix"]
@@ -367,6 +404,8 @@ class AdapterRuntime:
             else:
                 ids, mask = self._encode(inputs, padding_side)
             ids, mask = ids.to(self.device), mask.to(self.device)
+            if self.batch_invariant and ids.shape[0] > 1:
+                return self._logits_row_by_row(ids, mask, adapters)
             resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
             out = None
             if stacked:
@@ -382,6 +421,18 @@ class AdapterRuntime:
                     out = part.new_zeros(ids.shape[0], *part.shape[1:])
                 out[torch.tensor(rows, device=self.device)] = part
             return out
+
+    def _logits_row_by_row(self, ids: torch.Tensor, mask: torch.Tensor, adapters) -> torch.Tensor:
+        """Batch-invariant logits: each row alone, without its padding, put back at its own positions."""
+        names = _per_row(adapters, ids.shape[0])
+        out = None
+        for i, name in enumerate(names):
+            real = mask[i].bool()
+            row = self.logits(ids[i : i + 1, real], adapters=[name])[0]
+            if out is None:
+                out = row.new_zeros(ids.shape[0], ids.shape[1], row.shape[-1])
+            out[i, real] = row
+        return out
 
     def _prefix_logits(self, adapter: ResidentAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of one prefix adapter's rows: run right-padded, as peft trained them, then put back."""
@@ -420,6 +471,9 @@ class AdapterRuntime:
             raise UserInputError("generate() is for causal LM runtimes; use classify()")
         if sampling.max_new_tokens < 1:
             raise UserInputError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
+        if self.batch_invariant and not isinstance(prompts, str) and len(prompts) > 1:
+            yield from self._generate_row_by_row(prompts, adapters, sampling)
+            return
         with self._lock:
             ids, mask = self._encode(prompts, padding_side="left")  # generation appends on the right
             longest = int(mask.sum(1).max())
@@ -449,6 +503,22 @@ class AdapterRuntime:
                 if stacked_step is None and all(step >= len(row) for row in done.values()):
                     return
                 yield tokens
+
+    def _generate_row_by_row(self, prompts, adapters, sampling: Sampling) -> Iterator[list[int | None]]:
+        """Batch-invariant decoding: every row is its own stream (its own cache and, when sampling, its own seeded
+        generator), stepped in turn; each produces exactly what it produces alone."""
+        streams = [self.generate_stream([prompt], [name], sampling)
+                   for prompt, name in zip(prompts, _per_row(adapters, len(prompts)))]
+        try:
+            with self._lock:
+                for _ in range(sampling.max_new_tokens):
+                    tokens = [(next(stream, None) or [None])[0] for stream in streams]
+                    if all(t is None for t in tokens):
+                        return
+                    yield tokens
+        finally:
+            for stream in streams:
+                stream.close()
 
     def _step(self, batch: AdapterBatch, ids, mask, positions, cache) -> torch.Tensor:
         self.context.current = batch
@@ -484,9 +554,7 @@ class AdapterRuntime:
             raise UserInputError("classify() is for classification runtimes (task='classification')")
         if isinstance(texts, str):
             raise UserInputError("pass a list of texts (one per row), not a single string")
-        names = [adapters] * len(texts) if adapters is None or isinstance(adapters, str) else list(adapters)
-        if len(names) != len(texts):
-            raise UserInputError(f"{len(names)} adapter names for {len(texts)} texts; give one per text, or one for all")
+        names = _per_row(adapters, len(texts))
         results: list[dict] = []
         for start in range(0, len(texts), batch_size):
             with self._lock:
@@ -494,6 +562,8 @@ class AdapterRuntime:
         return results
 
     def _classify_batch(self, texts: list[str], names: list) -> list[dict]:
+        if self.batch_invariant and len(texts) > 1:
+            return [self._classify_batch([text], [name])[0] for text, name in zip(texts, names)]
         batch, resident = self._batch(names, len(texts))  # prefix classifiers are refused at load
         if any(a is None for a in resident):
             raise UserInputError("classification needs an adapter for every row (the base has no head)")
@@ -514,6 +584,14 @@ class AdapterRuntime:
                 results[i] = {"adapter": adapter.name, "label": names_of[label_id], "label_id": label_id,
                               "probs": dict(zip(names_of, p.tolist())), "tokens": int(mask[i].sum())}
         return results
+
+
+def _per_row(adapters, rows: int) -> list:
+    """One adapter name per row, from one name for all rows or a list of them."""
+    names = [adapters] * rows if adapters is None or isinstance(adapters, str) else list(adapters)
+    if len(names) != rows:
+        raise UserInputError(f"{len(names)} adapter names for {rows} rows; give one per row, or one for all")
+    return names
 
 
 def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,82 @@
+"""Wiring: the batcher, metrics, the door (`Guard`), error handlers and the routes, into one FastAPI app."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserInputError
+from ..runtime.batcher import DynamicBatcher
+from .guard import Guard, flat_routes
+from .routes import ServerState, router
+from .schemas import APIError, ServerSettings, error_response
+from .telemetry import ServerMetrics
+
+log = logging.getLogger("peft_adapt.server")
+
+
+def create_app(runtime, registry, settings: ServerSettings, from_folders: set[str] | None = None) -> FastAPI:
+    """An app serving `runtime` (one base) and `registry`'s adapters of that base; `from_folders`: adapters the
+    operator loaded from folders at start, which requests may name too."""
+    _bound_prompt_limit(settings, runtime.max_positions)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.batcher.close()
+
+    app = FastAPI(title="peft-adapt", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = ServerMetrics(runtime, waiting=lambda: batcher.waiting)
+    batcher = DynamicBatcher(runtime, settings.max_batch, settings.batch_window_ms / 1000, settings.max_queue,
+                             on_batch=metrics.batch_sizes.observe)
+    state = ServerState(runtime, registry, batcher, settings, metrics, set(from_folders or ()))
+    app.state.server = state
+    app.state.batcher = batcher
+    app.include_router(router)
+    _add_error_handlers(app)
+    app.add_middleware(Guard, settings=settings, metrics=metrics, routes=flat_routes(app.router.routes))
+    return app
+
+
+def _bound_prompt_limit(settings: ServerSettings, positions: int) -> None:
+    """The prompt limit never exceeds what the base can take; by default it is exactly that."""
+    if settings.max_prompt_tokens is None:
+        settings.max_prompt_tokens = positions
+    elif settings.max_prompt_tokens > positions:
+        log.warning("--max-prompt-tokens %d exceeds the %d positions of the base; using %d",
+                    settings.max_prompt_tokens, positions, positions)
+        settings.max_prompt_tokens = positions
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(UserInputError)
+    async def bad_input(request: Request, exc: UserInputError):
+        return error_response(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = "body_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+
+
+def _validation_error(errors: list[dict]):
+    """The first problem, named by its field (`temperature: ...`); a body that is not JSON says so, with where."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        position = next((p for p in first["loc"][1:] if isinstance(p, int)), None)
+        where = f" (at character {position})" if position is not None else ""
+        return error_response(400, f"the request body is not valid JSON{where}: {first['msg']}")
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)

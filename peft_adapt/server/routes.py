@@ -1,0 +1,185 @@
+"""The endpoints. Each parses, checks, and hands work to the batcher's thread: tokenizing and chat templates run
+in a thread pool, never on the event loop; keys and body limits were checked at the door (`guard.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import UserInputError
+from ..registry import is_folder_ref
+from ..runtime.batcher import ClassifyJob
+from ..runtime.decoding import Sampling
+from .generation import as_api_error, chat_prompt, respond, submit
+from .schemas import AdapterRequest, APIError, ChatRequest, ClassifyRequest, CompletionRequest, ServerSettings
+
+DEFAULT_CHAT_TOKENS = 256  # a chat request without max_tokens gets this, or the server's limit if lower
+
+router = APIRouter()
+
+
+@dataclass
+class ServerState:
+    runtime: object
+    registry: object
+    batcher: object
+    settings: ServerSettings
+    metrics: object
+    from_folders: set[str] = field(default_factory=set)  # adapters the operator loaded from folders at start
+
+    @property
+    def base_names(self) -> set[str]:
+        return {"base", self.settings.base_name}
+
+    def servable(self) -> list[str]:
+        """Registered adapters of this server's base and task, and the operator's own."""
+        fingerprint = self.runtime.backbone.fingerprint["id"]
+        names = {e.name for e in self.registry.list(base=fingerprint) if e.task == self.runtime.task}
+        return sorted(names | self.from_folders)
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base), as the registry says now. Requests name
+        registered adapters only: a path is never read from a request."""
+        if model in self.base_names:
+            return None
+        if model in self.from_folders and model in self.runtime.resident():
+            return model
+        try:
+            if is_folder_ref(model):
+                raise UserInputError(model)
+            entry = self.registry.get(model)
+        except UserInputError:
+            shown = ", ".join(sorted(self.base_names) + self.servable()[:30])
+            raise APIError(404, f"the model {model!r} does not exist; available: {shown}", code="model_not_found",
+                           param="model") from None
+        fingerprint = self.runtime.backbone.fingerprint["id"]
+        if entry.fingerprint != fingerprint or entry.task != self.runtime.task:
+            raise APIError(400, f"{entry.ref} is a {entry.task} adapter of base {entry.base_model!r}; this server "
+                                f"serves {self.runtime.task} on {self.settings.base_name!r}", param="model")
+        return model
+
+    def tokens_of(self, text: str) -> list[int]:
+        """Runs in a worker thread (tokenizing a long text takes time)."""
+        ids = self.runtime.tokenizer(text)["input_ids"]
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
+                           param="prompt", code="context_length_exceeded")
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return ids
+
+    def sampling_of(self, max_tokens: int, body, prompt_tokens: int) -> Sampling:
+        if max_tokens > self.settings.max_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {self.settings.max_tokens}",
+                           param="max_tokens")
+        if prompt_tokens + max_tokens > self.runtime.max_positions:
+            raise APIError(400, f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed the "
+                                f"{self.runtime.max_positions} positions of the base", param="max_tokens",
+                           code="context_length_exceeded")
+        return Sampling(max_new_tokens=max_tokens, do_sample=body.temperature > 0, temperature=body.temperature or 1.0,
+                        top_p=body.top_p, seed=body.seed)
+
+    def check_generation(self, n: int, count: int) -> None:
+        if n != 1:
+            raise APIError(400, "n must be 1: send one request per completion", param="n")
+        if count > self.settings.max_batch:
+            raise APIError(400, f"{count} prompts in one request; the limit is {self.settings.max_batch}", param="prompt")
+        if self.runtime.task != "causal_lm":
+            raise APIError(400, "this server serves a classification base: use /v1/classify")
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    state.check_generation(body.n, len(prompts))
+    adapter = await run_in_threadpool(state.adapter_for, body.model)
+    ids = await run_in_threadpool(lambda: [state.tokens_of(p) for p in prompts])
+    sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
+    return await respond("completion", body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher)
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, request: Request):
+    state = state_of(request)
+    state.check_generation(body.n, 1)
+    adapter = await run_in_threadpool(state.adapter_for, body.model)
+    messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
+    ids = [await run_in_threadpool(lambda: state.tokens_of(chat_prompt(state.runtime.tokenizer, messages)))]
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_TOKENS, state.settings.max_tokens)
+    sampling = state.sampling_of(max_tokens, body, len(ids[0]))
+    return await respond("chat", body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher)
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, request: Request):
+    state = state_of(request)
+    if state.runtime.task != "classification":
+        raise APIError(400, "this server serves a causal LM base: use /v1/completions")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if len(texts) > state.settings.max_batch:
+        raise APIError(400, f"input: give 1 to {state.settings.max_batch} texts", param="input")
+    adapter = await run_in_threadpool(state.adapter_for, body.model)
+    if adapter is None:
+        raise APIError(400, "classification needs an adapter: the base has no head", param="model")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    # texts are cut to the adapter's training max_length in the batcher's thread, as training cut them
+    submit(state.batcher, ClassifyJob(texts, adapter, lambda kind, value: loop.call_soon_threadsafe(
+        lambda: done.done() or done.set_result((kind, value)))))
+    kind, value = await done
+    if kind == "error":
+        raise as_api_error(value, "classification failed")
+    return {"object": "list", "model": body.model,
+            "data": [{"index": i, **{k: r[k] for k in ("label", "label_id", "probs")}} for i, r in enumerate(value)]}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = state_of(request)
+    created, resident = int(time.time()), set(state.runtime.resident())
+    names = [state.settings.base_name] + await run_in_threadpool(state.servable)
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "peft-adapt",
+                                        "resident": n in resident or n == state.settings.base_name} for n in names]}
+
+
+@router.post("/v1/adapters/load")
+async def load_adapter(body: AdapterRequest, request: Request):
+    state = state_of(request)
+    name = await run_in_threadpool(state.adapter_for, body.name)
+    if name is None:
+        raise APIError(400, f"{body.name!r} names the base, not an adapter", param="name")
+    entry = await run_in_threadpool(state.runtime.load, name, None, body.pin)
+    return {"loaded": entry.name, "slot": entry.slot, "pinned": entry.pinned, "source": entry.source}
+
+
+@router.post("/v1/adapters/unload")
+async def unload_adapter(body: AdapterRequest, request: Request):
+    state = state_of(request)
+    if body.name not in state.runtime.resident():
+        raise APIError(404, f"adapter {body.name!r} is not resident; resident: "
+                            f"{', '.join(state.runtime.resident()) or 'none'}", param="name", code="model_not_found")
+    await run_in_threadpool(state.runtime.unload, body.name)
+    return {"unloaded": body.name}
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = state_of(request)
+    return {"status": "ok", "base": state.settings.base_name, "task": state.runtime.task,
+            "resident": state.runtime.resident(), "waiting": state.batcher.waiting,
+            "batch_invariant": state.runtime.batch_invariant}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    return PlainTextResponse(state_of(request).metrics.text(), media_type="text/plain; version=0.0.4")

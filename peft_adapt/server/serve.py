@@ -1,0 +1,43 @@
+"""`peft-adapt serve`: load the base once, load (and pin) the operator's adapters, run uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserInputError
+from .schemas import ServerSettings
+
+
+def serve(base: str, quantization: str = "nf4", registry_root: str | None = None, adapters: list[str] | None = None,
+          host: str = "127.0.0.1", port: int = 8000, task: str = "auto", max_adapters: int | None = None,
+          settings: ServerSettings | None = None) -> None:
+    import uvicorn
+
+    from ..registry import Registry, is_folder_ref
+    from ..runtime import AdapterRuntime
+    from .app import create_app
+
+    settings = settings or ServerSettings(base_name=base)
+    registry = Registry(registry_root)
+    for name in adapters or []:  # only checked folders are served: a folder needs the manifest training wrote
+        if is_folder_ref(name) and not (Path(name).expanduser() / "manifest.json").is_file():
+            raise UserInputError(f"{name}: a folder without manifest.json cannot be served unchecked; register it "
+                                 f"first (peft-adapt registry import {name} --base {base})")
+    runtime = AdapterRuntime(base, task=_task_of(base) if task == "auto" else task, quantization=quantization,
+                             registry=registry, max_adapters=max_adapters, batch_invariant=settings.batch_invariant)
+    for name in adapters or []:
+        runtime.load(name, pin=True)
+    from_folders = {name for name in adapters or [] if is_folder_ref(name)}
+    app = create_app(runtime, registry, settings, from_folders)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _task_of(base: str) -> str:
+    """causal_lm for a model with a language-modelling head, classification for a bare encoder."""
+    from transformers import AutoConfig
+
+    from ..backbone import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(base))
+    architectures = " ".join(config.architectures or [])
+    return "causal_lm" if "CausalLM" in architectures or "LMHead" in architectures else "classification"
