@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,17 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(base: Path, registry: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(base: Path, registry: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     command = [sys.executable, "-m", "peft_adapt.cli", "serve", "--base", str(base), "--quantization", "none",
                "--registry", str(registry), "--port", str(port), "--api-key", KEY, "--admin-key", ADMIN, *extra]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # a pipe nobody reads could fill
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+    proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"the server exited: {proc.log_path.read_text()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
