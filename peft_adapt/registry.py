@@ -137,13 +137,15 @@ class Registry:
             if not self.db_path.is_file():
                 raise UserInputError(f"{self.root} is read-only and holds no registry (no registry.db)")
             return
-        with self._writing("create the registry"):
+        with self._writing("open the registry"):
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "adapters").mkdir(exist_ok=True)
             (self.root / ".staging").mkdir(exist_ok=True)
             with self._connect() as db:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(SCHEMA)
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"names", "adapters", "tags", "meta"} <= tables:  # opening an existing registry writes nothing
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(SCHEMA)
 
     # ------------------------------------------------------------ plumbing
 
@@ -184,8 +186,10 @@ class Registry:
             raise
         except sqlite3.OperationalError as exc:
             if "full" in str(exc) or "disk I/O" in str(exc):
-                raise UserInputError(f"cannot {what}: the registry index could not be written ({exc}); nothing was "
-                                     f"changed. Free some space and try again") from None
+                full = "full" in str(exc) or shutil.disk_usage(self.root).free < 1 << 20
+                cause = f"no space left on the device holding {self.root}" if full else f"the index could not be written"
+                raise UserInputError(f"cannot {what}: {cause} ({exc}); nothing was changed. "
+                                     f"{'Free some space and try again' if full else 'Check the disk'}") from None
             raise
 
     @contextmanager
