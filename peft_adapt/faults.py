@@ -8,3 +8,9 @@ import os
 def crash_point(step: str) -> None:
     if os.environ.get("PEFT_ADAPT_CRASH_AT") == step:
         os.kill(os.getpid(), 9)
+
+
+def fault_point(step: str) -> None:
+    """Fault injection for the error-path tests: raise an unexpected error here if PEFT_ADAPT_FAULT names this step."""
+    if os.environ.get("PEFT_ADAPT_FAULT") == step:
+        raise RuntimeError(f"injected fault at {step}")

@@ -310,8 +310,10 @@ def test_import_of_a_plain_peft_adapter_checks_it_fits_the_base(tmp_path, tiny_l
     loaded = registry.load("imported")  # onto the base it was imported against
     assert loaded.backbone.fingerprint["id"] == entry.fingerprint
     before = _snapshot(registry)
-    with pytest.raises(UserInputError, match="does not fit the base"):
+    with pytest.raises(UserInputError, match="does not fit the base") as err:
         registry.import_peft(folder, base=str(other_bases["architecture"]), name="misfit")
+    layers = [part.split(" ")[0].rstrip(":") for part in str(err.value).split(": ", 1)[1].split("; ")]
+    assert len(layers) == len(set(layers)), str(err.value)  # each layer named once, not once per matrix
     code = main(["registry", "--registry", str(root), "import", str(folder), "--base", str(other_bases["architecture"]),
                  "--name", "misfit"])
     assert code == 2 and "does not fit the base" in capsys.readouterr().err

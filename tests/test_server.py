@@ -28,13 +28,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(base: Path, registry: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+def _start(base: Path, registry: Path, *extra: str, cwd: Path | None = None, env: dict | None = None
+           ) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     command = [sys.executable, "-m", "peft_adapt.cli", "serve", "--base", str(base), "--quantization", "none",
                "--registry", str(registry), "--port", str(port), "--api-key", KEY, "--admin-key", ADMIN, *extra]
     log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)  # a pipe nobody reads could fill
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
     proc.log_path = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -176,3 +176,23 @@ def test_two_servers_and_a_cli_writer_agree_within_one_request(tmp_path, tiny_ll
         for proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("where", ["generation", "models"])
+def test_a_5xx_is_logged_with_its_traceback_and_answered_without_it(tmp_path, tiny_llama, where):
+    proc, url = _start(tiny_llama, Registry(tmp_path / "reg").root, env={"PEFT_ADAPT_FAULT": where})
+    try:
+        if where == "generation":
+            response = _complete(url, "base")
+            streamed = httpx.post(f"{url}/v1/completions", headers=_auth(), timeout=60,
+                                  json={"model": "base", "prompt": PROMPT, "max_tokens": 3, "stream": True})
+            _error(streamed, 500, "generation failed")
+        else:
+            response = httpx.get(f"{url}/v1/models", headers=_auth(), timeout=60)
+        _error(response, 500, "failed" if where == "generation" else "internal server error")
+        assert httpx.get(f"{url}/health").status_code == 200  # and it keeps serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.log_path.read_text()
+    assert "Traceback" in log and f"injected fault at {where}" in log, log[-2000:]

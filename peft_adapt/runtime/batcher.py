@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UserInputError
+from ..faults import fault_point
 from .decoding import Sampling, TextStream
 
 log = logging.getLogger("peft_adapt.batcher")
@@ -130,6 +131,7 @@ class DynamicBatcher:
             job.text = TextStream(self.runtime.tokenizer, job.stops)
         active = set(range(len(jobs)))
         try:
+            fault_point("generation")
             stream = self.runtime.generate_stream([j.prompt for j in jobs], [j.adapter for j in jobs], sampling)
             for step in stream:
                 for i in list(active):

@@ -12,6 +12,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserInputError
+from ..faults import fault_point
 from ..registry import is_folder_ref
 from ..runtime.batcher import ClassifyJob
 from ..runtime.decoding import Sampling
@@ -145,6 +146,7 @@ async def classify(body: ClassifyRequest, request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
+    fault_point("models")
     state = state_of(request)
     created, resident = int(time.time()), set(state.runtime.resident())
     names = [state.settings.base_name] + await run_in_threadpool(state.servable)
