@@ -7,44 +7,21 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from .builtin_models import BUILTIN_MODELS, builtin_model_path
 from .errors import UserInputError
 from .fingerprint import base_fingerprint
 from .heads import SequenceClassifier, TokenClassifier, default_pooling
+from .model_files import QUANTIZATIONS, BaseSpec, Quantization, resolve_model_path  # noqa: F401 (re-exported)
 
-Quantization = Literal["none", "int8", "nf4", "fp4"]
-QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # bitsandbytes casts int8 inputs to fp16 on every call and says so each time
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-
-class BaseSpec(BaseModel):
-    """The `base:` section of a recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="built-in alias, local folder, or hub id (needs the network)",
-                       json_schema_extra={"example": "minilm-l6"})
-    quantization: Quantization = "nf4"
-    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
-    # the dtype 4-bit weights are packed into; FSDP shards only floating tensors, so FSDP + QLoRA needs
-    # bfloat16 (matching the other parameters' dtype)
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field("uint8", description="bfloat16 for FSDP + QLoRA")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (only if you trust it)")
-    allow_pickle: bool = Field(False, description="accept .bin / .pt weights, which can run code when loaded")
 
 
 @dataclass
@@ -75,52 +52,6 @@ def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dty
             return torch.bfloat16
         return torch.float32
     return DTYPES[compute_dtype]
-
-
-def resolve_model_path(name: str, allow_pickle: bool = False) -> Path:
-    """A local folder holding config.json and weights for `name`."""
-    if name in BUILTIN_MODELS:
-        return builtin_model_path(name)
-    local = Path(name).expanduser()
-    if local.exists():
-        folder = local
-    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserInputError(
-            f"model {name!r} resolves nowhere: it is not a local folder, not a built-in alias "
-            f"({', '.join(BUILTIN_MODELS)}) and not a Hugging Face hub id of the form owner/name."
-        )
-    else:
-        folder = _download_from_hub(name)
-    if not (folder / "config.json").is_file():
-        raise UserInputError(f"model {name!r}: {folder} has no config.json; expected a Hugging Face model folder")
-    has_safetensors = any(folder.glob("*.safetensors"))
-    if not has_safetensors:
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        if not pickled:
-            raise UserInputError(f"model {name!r}: {folder} has no weight files (*.safetensors)")
-        if not allow_pickle:
-            raise UserInputError(
-                f"model {name!r}: {folder} has only pickle weights ({', '.join(pickled)}), which can run "
-                f"code when loaded. Convert them to safetensors, or set base.allow_pickle: true if you "
-                f"trust the source."
-            )
-    return folder
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-        )
-    except Exception as exc:  # offline, unknown repo, gated repo: all mean "not available here"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise UserInputError(
-            f"model {repo_id!r} resolves nowhere: not a local folder, not a built-in alias "
-            f"({', '.join(BUILTIN_MODELS)}), and the Hugging Face hub could not provide it"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}. Use a local folder or a built-in alias."
-        ) from None
 
 
 def quantization_config(spec: BaseSpec, compute_dtype: torch.dtype):

@@ -89,7 +89,7 @@ def _cmd_registry(args) -> int:
     elif action == "show":
         entry = registry.get(args.ref)
         if args.json:
-            print(json.dumps(entry.to_json() | {"manifest": entry.manifest}, indent=2))
+            print(json.dumps(entry.to_json() | {"manifest": entry.manifest.dump()}, indent=2))
         else:
             for key, value in entry.to_json().items():
                 print(f"{key:12} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
@@ -183,11 +183,10 @@ def _runtime_for(args, task: str):
         if not named:
             raise UserInputError("give --base MODEL, or an adapter whose base the registry knows")
         folder = registry.locate(named[0])[0]
-        from .manifest import read_manifest
+        from .formats import read_manifest
 
         manifest = read_manifest(folder)
-        base = manifest["recipe"]["base"]["model"]
-        quantization = quantization or manifest["recipe"]["base"].get("quantization") or "nf4"
+        base, quantization = manifest.base_model, quantization or manifest.quantization
     return AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
 
 
@@ -300,7 +299,7 @@ def _cmd_merge(args) -> int:
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     entry = combine_adapters(Registry(args.registry), args.adapters, args.method, args.name, weights=weights,
                              density=args.density, seed=args.seed, rank=args.rank)
-    merge = entry.manifest["merge"]
+    merge = entry.manifest.merge
     print(f"registered {entry.ref}: {args.method} of {', '.join(merge['parents'])} (weights {merge['weights']}, "
           f"rank {merge['rank']}, SVD relative error max {merge['relative_error_max']:.2e})")
     return 0

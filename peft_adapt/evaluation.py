@@ -132,17 +132,17 @@ def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: 
     """Load a trained adapter onto its base and score it on a data file; `base_only` scores its base alone
     (causal LM: the perplexity an adapter is measured against). `records` gets one entry per example."""
     from .loading import load_trained
-    from .manifest import read_manifest
+    from .formats import read_manifest
 
     manifest = read_manifest(adapter_dir)
-    task = TaskSpec.model_validate(manifest["recipe"]["task"])
-    names = manifest.get("labels")
+    task = TaskSpec.model_validate(manifest.task_spec)
+    names = manifest.labels
     examples = read_eval_file(task, Path(data_file), LabelMap(names) if names else None, max_rows)
     if base_only:
         if task.type != "causal_lm":
             raise UserInputError(f"{source or adapter_dir} is a {task.type} adapter: its base has no head to score "
                                  f"without it; --base-only measures causal LM bases")
-        base = BaseSpec.model_validate(manifest["recipe"]["base"])
+        base = manifest.base
         updates = {"device": device} | ({"quantization": quantization} if quantization else {})
         backbone = load_backbone(base.model_copy(update=updates), "causal_lm")
         model = backbone.model

@@ -19,7 +19,7 @@ from .backbone import resolve_model_path
 from .corpora import CORPORA, documents, is_held_out
 from .data import Example, tokenize_causal_lm
 from .evaluation import evaluate_causal_lm
-from .manifest import write_json
+from .formats import write_json
 from .plots import plot_heatmap
 from .recipe import parse_recipe
 from .train import train_domain

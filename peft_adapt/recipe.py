@@ -19,7 +19,7 @@ from .backbone import BaseSpec
 from .data import TaskSpec
 from .errors import UserInputError
 from .freeze import FREEZE_PATTERN
-from .methods import SPECS, AdapterSpec, LoraSpec
+from .methods import DEFAULT, SPECS, AdapterSpec
 from .objectives import DomainAdaptationSpec
 
 
@@ -115,7 +115,7 @@ class Recipe(BaseModel):
             if self.freeze != "all" and self.base.quantization != "none":
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")
         elif self.adapter is None:
-            self.adapter = LoraSpec()
+            self.adapter = SPECS[DEFAULT]()
         for name in self.domains:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"domain name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
@@ -191,7 +191,8 @@ def _inline(model: type[BaseModel]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def _section(model: type[BaseModel], indent: int, lines: list[str], commented: bool = False) -> None:
+def _section(model: type[BaseModel], indent: int, lines: list[str], commented: bool = False,
+             comments: dict[str, str] | None = None) -> None:
     for key, field in model.model_fields.items():
         nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
         if nested is not None and field.is_required():
@@ -199,7 +200,7 @@ def _section(model: type[BaseModel], indent: int, lines: list[str], commented: b
             _section(nested, indent + 1, lines, commented)
             continue
         value = _example(field) if field.is_required() else field.get_default(call_default_factory=True)
-        lines.append(_field_line(indent, key, _yaml_value(value), _describe(field), commented))
+        lines.append(_field_line(indent, key, _yaml_value(value), (comments or {}).get(key, _describe(field)), commented))
 
 
 def recipe_reference() -> str:
@@ -214,9 +215,9 @@ def recipe_reference() -> str:
         lines.append(f"{key}:")
         _section(model, 1, lines)
     lines.append(_header(0, "adapter", "or freeze: (below), not both"))
-    _section(SPECS["lora"], 1, lines)
+    _section(SPECS[DEFAULT], 1, lines, comments={"method": " | ".join(SPECS)})
     for name, spec in SPECS.items():
-        if name != "lora":
+        if name != DEFAULT:
             lines.append(f"# adapter: {_inline(spec)}")
     lines.append(_field_line(0, "freeze", "null", _describe(fields["freeze"]), commented=True))
     lines.append("training:")

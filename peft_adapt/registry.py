@@ -25,22 +25,28 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter_files import (
+from .errors import UserInputError
+from .faults import crash_point as _crash_point
+from .formats import (
+    MANIFEST,
     PICKLE_WEIGHTS,
+    Manifest,
     adapter_files_to_copy,
     adapter_fit_problems,
+    build_manifest,
     check_safetensors,
     convert_pickle_to_safetensors,
-    fsync_dir,
-    fsync_tree,
-    read_folder_config,
+    file_checksums,
+    folder_kind,
+    publish,
+    read_adapter_config,
+    read_manifest,
     tensor_shapes,
     verify_checksums,
     weight_files,
+    write_manifest,
 )
-from .errors import UserInputError
-from .faults import crash_point as _crash_point
-from .manifest import MANIFEST, build_manifest, read_manifest, file_checksums, write_json
+from .model_files import BaseSpec
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 SCHEMA = """
@@ -97,7 +103,7 @@ class AdapterEntry:
         return f"{self.name}@{self.version}"
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return read_manifest(self.path)
 
     def to_json(self) -> dict:
@@ -298,14 +304,14 @@ class Registry:
         if not folder.is_dir():
             raise UserInputError(f"{folder} is not a folder; `registry add` takes a folder written by `peft-adapt train`")
         manifest = read_manifest(folder)
-        name = check_name(name if name is not None else manifest.get("name") or "")
+        name = check_name(name if name is not None else manifest.name)
         for t in tags:
             self._check_tag(t)
         self._check_files(folder, manifest, allow_pickle)
         self._require_writable(f"add {folder}")
         with self._writing(f"add {folder}"):
             staging = self._stage(folder, allow_pickle)
-            return self._commit(staging, manifest, name, domain or manifest.get("domain"), tags)
+            return self._commit(staging, manifest, name, domain or manifest.domain, tags)
 
     def import_peft(self, folder: str | Path, base: str | None = None, name: str | None = None,
                     domain: str | None = None, tags: tuple[str, ...] | list[str] = (),
@@ -313,32 +319,30 @@ class Registry:
         """Register an adapter folder from elsewhere: one that `registry export` wrote (any task and method: its
         manifest travels with it and is checked), or a plain peft folder of a causal LM adapter. Either way every
         adapter matrix must fit a layer of `base` (default: the base its manifest names)."""
-        from .backbone import resolve_model_path
         from .fingerprint import base_fingerprint
+        from .model_files import resolve_model_path
 
         folder = Path(folder)
         if not folder.is_dir():
             raise UserInputError(f"{folder} is not a folder; `registry import` takes an adapter folder")
         adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
-        has_manifest = (folder / MANIFEST).is_file()
-        manifest = read_manifest(folder) if has_manifest else None
-        kind, config = read_folder_config(folder)
-        if kind == "trained_weights":
+        manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+        if folder_kind(folder) == "trained_weights":
             raise UserInputError(f"{folder} holds a fine-tuned model's weights, not an adapter; only adapters are imported")
+        config = read_adapter_config(folder)
         files = weight_files(folder, allow_pickle)
         if manifest is not None:
             self._check_files(folder, manifest, allow_pickle)
-            task = manifest.get("task")
-            base = base or manifest.get("base_model")
+            task, base = manifest.task, base or manifest.base_model
         else:
-            task = {"CAUSAL_LM": "causal_lm", None: "causal_lm"}.get(config.get("task_type"))
-            if kind != "peft" or task is None:
+            task = {"CAUSAL_LM": "causal_lm", None: "causal_lm"}.get(config.task_type)
+            if not config.is_peft or task is None:
                 raise UserInputError(
-                    f"{folder}: a {config.get('task_type') or kind} adapter without {MANIFEST}; only causal LM adapters "
-                    f"(task_type CAUSAL_LM) can be imported bare, because other heads differ between peft and this "
-                    f"package. Import a folder written by `peft-adapt registry export`, which carries its manifest"
+                    f"{folder}: a {config.task_type or config.method} adapter without {MANIFEST}; only causal LM "
+                    f"adapters (task_type CAUSAL_LM) can be imported bare, because other heads differ between peft and "
+                    f"this package. Import a folder written by `peft-adapt registry export`, which carries its manifest"
                 )
-        name = check_name(name or (manifest or {}).get("name") or "")
+        name = check_name(name or (manifest.name if manifest else ""))
         for t in tags:
             self._check_tag(t)
         if not base:
@@ -348,34 +352,27 @@ class Registry:
         if manifest is not None:
             _check_same_base(folder, manifest, fingerprint, base)
         base_config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-        problems = adapter_fit_problems(tensor_shapes(files), fingerprint, base_config, config if kind == "peft" else None)
+        problems = adapter_fit_problems(tensor_shapes(files), fingerprint, base_config, config)
         if problems:
             raise UserInputError(f"{folder} does not fit the base {base!r}: " + "; ".join(problems[:5])
                                  + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         self._require_writable(f"import {folder}")
         with self._writing(f"import {folder}"):
-            return self._import_staged(folder, manifest, config, name, domain, tags, base, fingerprint, task, allow_pickle)
+            staging = self._stage(folder, allow_pickle)
+            if manifest is not None:  # it now runs on `base`, named as the user named it here
+                manifest = manifest.model_copy(update={"base": manifest.base.model_copy(update={"model": base}),
+                                                       "base_fingerprint": fingerprint})
+            else:
+                manifest = build_manifest(staging, base=BaseSpec(model=base, quantization="none"), name=name,
+                                          domain=domain or name, method=config.method, task=task,
+                                          base_fingerprint=fingerprint, recipe={"task": {"type": task}})
+            manifest = manifest.model_copy(update={"imported_from": str(folder.resolve())})
+            return self._commit(staging, manifest, name, domain or manifest.domain or name, tags)
 
-    def _import_staged(self, folder, manifest, config, name, domain, tags, base, fingerprint, task, allow_pickle):
-        staging = self._stage(folder, allow_pickle)
-        if manifest is not None:  # it now runs on `base`, named as the user named it here
-            recipe = manifest.get("recipe") or {}
-            manifest = manifest | {"base_model": base, "base_fingerprint": fingerprint,
-                                   "recipe": recipe | {"base": (recipe.get("base") or {}) | {"model": base}}}
-        else:
-            method = {"PREFIX_TUNING": "prefix"}.get(str(config["peft_type"]).upper(), str(config["peft_type"]).lower())
-            manifest = build_manifest(
-                folder=staging, name=name, domain=domain or name, method=method, task=task,
-                base_model=base, base_fingerprint=fingerprint, quantization={"quantization": "unknown"},
-                recipe={"base": {"model": base, "quantization": "none"}, "task": {"type": task}},
-                data_sha256={}, metrics={},
-            )
-        manifest["imported_from"] = str(folder.resolve())
-        return self._commit(staging, manifest, name, domain or manifest.get("domain") or name, tags)
-
-    def _check_files(self, folder: Path, manifest: dict, allow_pickle: bool) -> None:
+    def _check_files(self, folder: Path, manifest: Manifest, allow_pickle: bool) -> None:
         adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
-        read_folder_config(folder)
+        if folder_kind(folder) == "adapter":
+            read_adapter_config(folder)
         weight_files(folder, allow_pickle)
         problems = verify_checksums(folder, manifest)
         if problems:
@@ -401,30 +398,24 @@ class Registry:
             raise
         return staging
 
-    def _commit(self, staging: Path, manifest: dict, name: str, domain: str | None, tags) -> AdapterEntry:
+    def _commit(self, staging: Path, manifest: Manifest, name: str, domain: str | None, tags) -> AdapterEntry:
         try:
             with self._write() as db:
                 row = db.execute("SELECT last_version FROM names WHERE name=?", (name,)).fetchone()
                 version = (row[0] if row else 0) + 1
-                manifest = manifest | {"name": name, "domain": domain, "version": version,
-                                       "files": file_checksums(staging)}
-                write_json(staging / MANIFEST, manifest)
-                fsync_tree(staging)
+                manifest = manifest.model_copy(update={"name": name, "domain": domain, "version": version,
+                                                       "files": file_checksums(staging)})
+                write_manifest(staging, manifest)
                 target = self.root / "adapters" / name / str(version)
-                if target.exists():  # an orphan: renamed into place by a writer that died before committing
-                    shutil.rmtree(target)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _crash_point("before_rename")
-                os.rename(staging, target)
-                fsync_dir(target.parent)
-                _crash_point("after_rename")
+                # a folder already there is an orphan, renamed into place by a writer that died before committing:
+                # `publish` replaces it, and nothing reaches the new folder until the transaction commits
+                publish(staging, target)
                 db.execute("INSERT OR REPLACE INTO names (name, last_version) VALUES (?, ?)", (name, version))
                 db.execute(
                     f"INSERT INTO adapters ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (name, version, domain, manifest.get("method"), manifest.get("task"), manifest.get("base_model"),
-                     manifest.get("base_fingerprint", {}).get("id"),
-                     (manifest.get("quantization") or {}).get("quantization"), manifest.get("created"),
-                     json.dumps(_summary_metrics(manifest.get("metrics") or {})), str(target.relative_to(self.root))),
+                    (name, version, domain, manifest.method, manifest.task, manifest.base_model,
+                     manifest.base_fingerprint.get("id"), manifest.quantization, manifest.created,
+                     json.dumps(_summary_metrics(manifest.metrics)), str(target.relative_to(self.root))),
                 )
                 for t in tags:
                     db.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, t, version))
@@ -492,10 +483,10 @@ class Registry:
             except UserInputError as exc:
                 problems.append(f"{e.ref}: {exc}")
                 continue
-            if manifest.get("version") != e.version or manifest.get("name") != e.name:
-                problems.append(f"{e.ref}: manifest says {manifest.get('name')}@{manifest.get('version')}")
+            if manifest.version != e.version or manifest.name != e.name:
+                problems.append(f"{e.ref}: manifest says {manifest.name}@{manifest.version}")
             problems += [f"{e.ref}: {p}" for p in verify_checksums(e.path, manifest)]
-            if not manifest.get("files"):
+            if not manifest.files:
                 problems.append(f"{e.ref}: the manifest lists no weight files")
         known = {e.path for e in entries}
         orphans = [str(p) for p in sorted((self.root / "adapters").glob("*/*")) if p not in known]
@@ -527,12 +518,6 @@ class Registry:
             raise UserInputError(f"cannot export {entry.ref} to {out}: {exc.strerror or exc}") from None
         return out
 
-    def load(self, ref: str, backbone=None, quantization: str | None = None, force: bool = False):
-        """The adapter `ref` applied to `backbone` (or to its own base, loaded), after the fingerprint check."""
-        from .loading import load_trained
-
-        entry = self.get(ref)
-        return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref)
 
 
 def check_export_target(out: Path) -> None:
@@ -543,16 +528,16 @@ def check_export_target(out: Path) -> None:
         raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
 
 
-def _check_same_base(folder: Path, manifest: dict, fingerprint: dict, base: str) -> None:
+def _check_same_base(folder: Path, manifest: Manifest, fingerprint: dict, base: str) -> None:
     """An adapter that says which base it was trained on is imported onto that base only."""
     from .fingerprint import fingerprint_differences
 
-    expected = manifest.get("base_fingerprint") or {}
+    expected = manifest.base_fingerprint
     if expected.get("id") in (None, fingerprint["id"]):
         return
     diffs = fingerprint_differences(expected, fingerprint)
     raise UserInputError(
-        f"{folder} was trained on base {manifest.get('base_model')!r} (fingerprint {expected.get('id')}), not on "
+        f"{folder} was trained on base {manifest.base_model!r} (fingerprint {expected.get('id')}), not on "
         f"{base!r} (fingerprint {fingerprint['id']}): they differ in " + "; ".join(diffs[:3])
         + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") + ". Import it with --base naming that model"
     )

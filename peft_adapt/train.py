@@ -23,16 +23,14 @@ import torch
 from transformers import TrainerCallback
 
 from .adaptation import DomainAdaptationTrainer
-from .adapter_files import TRAINED_WEIGHTS
 from .backbone import Backbone, disable_cpu_repacking, load_backbone
 from .checkpoints import AdapterTrainer, CrashAfterCheckpoint
 from .data import Collator, DomainData, read_domain, tokenize_domain
 from .errors import UserInputError
 from .evaluation import evaluate_task, nll_per_row
 from .freeze import apply_freeze
-from .manifest import build_manifest, write_json
-from .methods import inject_adapter
-from .methods.bottleneck import save_bottleneck
+from .formats import ADAPTER_CONFIG, TRAINED_WEIGHTS, Manifest, build_manifest, staged_folder, write_json, write_manifest
+from .methods import inject_adapter, method
 from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe
@@ -47,7 +45,7 @@ class TrainResult:
     domain: str
     out_dir: Path
     metrics: dict
-    manifest: dict
+    manifest: Manifest | None  # None on a data-parallel worker other than the main one
     model: torch.nn.Module
     backbone: Backbone
     data: DomainData
@@ -344,54 +342,36 @@ def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
 
 
 def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Backbone, data: DomainData,
-                 metrics: dict, log_history: list[dict], gathered: Path | None = None) -> dict:
-    """Write the adapter (peft format, or ours for bottleneck) or a baseline's trained weights, with metrics,
-    curves and manifest, into a temporary folder beside `out_dir`, then rename it into place: a crash
-    leaves no half-written adapter."""
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if gathered is not None:  # weights Trainer gathered from FSDP shards
-        for f in gathered.iterdir():
-            if f.suffix in (".json", ".safetensors") and f.name not in ("training_args.json", "trainer_state.json"):
-                shutil.move(str(f), staging / f.name)
-        shutil.rmtree(gathered, ignore_errors=True)
-    elif recipe.method == "bottleneck":
-        save_bottleneck(model, staging)
-    elif recipe.adapter is not None:
-        model.save_pretrained(staging, safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
+                 metrics: dict, log_history: list[dict], gathered: Path | None = None) -> Manifest:
+    """Write the adapter (its method's format) or a baseline's trained weights, with metrics, curves, model card and
+    manifest, as one folder that appears whole (`formats.staged_folder`): a crash leaves no half-written adapter."""
+    with staged_folder(out_dir) as staging:
+        if gathered is not None:  # weights Trainer gathered from FSDP shards
+            for f in gathered.iterdir():
+                if f.suffix in (".json", ".safetensors") and f.name not in ("training_args.json", "trainer_state.json"):
+                    shutil.move(str(f), staging / f.name)
+            shutil.rmtree(gathered, ignore_errors=True)
+        elif recipe.adapter is not None:
+            method(recipe.method).save(model, staging)
+        else:
+            from safetensors.torch import save_file
 
-        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trained, str(staging / TRAINED_WEIGHTS))
-    if recipe.adapter is not None:
-        describe_for_plain_tools(staging, recipe, domain, data.labels.names if data.labels else None,
-                                 getattr(backbone.model, "pooling", None))
-    write_json(staging / "metrics.json", metrics)
-    write_json(staging / "log_history.json", log_history)
-    plot_loss_curves(log_history, staging / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
-    manifest = build_manifest(
-        folder=staging,
-        name=f"{recipe.name}-{domain}" if recipe.name else domain,
-        domain=domain,
-        method=recipe.method,
-        task=recipe.task.type,
-        base_model=recipe.base.model,
-        base_fingerprint=backbone.fingerprint,
-        quantization=recipe.base.model_dump(include={"quantization", "double_quant", "compute_dtype"}),
-        recipe=recipe.model_dump(mode="json"),
-        data_sha256=data.examples.data_sha256,
-        metrics=metrics,
-        labels=data.labels.names if data.labels else None,
-    )
-    manifest["pooling"] = getattr(backbone.model, "pooling", None)
-    write_json(staging / "manifest.json", manifest)
-    if out_dir.exists():  # a previous run's folder: moved aside, then removed
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.rename(out_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(staging, out_dir)
+            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, str(staging / TRAINED_WEIGHTS))
+        labels = data.labels.names if data.labels else None
+        pooling = getattr(backbone.model, "pooling", None)
+        if recipe.adapter is not None:
+            describe_for_plain_tools(staging, recipe, domain, labels, pooling)
+        write_json(staging / "metrics.json", metrics)
+        write_json(staging / "log_history.json", log_history)
+        plot_loss_curves(log_history, staging / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")
+        manifest = build_manifest(
+            staging, base=recipe.base, name=f"{recipe.name}-{domain}" if recipe.name else domain, domain=domain,
+            method=recipe.method, task=recipe.task.type, labels=labels, pooling=pooling,
+            base_fingerprint=backbone.fingerprint, recipe=recipe.model_dump(mode="json"),
+            data_sha256=data.examples.data_sha256, metrics=metrics,
+        )
+        write_manifest(staging, manifest)
     return manifest
 
 
@@ -408,7 +388,6 @@ def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: 
                              pooling: str | None) -> None:
     """What other tools read: peft's `base_model_name_or_path` names the base portably (the hub id of a
     built-in, not a path inside this machine's cache), and README.md says how to load it without us."""
-    from .adapter_files import ADAPTER_CONFIG
     from .builtin_models import portable_name
     from .model_card import model_card
 
@@ -417,7 +396,7 @@ def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: 
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = portable_name(recipe.base.model)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    peft_loadable = config_path.is_file() and (recipe.method != "prefix" or recipe.task.type == "causal_lm")
+    peft_loadable = method(recipe.method).peft_loadable(recipe.task.type)
     card = model_card(f"{recipe.name}-{domain}" if recipe.name else domain, recipe.task.type, recipe.method,
                       recipe.base.model, labels, pooling, recipe.task.max_length, peft_loadable)
     (folder / "README.md").write_text(card, encoding="utf-8")

@@ -34,7 +34,7 @@ def test_minilm_lora_on_nf4_learns_amazon_sentiment(tmp_path, shared_data):
         "training.early_stopping=null", "training.learning_rate=1e-3", "task.max_length=64",
     ])
     result = train_domain(recipe, "kitchen", tmp_path)
-    assert result.manifest["pooling"] == "mean"  # the sentence-transformer's own pooling
+    assert result.manifest.pooling == "mean"  # the sentence-transformer's own pooling
     assert result.metrics["test"]["accuracy"] > 0.65, result.metrics["test"]
 
 

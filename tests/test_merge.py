@@ -12,11 +12,10 @@ from test_runtime import TEXTS, make_lora
 from peft_adapt.cli import main
 from peft_adapt.errors import UserInputError
 from peft_adapt.merge import combine_adapters, export_adapter_folder, export_model
-from peft_adapt.merge.lowrank import lora_delta
 from peft_adapt.merge.methods import DELTA_METHODS
 from peft_adapt.registry import Registry
 from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.runtime.lora_weights import read_lora_weights
+from peft_adapt.methods.lora import LORA, lora_delta
 
 # ---- the methods against references written from the papers, entry by entry
 
@@ -74,12 +73,12 @@ def two_adapters(tmp_path_factory, tiny_llama):
 
 
 def _deltas(registry: Registry, ref: str) -> dict[str, torch.Tensor]:
-    return {p: lora_delta(*m) for p, m in read_lora_weights(registry.get(ref).path).modules.items()}
+    return {p: lora_delta(*m) for p, m in LORA.read(registry.get(ref).path).sites.items()}
 
 
 def test_linear_with_weights_1_0_equals_the_first_adapter(tiny_llama, two_adapters):
     entry = combine_adapters(two_adapters, ["a", "b"], "linear", "lin10", weights=[1.0, 0.0])
-    assert entry.manifest["merge"]["parents"] == ["a@1", "b@1"]
+    assert entry.manifest.merge["parents"] == ["a@1", "b@1"]
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=two_adapters)
     assert (rt.logits(TEXTS, adapters="lin10") - rt.logits(TEXTS, adapters="a")).abs().max() < 1e-5
 
@@ -103,13 +102,13 @@ def test_merged_adapters_carry_the_methods_delta_at_full_rank(two_adapters, meth
         zero = torch.zeros_like(merged[path])
         expected = DELTA_METHODS[method]([a.get(path, zero), b.get(path, zero)], [0.6, 0.4], 0.5, generator)
         torch.testing.assert_close(merged[path], expected, atol=1e-5, rtol=1e-4)
-    assert entry.manifest["merge"]["relative_error_max"] < 1e-5
+    assert entry.manifest.merge["relative_error_max"] < 1e-5
 
 
 def test_svd_recompresses_to_the_largest_parent_rank_and_reports_the_loss(two_adapters):
     entry = combine_adapters(two_adapters, ["a", "b"], "svd", "svd8")
-    assert read_lora_weights(entry.path).rank == 8
-    assert 0 < entry.manifest["merge"]["relative_error_max"] < 1
+    assert LORA.read(entry.path).extent == 8
+    assert 0 < entry.manifest.merge["relative_error_max"] < 1
 
 
 def test_merge_refuses_adapters_of_different_bases(tmp_path, two_adapters, tiny_llama):

@@ -14,6 +14,7 @@ from peft_adapt.errors import UserInputError
 from peft_adapt.merge import combine_adapters, export_model
 from peft_adapt.methods.bottleneck import BottleneckSpec, find_sites, inject_bottleneck
 from peft_adapt.recipe import parse_recipe
+from peft_adapt.loading import load_registered
 from peft_adapt.registry import Registry
 from peft_adapt.runtime import AdapterRuntime
 from peft_adapt.testing import build_tiny_model
@@ -68,7 +69,7 @@ def test_training_lowers_the_loss(tmp_path, tiny_llama, docs_file, method, quant
     result = train_domain(parse_recipe(data), "docs", tmp_path)
     first, last = _first_and_last_loss(result)
     assert last < first - 0.1, (first, last)
-    assert result.manifest["method"] == method
+    assert result.manifest.method == method
 
 
 @pytest.mark.parametrize("method", ["bottleneck", "prefix"])
@@ -146,7 +147,7 @@ def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path):
 @pytest.mark.parametrize("method", ["bottleneck", "prefix"])
 def test_runtime_computes_what_the_trained_model_computes(tiny_llama, trained, method):
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
-    loaded = trained.load(f"{method}0")
+    loaded = load_registered(trained, f"{method}0")
     ids = torch.tensor([rt.tokenizer(TEXTS[0])["input_ids"]])
     with torch.no_grad():
         expected = loaded.model(input_ids=ids).logits
@@ -161,7 +162,7 @@ def test_linear_averaging_of_one_method_and_export_refusal(tmp_path, tiny_llama,
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
     assert (rt.logits(TEXTS, adapters=entry.ref) - rt.logits(TEXTS, adapters=f"{method}0")).abs().max() < 1e-5
     half = combine_adapters(trained, [f"{method}0", f"{method}1"], "linear", f"{method}-half")
-    assert half.manifest["merge"]["weights"] == [0.5, 0.5]
+    assert half.manifest.merge["weights"] == [0.5, 0.5]
     with pytest.raises(UserInputError, match="combine by linear averaging only"):
         combine_adapters(trained, [f"{method}0", f"{method}1"], "ties", "nope")
     with pytest.raises(UserInputError, match=f"cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
@@ -179,6 +180,6 @@ def test_the_wrong_base_guard_covers_every_method(tmp_path, trained):
     backbone = load_backbone(BaseSpec(model=str(other), quantization="none"))
     for ref in ("bottleneck0", "prefix0"):
         with pytest.raises(UserInputError, match="weights: same shapes, different weight values"):
-            trained.load(ref, backbone=backbone)
+            load_registered(trained, ref, backbone=backbone)
         with pytest.raises(UserInputError, match="trained on base .* weights: same shapes, different weight values"):
             AdapterRuntime(str(other), quantization="none", registry=trained).load(ref)

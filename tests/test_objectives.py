@@ -168,4 +168,4 @@ def test_token_classification_trains_and_scores_entities(tmp_path, tiny_bert, se
     scores = result.metrics["eval"]
     assert set(scores) >= {"precision", "recall", "f1", "word_accuracy"}
     assert scores["word_accuracy"] > 0.8, scores  # the tags are learnable from the words
-    assert result.manifest["labels"][0] == "O"
+    assert result.manifest.labels[0] == "O"

@@ -19,6 +19,7 @@ import torch
 from peft_adapt.backbone import BaseSpec, load_backbone
 from peft_adapt.cli import main
 from peft_adapt.errors import UserInputError
+from peft_adapt.loading import load_registered
 from peft_adapt.registry import Registry
 from peft_adapt.testing import build_tiny_model
 
@@ -59,7 +60,7 @@ def test_round_trip_is_bit_identical(tmp_path, trained_adapter):
     # and what it computes is what the training folder computes
     from peft_adapt.loading import load_trained
 
-    assert torch.equal(_logits(registry.load("t-docs").model, IDS), _logits(load_trained(trained_adapter).model, IDS))
+    assert torch.equal(_logits(load_registered(registry, "t-docs").model, IDS), _logits(load_trained(trained_adapter).model, IDS))
 
 
 def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter):
@@ -159,7 +160,7 @@ def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, tr
 
     reference = _logits(load_trained(trained_adapter).model, IDS)
     for entry in registry.list()[:3] + registry.list()[-2:]:
-        loaded = registry.load(entry.ref)
+        loaded = load_registered(registry, entry.ref)
         assert torch.equal(_logits(loaded.model, IDS), reference), entry.ref
 
 
@@ -186,12 +187,12 @@ def test_wrong_base_guard_fires_and_names_both_bases(tmp_path, trained_adapter, 
     registry.add(trained_adapter)
     other = load_backbone(BaseSpec(model=str(other_bases[difference]), quantization="none"))
     with pytest.raises(UserInputError) as err:
-        registry.load("t-docs", backbone=other)
+        load_registered(registry, "t-docs", backbone=other)
     message = str(err.value)
     assert says in message
     assert str(other_bases[difference]) in message and "trained on base" in message
     if difference != "architecture":  # same layer shapes: forcing it loads
-        registry.load("t-docs", backbone=other, force=True)
+        load_registered(registry, "t-docs", backbone=other, force=True)
 
 
 def test_wrong_base_guard_stays_quiet_for_the_same_base_in_another_quantization(tmp_path, trained_adapter, tiny_llama, caplog):
@@ -201,7 +202,7 @@ def test_wrong_base_guard_stays_quiet_for_the_same_base_in_another_quantization(
     import logging
 
     with caplog.at_level(logging.INFO, logger="peft_adapt.loading"):
-        loaded = registry.load("t-docs", backbone=nf4)
+        loaded = load_registered(registry, "t-docs", backbone=nf4)
     assert "trained on a none base and runs on a nf4 base" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     # it computes what plain peft computes with the same adapter on a fresh nf4 base
@@ -277,7 +278,7 @@ def test_pickle_adapter_is_accepted_when_allowed_and_stored_as_safetensors(tmp_p
     assert sorted(p.name for p in entry.path.glob("adapter_model.*")) == ["adapter_model.safetensors"]
     from peft_adapt.loading import load_trained
 
-    assert torch.equal(_logits(registry.load(entry.ref).model, IDS), _logits(load_trained(trained_adapter).model, IDS))
+    assert torch.equal(_logits(load_registered(registry, entry.ref).model, IDS), _logits(load_trained(trained_adapter).model, IDS))
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "x..y", "bad\x07name", "new\nline", "", "-leading"])
@@ -307,7 +308,7 @@ def test_import_of_a_plain_peft_adapter_checks_it_fits_the_base(tmp_path, tiny_l
     registry = Registry(root)
     entry = registry.import_peft(folder, base=str(tiny_llama), name="imported", domain="docs")
     assert entry.method == "lora" and entry.fingerprint == registry.get("imported").fingerprint
-    loaded = registry.load("imported")  # onto the base it was imported against
+    loaded = load_registered(registry, "imported")  # onto the base it was imported against
     assert loaded.backbone.fingerprint["id"] == entry.fingerprint
     before = _snapshot(registry)
     with pytest.raises(UserInputError, match="does not fit the base") as err:
@@ -332,7 +333,7 @@ def test_verify_finds_a_file_changed_inside_the_registry(tmp_path, trained_adapt
     assert not report.ok and "t-docs@1" in report.problems[0] and "does not match" in report.problems[0]
     assert main(["registry", "--registry", str(root), "verify"]) == 1
     with pytest.raises(UserInputError, match="checksum mismatch, refusing to load"):
-        registry.load("t-docs")
+        load_registered(registry, "t-docs")
 
 
 def test_train_registers_every_adapter_and_list_json_shows_them(tmp_path, tiny_llama, docs_file, capsys):
@@ -398,7 +399,7 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
     mask = torch.ones_like(ids)
     with torch.no_grad():
         original = load_trained(result.out_dir).model.eval()(input_ids=ids, attention_mask=mask).logits
-        imported = second.load("shared-adapter").model.eval()(input_ids=ids, attention_mask=mask).logits
+        imported = load_registered(second, "shared-adapter").model.eval()(input_ids=ids, attention_mask=mask).logits
     assert (original - imported).abs().max() < 1e-5
     assert second.verify().ok
 

@@ -117,7 +117,8 @@ def test_unload_and_reuse_of_a_slot_leave_no_trace(tiny_llama, adapters):
     rt.logits(TEXTS[:1], adapters=big)
     slot = rt.residency.adapters[big].slot
     rt.unload(big)
-    assert all(layer.A[slot].abs().sum() == 0 and layer.B[slot].abs().sum() == 0 for layer in rt.layers.values())
+    lora = [site.components["lora"] for site in rt.sites.values()]
+    assert all(c.A[slot].abs().sum() == 0 and c.B[slot].abs().sum() == 0 for c in lora)
     assert rt.load(small).slot == slot  # the freed slot is reused
     fresh = AdapterRuntime(str(tiny_llama), quantization="none")
     fresh.load(small)
@@ -187,7 +188,8 @@ def test_load_time_linear_combination_is_exact(tiny_llama, adapters):
     rt.load(b)
     rt.load("mix", weights={a: 0.25, b: 0.75})
     # per layer, the combined delta is the weighted sum of the parts' deltas
-    for path, layer in rt.layers.items():
+    for path, site in rt.sites.items():
+        layer = site.components["lora"]
         delta = lambda name: layer.B[rt.residency.adapters[name].slot] @ layer.A[rt.residency.adapters[name].slot]  # noqa: E731
         torch.testing.assert_close(delta("mix"), 0.25 * delta(a) + 0.75 * delta(b), atol=1e-6, rtol=1e-5)
 

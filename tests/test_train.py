@@ -18,9 +18,9 @@ from peft_adapt.train import train_domain
 
 def _loss_before_and_after(result) -> tuple[float, float]:
     """Loss on the training examples with the adapter off (the base) and on (the trained model)."""
-    task = result.manifest["task"]
+    task = result.manifest.task
     pad = result.backbone.tokenizer.pad_token_id
-    labels = result.manifest["labels"]
+    labels = result.manifest.labels
     num_labels = len(labels) if labels else None
     after = evaluate_task(result.model, result.data.train, task, pad, num_labels)
     if task == "causal_lm":
@@ -55,11 +55,11 @@ def test_training_writes_adapter_manifest_metrics_and_curves(tmp_path, tiny_bert
     for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "metrics.json", "loss_curve.png"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("name", "domain", "version", "method", "base_model", "base_fingerprint", "quantization", "recipe",
+    for key in ("name", "domain", "version", "method", "base", "base_fingerprint", "recipe",
                 "data_sha256", "metrics", "files", "created", "library_versions", "labels"):
         assert key in manifest, key
     assert manifest["labels"] == ["negative", "positive"]
-    assert manifest["quantization"]["quantization"] == "nf4"
+    assert manifest["base"]["quantization"] == "nf4" and "quantization" not in manifest  # the base, stored once
     from peft_adapt.builtin_models import sha256_file
 
     # every file travels checksummed: the weights, the config that says how to read them, the reports
@@ -112,7 +112,7 @@ def test_freeze_modes_train_exactly_the_named_parts(tmp_path, tiny_bert, sentime
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert {n for n in trained if not any(n.startswith(t) for t in trains)} == set()
     assert all(any(n.startswith(t) for n in trained) for t in trains)
-    assert result.manifest["method"] in ("head_only", "full", "partial_bottom1")
+    assert result.manifest.method in ("head_only", "full", "partial_bottom1")
     assert (result.out_dir / "trained_weights.safetensors").is_file()
 
 

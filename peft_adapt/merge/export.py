@@ -1,7 +1,8 @@
-"""Fold a LoRA adapter into its base and save a standalone model that loads with `transformers` alone.
+"""Fold an adapter into its base and save a standalone model that loads with `transformers` alone.
 
-Folding a delta into a 4-bit base and quantizing again rounds most of it away. So the base is
-dequantized, the delta added in fp32, and the result saved in the chosen dtype. A QLoRA adapter was
+Any method that folds (its `fold`: LoRA adds its delta, (IA)3 scales rows or columns) folds here; the others are
+refused with their reason. Folding into a 4-bit base and quantizing again rounds most of an adaptation away. So
+the base is dequantized, the adapter folded in fp32, and the result saved in the chosen dtype. A QLoRA adapter was
 trained against the dequantized 4-bit weights, so by default the delta is folded into exactly those
 (`base_weights="dequantized"`), and the exported model computes what was trained; `"original"` folds
 into the checkpoint's full-precision weights instead. Requantizing is an option, never the default.
@@ -16,22 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter_files import ADAPTER_CONFIG, read_adapter_config
 from ..backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
 from ..errors import UserInputError
-from ..manifest import file_checksums, write_json
+from ..formats import file_checksums, staged_folder, write_json
+from ..methods import AdapterWeights, TABLE, method
 from ..registry import check_export_target
-from ..runtime.lora_weights import read_lora_weights
 from .fidelity import compare_logits, probe_token_ids
-from .lowrank import lora_delta
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-UNFOLDABLE = {
-    "bottleneck": "a bottleneck adapter adds new layers (down-projection, nonlinearity, up-projection) between "
-                  "the base's layers; no change of the existing weights computes the same function",
-    "prefix": "prefix tuning adds learned key/value vectors to every attention layer's input, which no change "
-              "of the base's weights reproduces",
-}
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
@@ -50,8 +43,9 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
-def folded_state_dict(base_model: str, quantization: str, base_weights: str, lora) -> tuple[dict, dict]:
-    """The base's fp32 state dict (dequantized from `quantization` or original) and the same with the delta added."""
+def folded_state_dict(base_model: str, quantization: str, base_weights: str, weights: AdapterWeights
+                      ) -> tuple[dict, dict]:
+    """The base's fp32 state dict (dequantized from `quantization` or original) and the same with the adapter folded in."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(base_model)
@@ -66,11 +60,12 @@ def folded_state_dict(base_model: str, quantization: str, base_weights: str, lor
                 state[f"{name}.weight"] = weight
         del quantized
     base_state = dict(state)
-    for path_, (a, b, scale) in lora.modules.items():
+    adapting = method(weights.method)
+    for path_, site in weights.sites.items():
         key = f"{path_}.weight"
         if key not in state:
             raise UserInputError(f"the adapter adapts {path_!r}, which the base {base_model!r} does not have")
-        state[key] = state[key] + lora_delta(a, b, scale).to(state[key].dtype)
+        state[key] = adapting.fold(state[key], site)
     return base_state, state
 
 
@@ -92,22 +87,21 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     started = time.perf_counter()
     entry = registry.get(ref)
     manifest = entry.manifest
-    method = manifest.get("method")
-    if method in UNFOLDABLE:
-        raise UserInputError(f"{entry.ref} cannot be exported into base weights: {UNFOLDABLE[method]}. Serve it with the runtime instead.")
-    if method != "lora" or not (entry.path / ADAPTER_CONFIG).is_file():
-        raise UserInputError(f"{entry.ref} is a {method} adapter; export folds LoRA adapters into the base")
-    if manifest.get("task") != "causal_lm":
+    if manifest.method not in TABLE:
+        raise UserInputError(f"{entry.ref} is a {manifest.method} model, not an adapter; export folds adapters")
+    adapting = method(manifest.method)
+    if adapting.fold_reason is not None:
+        raise UserInputError(f"{entry.ref} cannot be exported into base weights: {adapting.fold_reason}. "
+                             f"Serve it with the runtime instead.")
+    if manifest.task != "causal_lm":
         raise UserInputError(
-            f"{entry.ref} is a {manifest.get('task')} adapter; its pooling head is not a transformers architecture, "
+            f"{entry.ref} is a {manifest.task} adapter; its pooling head is not a transformers architecture, "
             f"so only causal LM adapters export to a standalone model. Serve it with the runtime instead."
         )
     out = Path(out)
     check_export_target(out)
-    base_model = manifest["recipe"]["base"]["model"]
-    trained_q = manifest["recipe"]["base"].get("quantization", "none")
-    lora = read_lora_weights(entry.path)
-    base_state, folded = folded_state_dict(base_model, trained_q, base_weights, lora)
+    base_model, trained_q = manifest.base_model, manifest.quantization
+    base_state, folded = folded_state_dict(base_model, trained_q, base_weights, adapting.read(entry.path))
 
     path = resolve_model_path(base_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -189,47 +183,16 @@ def _generation_config(path: Path, model):
         return GenerationConfig.from_model_config(model.config)
 
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
 def export_adapter_folder(registry, ref: str, out: str | Path, pad_rank: bool = False) -> list[str]:
-    """A LoRA folder that vanilla peft and vLLM load; returns warnings saying what to change, if anything."""
-    from safetensors.torch import load_file, save_file
-
+    """An adapter folder that vanilla peft and vLLM load (methods that vLLM serves); returns warnings saying what
+    to change, if anything."""
     entry = registry.get(ref)
     out = Path(out)
     check_export_target(out)
-    config = read_adapter_config(entry.path)
-    if str(config.get("peft_type")).upper() != "LORA":
-        raise UserInputError(f"{entry.ref} is a {config.get('peft_type')} adapter; vLLM serves LoRA adapters")
-    warnings = []
-    state = load_file(str(entry.path / "adapter_model.safetensors"))
-    rank = int(config["r"])
-    if rank not in VLLM_RANKS:
-        allowed = min(r for r in VLLM_RANKS if r >= rank) if rank <= VLLM_RANKS[-1] else None
-        if pad_rank and allowed:
-            # zero-padding A and B keeps B @ A; scaling alpha with r keeps alpha / r
-            for key, t in list(state.items()):
-                if ".lora_A." in key:
-                    state[key] = torch.cat([t, t.new_zeros(allowed - t.shape[0], t.shape[1])])
-                elif ".lora_B." in key:
-                    state[key] = torch.cat([t, t.new_zeros(t.shape[0], allowed - t.shape[1])], 1)
-            config["lora_alpha"] = float(config["lora_alpha"]) * allowed / rank
-            config["r"] = allowed
-        else:
-            warnings.append(f"rank {rank} is not one vLLM accepts ({', '.join(map(str, VLLM_RANKS))}); "
-                            f"export again with --pad-rank to pad it to {allowed} (the same delta)")
-    if config.get("use_dora"):
-        warnings.append("DoRA adapters are not supported by vLLM; retrain with adapter.dora: false")
-    if config.get("modules_to_save"):
-        warnings.append(f"modules_to_save {config['modules_to_save']} (a trained head) is not supported by vLLM; "
-                        f"vLLM serves causal LM LoRA adapters without extra modules")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        warnings.append(f"task_type {config.get('task_type')}: vLLM serves causal LM adapters")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
-    import json
-
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    write_json(out / "manifest.json", entry.manifest | {"files": file_checksums(out)})
+    adapting = method(entry.manifest.method) if entry.manifest.method in TABLE else None
+    if adapting is None or not hasattr(adapting, "vllm_folder"):
+        raise UserInputError(f"{entry.ref} is a {entry.manifest.method} adapter; vLLM serves LoRA adapters")
+    with staged_folder(out) as staging:
+        warnings = adapting.vllm_folder(entry.path, staging, pad_rank)
+        write_json(staging / "manifest.json", entry.manifest.dump() | {"files": file_checksums(staging)})
     return warnings

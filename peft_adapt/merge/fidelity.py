@@ -22,7 +22,7 @@ def compare_logits(found: torch.Tensor, expected: torch.Tensor) -> dict:
     }
 
 
-def _probe_texts(manifest: dict, probe: str | Path | None) -> list[str]:
+def _probe_texts(manifest, probe: str | Path | None) -> list[str]:
     from ..data import read_rows
     from ..recipe import Recipe
 
@@ -34,8 +34,8 @@ def _probe_texts(manifest: dict, probe: str | Path | None) -> list[str]:
         return [t for t in texts if t]
     # the adapter's own eval data, if it is still where the recipe said
     try:
-        recipe = Recipe.model_validate(manifest["recipe"])
-        spec = recipe.domains.get(manifest.get("domain"))
+        recipe = Recipe.model_validate(manifest.recipe)
+        spec = recipe.domains.get(manifest.domain)
         for value in (spec.eval, spec.test, spec.train) if spec else ():
             if value and recipe.data_path(value).exists():
                 rows = read_rows(recipe.data_path(value))
@@ -48,7 +48,7 @@ def _probe_texts(manifest: dict, probe: str | Path | None) -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def probe_token_ids(tokenizer, manifest: dict, probe: str | Path | None, tokens: int) -> torch.Tensor:
+def probe_token_ids(tokenizer, manifest, probe: str | Path | None, tokens: int) -> torch.Tensor:
     """[blocks, 128] token ids: `tokens` tokens of probe text packed into blocks."""
     ids: list[int] = []
     for text in _probe_texts(manifest, probe):

@@ -1,8 +1,8 @@
-"""Adapter methods behind one small interface: a spec (the recipe's `adapter:` section) and `inject`.
+"""Adapter methods: one module each, and this one table that every other layer asks (see `base.py`).
 
-- `lora.py`: LoRA / DoRA through peft; mergeable into base weights.
+- `lora.py`: LoRA / DoRA through peft; stacked in the runtime, folds into base weights, feeds the merge methods.
 - `bottleneck.py`: sequential bottleneck adapters (Houlsby, Pfeiffer), our own: peft has none.
-- `prefix.py`: prefix tuning through peft.
+- `prefix.py`: prefix tuning through peft; served per group.
 """
 
 from __future__ import annotations
@@ -11,19 +11,35 @@ from typing import Annotated, Union
 
 from pydantic import Discriminator, Tag
 
-from .bottleneck import BottleneckSpec, inject_bottleneck
-from .lora import LoraSpec, inject_lora
-from .prefix import PrefixSpec, inject_prefix
+from ..errors import UserInputError
+from ..formats import read_adapter_config
+from .base import AdapterMethod, AdapterWeights, StackComponent  # noqa: F401 (the protocol, for callers)
+from .bottleneck import BOTTLENECK
+from .lora import LORA
+from .prefix import PREFIX
 
-SPECS = {"lora": LoraSpec, "bottleneck": BottleneckSpec, "prefix": PrefixSpec}
-METHODS = tuple(SPECS)
+TABLE: dict[str, AdapterMethod] = {m.name: m for m in (LORA, BOTTLENECK, PREFIX)}
+DEFAULT = LORA.name  # a recipe's `adapter:` without `method:`
+SPECS = {name: method.spec for name, method in TABLE.items()}
+METHODS = tuple(TABLE)
+
+
+def method(name: str) -> AdapterMethod:
+    if name not in TABLE:
+        raise UserInputError(f"adapter method {name!r} is not known; the methods are {', '.join(METHODS)}")
+    return TABLE[name]
+
+
+def method_of_folder(folder) -> AdapterMethod:
+    """The method an adapter folder's config names."""
+    return method(read_adapter_config(folder).method)
 
 
 def _method_of(value) -> str:
-    """The union's tag: `method:` if given (LoRA when absent)."""
+    """The union's tag: `method:` if given (the default method when absent)."""
     if isinstance(value, dict):
-        return value.get("method", "lora")
-    return getattr(value, "method", "lora")
+        return value.get("method", DEFAULT)
+    return getattr(value, "method", DEFAULT)
 
 
 AdapterSpec = Annotated[
@@ -34,14 +50,4 @@ AdapterSpec = Annotated[
 
 def inject_adapter(model, spec, task: str, head_modules: list[str], model_type: str | None = None):
     """Return `model` with a fresh, trainable adapter of `spec.method`; the base stays frozen."""
-    if spec.method == "lora":
-        return inject_lora(model, spec, task, head_modules)
-    if spec.method == "bottleneck":
-        model.requires_grad_(False)
-        inject_bottleneck(model, spec, model_type)
-        for name in head_modules:
-            model.get_submodule(name).requires_grad_(True)
-        return model
-    if spec.method == "prefix":
-        return inject_prefix(model, spec, task)
-    raise ValueError(f"unknown adapter method {spec.method!r}")
+    return method(spec.method).inject(model, spec, task, head_modules, model_type)

@@ -1,15 +1,28 @@
-"""Prefix tuning through peft (Li & Liang 2021): learned key/value prefixes for every attention layer.
+"""Prefix tuning (Li & Liang 2021) through peft: learned key/value prefixes for every attention layer.
 
-`num_virtual_tokens` prefixes; with `projection: true` they are produced by a small MLP from an
-embedding during training (the reparameterisation of the paper), which peft folds away on save.
-Works for causal LM and for our classification head (peft passes the prefixes as a cache).
+`num_virtual_tokens` prefixes; with `projection: true` they are produced by a small MLP from an embedding
+during training (the reparameterisation of the paper), which peft folds away on save. Works for causal LM and
+for our classification head (peft passes the prefixes as a cache). Prefixes cannot be stacked with other rows'
+adapters in one forward: the runtime runs each prefix adapter's rows as a group, through a peft wrapper around
+the shared base whose prefix embedding is copied in by us (not peft's loader, which is the trap after the base has
+served on AVX512-BF16 CPUs). Adapters of one shape average linearly; prefixes add attention inputs, so they never fold.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import UserInputError
+from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+from .base import AdapterMethod, AdapterWeights, weighted_average
+from .peft_state import read_peft_state
+
+PROMPT = "prompt_embeddings"
 
 
 class PrefixSpec(BaseModel):
@@ -22,13 +35,66 @@ class PrefixSpec(BaseModel):
     projection_hidden_size: int = Field(128, ge=1)
 
 
-def inject_prefix(model, spec: PrefixSpec, task: str):
-    from peft import PrefixTuningConfig, get_peft_model
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
-    config = PrefixTuningConfig(
-        task_type={"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}[task],
-        num_virtual_tokens=spec.num_virtual_tokens,
-        prefix_projection=spec.projection,
-        encoder_hidden_size=spec.projection_hidden_size,
-    )
-    return get_peft_model(model, config)
+
+class Prefix(AdapterMethod):
+    name = "prefix"
+    spec = PrefixSpec
+    stacked = False
+    fold_reason = ("prefix tuning adds learned key/value vectors to every attention layer's input, which no change of "
+                   "the base's weights reproduces")
+
+    def inject(self, model, spec: PrefixSpec, task: str, head_modules: list[str], model_type: str | None):
+        from peft import PrefixTuningConfig, get_peft_model
+
+        config = PrefixTuningConfig(task_type=TASK_TYPES[task], num_virtual_tokens=spec.num_virtual_tokens,
+                                    prefix_projection=spec.projection, encoder_hidden_size=spec.projection_hidden_size)
+        return get_peft_model(model, config)
+
+    def save(self, model, folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+    def peft_loadable(self, task: str) -> bool:
+        return task == "causal_lm"  # our classifier heads take the prefixes through peft's SEQ_CLS wrapper only
+
+    def load_for_eval(self, model, folder: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, folder, is_trainable=False)
+
+    def read(self, folder: Path, strip_prefix: str = "") -> AdapterWeights:
+        config = read_adapter_config(folder).data
+        state, head = read_peft_state(folder, strip_prefix)
+        if set(state) != {PROMPT}:
+            raise UserInputError(f"{folder}: a prefix adapter holds {PROMPT} only, found {sorted(state)[:3]}")
+        return AdapterWeights(self.name, {PROMPT: state[PROMPT]}, head, extent=0, config=config)
+
+    def group_model(self, weights: AdapterWeights, model):
+        """A peft wrapper around the shared base with this adapter's prefixes copied in."""
+        from peft import PeftModelForCausalLM
+        from peft.mapping import get_peft_config
+
+        config = get_peft_config(dict(weights.config) | {"inference_mode": True})  # the folded prefixes, no MLP
+        if weights.config.get("task_type") != "CAUSAL_LM":
+            raise UserInputError("prefix-tuned classifiers are served with `peft-adapt eval`, not the runtime")
+        wrapped = PeftModelForCausalLM(model, config)
+        embedding = wrapped.prompt_encoder["default"].embedding
+        with torch.no_grad():
+            embedding.weight.copy_(weights.sites[PROMPT].to(embedding.weight.dtype))
+        return wrapped.eval()
+
+    def combine(self, parts: list[tuple[AdapterWeights, float]]) -> AdapterWeights:
+        return weighted_average(parts, "prefix")
+
+    def write(self, weights: AdapterWeights, folder: Path, template: dict) -> None:
+        from safetensors.torch import save_file
+
+        state = {PROMPT: weights.sites[PROMPT].contiguous()}
+        state |= {f"base_model.model.classifier.{k}": v.contiguous() for k, v in weights.head.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(folder / ADAPTER_WEIGHTS))
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(dict(template), indent=2))
+
+
+PREFIX = Prefix()

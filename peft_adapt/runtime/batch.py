@@ -1,4 +1,4 @@
-"""Which adapter each row of a batch uses: data only, computed once per call, read by every layer."""
+"""Which adapter each row of a batch uses: data only, computed once per call, read by every adapted site."""
 
 from __future__ import annotations
 
@@ -9,22 +9,24 @@ import torch
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    """Per-row slot indices (slot 0 is "no adapter") and what the layers need to pick a kernel."""
+    """Per-row slot indices (slot 0 is "no adapter") and how far each method's stacks must reach for them."""
 
     slots: torch.Tensor  # [batch] int64 on the model's device
     slot_list: tuple[int, ...]  # the same, as Python ints
     single: int | None  # the one slot every row uses, if they all use the same
-    rank: int  # the largest LoRA rank among the batch's slots (LoRA stacks are sliced to it)
-    bottleneck: int  # the largest bottleneck size among them (bottleneck stacks are sliced to it)
+    extents: dict[str, int]  # per method: the largest extent (LoRA rank, bottleneck size) among the batch's slots
 
     @classmethod
-    def build(cls, slots: list[int], ranks: dict[int, int], sizes: dict[int, int], device: torch.device) -> "AdapterBatch":
+    def build(cls, slots: list[int], methods: dict[int, tuple[str, int]], device: torch.device) -> "AdapterBatch":
+        """`methods`: slot -> (its method, its extent)."""
         distinct = sorted(set(slots))
-        rank = max((ranks.get(s, 0) for s in distinct), default=0)
-        size = max((sizes.get(s, 0) for s in distinct), default=0)
+        extents: dict[str, int] = {}
+        for slot in distinct:
+            if slot in methods:
+                name, extent = methods[slot]
+                extents[name] = max(extents.get(name, 0), max(extent, 1))
         single = distinct[0] if len(distinct) == 1 else None
-        return cls(torch.tensor(slots, dtype=torch.long, device=device), tuple(slots), single, rank, size)
+        return cls(torch.tensor(slots, dtype=torch.long, device=device), tuple(slots), single, extents)
 
-    @property
-    def is_base_only(self) -> bool:
-        return self.rank == 0 and self.bottleneck == 0
+    def extent(self, method: str) -> int:
+        return self.extents.get(method, 0)

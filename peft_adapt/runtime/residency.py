@@ -12,12 +12,11 @@ from ..errors import UserInputError
 class ResidentAdapter:
     name: str
     slot: int
-    rank: int  # LoRA rank (0 for other methods)
+    method: str
+    extent: int  # how far its method's stacks reach for it (LoRA rank, bottleneck size)
     nbytes: int  # the adapter's own parameter bytes
     source: str  # where it came from: a registry ref or a folder
-    method: str = "lora"
-    size: int = 0  # bottleneck size (0 for other methods)
-    prefix_model: object = None  # prefix tuning: a peft wrapper around the shared base
+    group_model: object = None  # a method that is not stacked: the model its rows run through
     pinned: bool = False
     head: dict = field(default_factory=dict)  # classification head (weight, bias), if any
     labels: list[str] | None = None

@@ -1,17 +1,18 @@
-"""`AdapterRuntime`: one base held once, many resident LoRA adapters, one adapter per call or per row.
+"""`AdapterRuntime`: one base held once, many resident adapters, one adapter per call or per row.
 
     rt = AdapterRuntime("smollm2-135m", quantization="nf4", max_adapters=32)
     rt.load("medical")                                   # from the registry (name, name@3, name@tag) or a folder
-    rt.load("med+legal", weights={"medical": 0.5, "legal": 0.5})   # a linear combination, one slot
+    rt.load("med-legal", weights={"medical": 0.5, "legal": 0.5})   # a linear combination, one slot
     rt.generate(["Q: ...", "Q: ..."], adapters=["medical", "legal"])
     rt.logits(["some text"], adapters="medical")
 
-LoRA and bottleneck adapters are read into the runtime's own stacked tensors (`stacked_lora.py`,
-`stacked_bottleneck.py`), never through peft's LoRA loading path, so loading after the model has served
-is as exact as loading before; rows of any mix of them run as one batch. Prefix-tuning adapters run
-through a peft wrapper around the shared base, one forward (or generate) per distinct prefix adapter in
-a batch: their cost grows with the number of distinct prefix adapters. Every public method holds one
-lock: concurrent calls from several threads each get what they would get alone.
+Adapters of stacked methods (see `methods/`) are read into the runtime's own stacked tensors at adapted sites
+(`sites.py`), never through peft's loading path, so loading after the model has served is as exact as loading
+before; rows of any mix of them run as one batch. Methods that cannot be stacked (prefix tuning) run their rows as
+one group per adapter, through the method's group model around the shared base: their cost grows with the number
+of distinct such adapters. Every public method holds one lock: concurrent calls from several threads each get what
+they would get alone. With `batch_invariant`, every row runs alone, unpadded: its output never depends on its
+batch-mates.
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ import torch
 
 from ..backbone import BaseSpec, load_backbone
 from ..errors import UserInputError
+from ..formats import MANIFEST, folder_kind, read_manifest
 from ..heads import pool_hidden
 from ..loading import check_adapter, check_fits_base
-from ..manifest import read_manifest
-from ..adapter_files import folder_kind, read_adapter_config
+from ..methods import AdapterWeights, method, method_of_folder
 from .batch import AdapterBatch
-from .bottleneck_weights import BottleneckWeights, read_bottleneck_weights
 from .decoding import Sampling, decode
-from .lora_weights import LoraWeights, combine_linearly, read_lora_weights
 from .residency import Residency, ResidentAdapter
-from .stacked_bottleneck import StackedBottleneck
-from .stacked_lora import BatchContext, StackedLoraLinear
+from .sites import AdaptedSite, BatchContext
 
 BASE_NAMES = (None, "base", "")  # a row that names one of these runs the base model alone
 TASKS = ("causal_lm", "classification")
@@ -44,7 +42,7 @@ TASKS = ("causal_lm", "classification")
 class AdapterRuntime:
     def __init__(self, base: str | BaseSpec, task: str = "causal_lm", quantization: str = "nf4",
                  registry=None, max_adapters: int | None = None, max_bytes: int | None = None,
-                 initial_capacity: int = 8, initial_rank: int = 8, device: str = "auto",
+                 initial_capacity: int = 8, device: str = "auto",
                  batch_invariant: bool = False):
         if task not in TASKS:
             raise UserInputError(f"runtime task {task!r} is not known; use {' or '.join(TASKS)}")
@@ -61,11 +59,8 @@ class AdapterRuntime:
         self._registry = registry
         self.residency = Residency(max_adapters, max_bytes)
         self.context = BatchContext()
-        self.layers: dict[str, StackedLoraLinear] = {}
-        self.bottlenecks: dict[str, StackedBottleneck] = {}
+        self.sites: dict[str, AdaptedSite] = {}
         self._capacity = max(2, initial_capacity)
-        self._rank = max(1, initial_rank)
-        self._size = 1  # padded bottleneck size
         self._lock = threading.RLock()
         # each row runs alone, unpadded: its outputs never depend on its batch-mates (see `batch_invariant` below)
         self.batch_invariant = batch_invariant
@@ -87,10 +82,10 @@ class AdapterRuntime:
         {ref: coefficient} of LoRA adapters under the new name `name`. Loading again refreshes it."""
         return self._load(name, weights, pin, force, keep=set())
 
-    def load_lora(self, name: str, lora: LoraWeights, pin: bool = False) -> ResidentAdapter:
-        """Make LoRA weights already in memory resident under `name` (not reloadable after eviction)."""
+    def load_weights(self, name: str, weights: AdapterWeights, pin: bool = False) -> ResidentAdapter:
+        """Make weights already in memory resident under `name` (not reloadable after eviction)."""
         with self._lock:
-            return self._install(name, lora, {"source": "memory"}, pin, None, keep=set())
+            return self._install(name, weights, {"source": "memory"}, pin, None, keep=set())
 
     def _load(self, name: str, weights: dict[str, float] | None, pin: bool, force: bool, keep: set[str]) -> ResidentAdapter:
         with self._lock:
@@ -98,56 +93,62 @@ class AdapterRuntime:
                 raise UserInputError(f"{name!r} names the base model; give the adapter another name")
             started = time.perf_counter()
             if weights:
-                lora, meta = self._mix(name, weights, force)
+                adapter_weights, meta = self._mix(name, weights, force)
             else:
-                lora, meta = self._read(name, force)
-            adapter = self._install(name, lora, meta, pin, weights, keep)
+                adapter_weights, meta = self._read(name, force)
+            adapter = self._install(name, adapter_weights, meta, pin, weights, keep)
             self.residency.load_seconds += time.perf_counter() - started
             return adapter
 
-    def _mix(self, name: str, weights: dict[str, float], force: bool) -> tuple[LoraWeights, dict]:
-        """sum_i w_i * delta_i of LoRA adapters as one adapter; classifiers mix their heads the same way (weights
-        normalised), which needs one label map and one pooling."""
+    def _mix(self, name: str, weights: dict[str, float], force: bool) -> tuple[AdapterWeights, dict]:
+        """sum_i w_i * adapter_i of adapters of one method as one adapter (LoRA exactly; others by averaging their
+        tensors); classifiers mix their heads the same way (weights normalised): one label map and pooling."""
         from ..registry import check_name
 
         check_name(name)
         read = [(self._read(ref, force), float(w)) for ref, w in weights.items()]
-        if not all(isinstance(lora, LoraWeights) for (lora, _), _ in read):
-            raise UserInputError("load-time combinations combine LoRA adapters only")
         metas = [meta for (_, meta), _ in read]
-        for ref, meta in zip(weights, metas):
+        first = next(iter(weights))
+        for ref, ((part, meta), _) in zip(weights, read):
+            if part.method != read[0][0][0].method:
+                raise UserInputError(f"{ref} is a {part.method} adapter and {first} a {read[0][0][0].method} one; "
+                                     f"only adapters of one method can be mixed")
             if (meta.get("labels"), meta.get("pooling")) != (metas[0].get("labels"), metas[0].get("pooling")):
                 raise UserInputError(f"{ref} has labels {meta.get('labels')} (pooling {meta.get('pooling')}) and "
-                                     f"{next(iter(weights))} {metas[0].get('labels')} ({metas[0].get('pooling')}): "
+                                     f"{first} {metas[0].get('labels')} ({metas[0].get('pooling')}): "
                                      f"only classifiers with one label map and pooling can be mixed")
+        combined = method(read[0][0][0].method).combine([(part, w) for (part, _), w in read])
         source = " + ".join(f"{w:g}*{ref}" for ref, w in weights.items())
-        return combine_linearly([(lora, w) for (lora, _), w in read]), metas[0] | {"source": source}
+        return combined, metas[0] | {"source": source, "version": None}
 
-    def _install(self, name: str, weights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
-        """Put LoRA, bottleneck or prefix weights into a fresh slot, evicting what must go."""
+    def _install(self, name: str, weights: AdapterWeights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
+        """Put an adapter's weights into a fresh slot (or, for a method that cannot be stacked, its group model),
+        evicting what must go."""
+        adapting = method(weights.method)
+        if adapting.stacked:
+            sites = self._sites_for(adapting, weights)  # every site checked before anything is evicted or written
         if name in self.residency:
             self._evict(name, count=False)
         for victim in self.residency.victims_for(weights.nbytes, keep=keep | {name}):
             self._evict(victim)
         slot = self.residency.allocate_slot()
         adapter = ResidentAdapter(
-            name=name, slot=slot, rank=0, nbytes=weights.nbytes, source=meta["source"], pinned=pin,
-            head=getattr(weights, "head", {}), labels=meta.get("labels"), pooling=meta.get("pooling"),
-            max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None, version=meta.get("version"),
+            name=name, slot=slot, method=weights.method, extent=weights.extent, nbytes=weights.nbytes,
+            source=meta["source"], pinned=pin, head=weights.head, labels=meta.get("labels"),
+            pooling=meta.get("pooling"), max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
+            version=meta.get("version"),
         )
-        if isinstance(weights, LoraWeights):
-            self._write_slot(slot, weights)
-            adapter.rank = weights.rank
-        elif isinstance(weights, BottleneckWeights):
-            self._write_bottleneck(slot, weights)
-            adapter.method, adapter.size = "bottleneck", weights.size
+        if adapting.stacked:
+            self._grow(slot)
+            for path, site in weights.sites.items():
+                sites[path].components[weights.method].write(slot, site)
         else:
-            adapter.method, adapter.prefix_model = "prefix", weights.wrap(self.model)
+            adapter.group_model = adapting.group_model(weights, self.model)
         self.residency.add(adapter)
         return adapter
 
-    def _read(self, ref: str, force: bool) -> tuple[object, dict]:
-        """LoRA, bottleneck or prefix weights of a folder or registry ref, after checking they fit this base."""
+    def _read(self, ref: str, force: bool) -> tuple[AdapterWeights, dict]:
+        """The weights of a folder or registry ref, after checking they fit this base."""
         from ..registry import is_folder_ref
 
         if is_folder_ref(ref):
@@ -156,106 +157,69 @@ class AdapterRuntime:
         else:
             entry = self.registry.get(ref)
             folder, source, version = entry.path, entry.ref, entry.version
-        manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else {}
-        if manifest:
+        manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+        if manifest is not None:
             check_adapter(folder, manifest, self.backbone, source, force)
-            task = manifest.get("task", "causal_lm")
-            if task != self.task:
-                raise UserInputError(f"{source} is a {task} adapter; this runtime serves {self.task}")
+            if manifest.task != self.task:
+                raise UserInputError(f"{source} is a {manifest.task} adapter; this runtime serves {self.task}")
         else:  # a plain peft folder: no checksums to check, but every matrix must fit a layer of this base
             check_fits_base(folder, self.backbone, source)
-        prefix = "encoder." if self.task == "classification" else ""
-        kind = folder_kind(folder)
-        if kind == "bottleneck":
-            weights = read_bottleneck_weights(folder, strip_prefix=prefix)
-        elif kind == "peft" and str(read_adapter_config(folder).get("peft_type")).upper() == "PREFIX_TUNING":
-            if self.task != "causal_lm":
-                raise UserInputError(f"{source}: prefix-tuned classifiers are served with `peft-adapt eval`, not the runtime")
-            weights = PrefixAdapter(folder)
-        elif kind == "peft":
-            weights = read_lora_weights(folder, strip_prefix=prefix)
-        else:
+        if folder_kind(folder) != "adapter":
             raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
+        weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if self.task == "classification" else "")
         if self.task == "classification" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
-        meta = {"source": source, "version": version, "labels": manifest.get("labels"),
-                "pooling": manifest.get("pooling") or "mean",
-                "max_length": ((manifest.get("recipe") or {}).get("task") or {}).get("max_length")}
+        meta = {"source": source, "version": version, "labels": manifest.labels if manifest else None,
+                "pooling": (manifest.pooling if manifest else None) or "mean",
+                "max_length": manifest.max_length if manifest else None}
         return weights, meta
 
-    def _module_at(self, path: str) -> tuple[torch.nn.Module, object, str]:
-        """(module, its holder, attribute name) at `path`; a bottleneck wrapper holds the module it follows."""
+    def _sites_for(self, adapting, weights: AdapterWeights) -> dict[str, AdaptedSite]:
+        """The adapted site at every path the adapter names, each with this method's stack, after checking the
+        weights fit the base layer there."""
+        for path, site in weights.sites.items():
+            adapting.check_site(path, site, self._base_layer(path))
+        sites = {}
+        for path, site in weights.sites.items():
+            adapted = self._site(path)
+            if weights.method not in adapted.components:
+                adapted.add(weights.method, adapting.component(site, adapted.base_layer, self._capacity, self.dtype,
+                                                               self.device))
+            sites[path] = adapted
+        return sites
+
+    def _base_layer(self, path: str) -> torch.nn.Module:
         try:
             module = self.model.get_submodule(path)
         except AttributeError:
             raise UserInputError(f"the adapter names layer {path!r}, which this base does not have") from None
-        if isinstance(module, StackedBottleneck):
-            return module.base_layer, module, "base_layer"
-        parent_path, _, child = path.rpartition(".")
-        return module, self.model.get_submodule(parent_path) if parent_path else self.model, child
+        return module.base_layer if isinstance(module, AdaptedSite) else module
 
-    def _layer(self, path: str) -> StackedLoraLinear:
-        """The LoRA-wrapped layer at `path`, wrapping the base's linear layer there on first use."""
-        if path in self.layers:
-            return self.layers[path]
-        module, holder, attribute = self._module_at(path)
-        if not isinstance(module, torch.nn.Linear):
-            raise UserInputError(f"the adapter adapts {path!r}, a {type(module).__name__}; only linear layers are served")
-        wrapped = StackedLoraLinear(module, self.context, self._capacity, self._rank, self.dtype, self.device)
-        setattr(holder, attribute, wrapped)
-        self.layers[path] = wrapped
-        return wrapped
+    def _site(self, path: str) -> AdaptedSite:
+        """The adapted site at `path`, wrapping the base's layer there on first use."""
+        if path not in self.sites:
+            parent_path, _, child = path.rpartition(".")
+            holder = self.model.get_submodule(parent_path) if parent_path else self.model
+            self.sites[path] = AdaptedSite(getattr(holder, child), self.context)
+            setattr(holder, child, self.sites[path])
+        return self.sites[path]
 
-    def _site(self, path: str) -> StackedBottleneck:
-        """The bottleneck stack after the sublayer at `path`, wrapping it on first use."""
-        if path in self.bottlenecks:
-            return self.bottlenecks[path]
-        module, holder, attribute = self._module_at(path)
-        from ..methods.bottleneck import output_features
-
-        wrapped = StackedBottleneck(module, output_features(module.base_layer if isinstance(module, StackedLoraLinear) else module),
-                                    self.context, self._capacity, self._size, self.dtype, self.device)
-        setattr(holder, attribute, wrapped)
-        self.bottlenecks[path] = wrapped
-        return wrapped
-
-    def _write_bottleneck(self, slot: int, weights: BottleneckWeights) -> None:
-        sites = {path: self._site(path) for path in weights.sites}
-        for path, (down, _, up, _) in weights.sites.items():
-            if down.shape[1] != sites[path].hidden:
-                raise UserInputError(f"the adapter's site {path} has hidden size {down.shape[1]}, the base {sites[path].hidden}")
-        self._grow(slot, rank=self._rank, size=max(self._size, weights.size))
-        for path, parts in weights.sites.items():
-            sites[path].write(slot, *parts, weights.activation)
-
-    def _grow(self, slot: int, rank: int, size: int) -> None:
-        """Make every stack hold `slot` and the given padded rank and bottleneck size."""
+    def _grow(self, slot: int) -> None:
+        """Make every stack hold `slot` (doubling the slots as needed)."""
         capacity = self._capacity
         while slot >= capacity:
             capacity *= 2
-        self._capacity, self._rank, self._size = capacity, rank, size
-        for layer in self.layers.values():
-            layer.resize(capacity, rank)
-        for site in self.bottlenecks.values():
-            site.resize(capacity, size)
-
-    def _write_slot(self, slot: int, lora: LoraWeights) -> None:
-        layers = {path: self._layer(path) for path in lora.modules}  # validate every path before writing
-        for path, (a, b, _) in lora.modules.items():
-            layer = layers[path]
-            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                raise UserInputError(
-                    f"the adapter's {path} maps {a.shape[1]} -> {b.shape[0]} features, the base layer "
-                    f"{layer.in_features} -> {layer.out_features}"
-                )
-        self._grow(slot, rank=max(self._rank, lora.rank), size=self._size)
-        for path, (a, b, scale) in lora.modules.items():
-            layers[path].write(slot, a, b, scale)
+        if capacity != self._capacity:
+            self._capacity = capacity
+            for site in self.sites.values():
+                for component in site.components.values():
+                    component.resize(capacity)
 
     def _evict(self, name: str, count: bool = True) -> None:
         adapter = self.residency.remove(name)
-        for layer in list(self.layers.values()) + list(self.bottlenecks.values()):
-            layer.clear(adapter.slot)  # no trace of it remains in the stacks
+        for site in self.sites.values():
+            for component in site.components.values():
+                component.clear(adapter.slot)  # no trace of it remains in the stacks
         if count:
             self.residency.evictions += 1
 
@@ -312,11 +276,11 @@ class AdapterRuntime:
 
     def stats(self) -> dict:
         r = self.residency
-        stacks = list(self.layers.values()) + list(self.bottlenecks.values())
-        stack_bytes = sum(b.numel() * b.element_size() for m in stacks for b in m.buffers(recurse=False))
+        components = [c for site in list(self.sites.values()) for c in list(site.components.values())]
+        stack_bytes = sum(b.numel() * b.element_size() for c in components for b in c.buffers(recurse=False))
         return {
             "resident": len(r.adapters), "resident_adapter_bytes": r.resident_bytes, "stack_bytes": stack_bytes,
-            "slots": self._capacity, "padded_rank": self._rank, "padded_bottleneck": self._size,
+            "slots": self._capacity, "sites": len(self.sites),
             "hits": r.hits, "misses": r.misses,
             "evictions": r.evictions, "load_seconds": r.load_seconds,
         }
@@ -332,29 +296,29 @@ class AdapterRuntime:
     # ------------------------------------------------------------ running
 
     def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
-        """Each row's adapter (made resident), the rows that run stacked, and each prefix adapter's rows."""
+        """Each row's adapter (made resident), the rows that run stacked, and the rows of each adapter whose method
+        runs as a group (not stacked)."""
         names = _per_row(adapters, rows)
         wanted = {n for n in names if n not in BASE_NAMES}
         resident = [None if n in BASE_NAMES else self._resident(n, keep=wanted) for n in names]
-        stacked = [i for i, a in enumerate(resident) if a is None or a.method != "prefix"]
-        prefixed: dict[str, list[int]] = {}
+        stacked = [i for i, a in enumerate(resident) if a is None or a.group_model is None]
+        grouped: dict[str, list[int]] = {}
         for i, a in enumerate(resident):
-            if a is not None and a.method == "prefix":
-                prefixed.setdefault(a.name, []).append(i)
-        return resident, stacked, prefixed
+            if a is not None and a.group_model is not None:
+                grouped.setdefault(a.name, []).append(i)
+        return resident, stacked, grouped
 
     def _batch(self, adapters, rows: int) -> tuple[AdapterBatch, list[ResidentAdapter | None]]:
-        """The stacked batch of rows that all run stacked (no prefix adapter among them)."""
-        resident, stacked, prefixed = self._plan(adapters, rows)
-        if prefixed:
-            raise UserInputError("prefix adapters run per group; use logits() or generate()")
+        """The stacked batch of rows that all run stacked (no grouped adapter among them)."""
+        resident, stacked, grouped = self._plan(adapters, rows)
+        if grouped:
+            raise UserInputError(f"{sorted(grouped)[0]} runs as a group, not stacked; use logits() or generate()")
         return self._stacked_batch([resident[i] for i in stacked]), resident
 
     def _stacked_batch(self, resident: list[ResidentAdapter | None]) -> AdapterBatch:
         slots = [0 if a is None else a.slot for a in resident]
-        ranks = {a.slot: a.rank for a in resident if a is not None}
-        sizes = {a.slot: a.size for a in resident if a is not None}
-        return AdapterBatch.build(slots, ranks, sizes, self.device)
+        methods = {a.slot: (a.method, a.extent) for a in resident if a is not None}
+        return AdapterBatch.build(slots, methods, self.device)
 
     def _encode(self, inputs, padding_side: str = "right", limits: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of texts or id lists, padded; with `limits`, each text truncated to its limit."""
@@ -406,7 +370,7 @@ class AdapterRuntime:
             ids, mask = ids.to(self.device), mask.to(self.device)
             if self.batch_invariant and ids.shape[0] > 1:
                 return self._logits_row_by_row(ids, mask, adapters)
-            resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
+            resident, stacked, grouped = self._plan(adapters, ids.shape[0])
             out = None
             if stacked:
                 rows = torch.tensor(stacked, device=self.device)
@@ -415,8 +379,8 @@ class AdapterRuntime:
                                      attention_mask=mask[rows], position_ids=positions).logits
                 out = part.new_zeros(ids.shape[0], *part.shape[1:])
                 out[rows] = part
-            for name, rows in prefixed.items():
-                part = self._prefix_logits(resident[rows[0]], ids[rows], mask[rows])
+            for name, rows in grouped.items():
+                part = self._group_logits(resident[rows[0]], ids[rows], mask[rows])
                 if out is None:
                     out = part.new_zeros(ids.shape[0], *part.shape[1:])
                 out[torch.tensor(rows, device=self.device)] = part
@@ -434,8 +398,8 @@ class AdapterRuntime:
             out[i, real] = row
         return out
 
-    def _prefix_logits(self, adapter: ResidentAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits of one prefix adapter's rows: run right-padded, as peft trained them, then put back."""
+    def _group_logits(self, adapter: ResidentAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits of one grouped adapter's rows: run right-padded, as peft trained them, then put back."""
         lengths = mask.sum(1).tolist()
         real = [row[m.bool()] for row, m in zip(ids, mask)]
         right_ids = torch.full_like(ids, self.tokenizer.pad_token_id)
@@ -443,7 +407,7 @@ class AdapterRuntime:
         for i, tokens in enumerate(real):
             right_ids[i, : len(tokens)] = tokens
             right_mask[i, : len(tokens)] = 1
-        logits = self._forward(None, model=adapter.prefix_model, input_ids=right_ids, attention_mask=right_mask).logits
+        logits = self._forward(None, model=adapter.group_model, input_ids=right_ids, attention_mask=right_mask).logits
         out = torch.zeros_like(logits)
         for i, n in enumerate(lengths):
             out[i, mask[i].bool()] = logits[i, :n]
@@ -481,12 +445,12 @@ class AdapterRuntime:
                 raise UserInputError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
                                      f"{self.max_positions} positions this base takes; shorten the prompt or max_new_tokens")
             ids, mask = ids.to(self.device), mask.to(self.device)
-            resident, stacked, prefixed = self._plan(adapters, ids.shape[0])
+            resident, stacked, grouped = self._plan(adapters, ids.shape[0])
             eos = self.tokenizer.eos_token_id
-            # prefix adapters run through peft's generate, one group each, before the stacked rows stream
+            # grouped adapters run through their group model's generate, one group each, before the stacked rows stream
             done: dict[int, list[int]] = {}
-            for rows in prefixed.values():
-                done.update(self._prefix_generate(resident[rows[0]], rows, ids, mask, sampling))
+            for rows in grouped.values():
+                done.update(self._group_generate(resident[rows[0]], rows, ids, mask, sampling))
             steps = iter(())
             if stacked:
                 index = torch.tensor(stacked, device=self.device)
@@ -530,7 +494,7 @@ class AdapterRuntime:
             self.context.current = None
         return out.logits[:, -1]
 
-    def _prefix_generate(self, adapter: ResidentAdapter, rows: list[int], ids, mask, sampling: Sampling) -> dict[int, list[int]]:
+    def _group_generate(self, adapter: ResidentAdapter, rows: list[int], ids, mask, sampling: Sampling) -> dict[int, list[int]]:
         index = torch.tensor(rows, device=self.device)
         sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
         if sampling.seed is not None:
@@ -540,7 +504,7 @@ class AdapterRuntime:
         options |= (dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
                     if sampling.do_sample else dict(temperature=None, top_p=None, top_k=None))
         with torch.no_grad():
-            out = adapter.prefix_model.generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
+            out = adapter.group_model.generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
         eos = self.tokenizer.eos_token_id
         result = {}
         for i, row in zip(rows, out[:, sub_ids.shape[1]:].tolist()):
@@ -564,7 +528,7 @@ class AdapterRuntime:
     def _classify_batch(self, texts: list[str], names: list) -> list[dict]:
         if self.batch_invariant and len(texts) > 1:
             return [self._classify_batch([text], [name])[0] for text, name in zip(texts, names)]
-        batch, resident = self._batch(names, len(texts))  # prefix classifiers are refused at load
+        batch, resident = self._batch(names, len(texts))  # grouped classifiers are refused at load
         if any(a is None for a in resident):
             raise UserInputError("classification needs an adapter for every row (the base has no head)")
         limits = [min(a.max_length or self.max_positions, self.max_positions) for a in resident]
@@ -598,19 +562,3 @@ def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     """Drop the columns that are padding in every row (a group may be shorter than the whole batch)."""
     keep = int(mask.sum(1).max())
     return ids[:, ids.shape[1] - keep:], mask[:, mask.shape[1] - keep:]
-
-
-class PrefixAdapter:
-    """A prefix-tuning adapter folder; made resident as a peft wrapper around the runtime's base."""
-
-    def __init__(self, folder: Path):
-        from safetensors.torch import load_file
-
-        self.folder = Path(folder)
-        self.head: dict = {}
-        self.nbytes = sum(t.numel() * t.element_size() for t in load_file(str(self.folder / "adapter_model.safetensors")).values())
-
-    def wrap(self, model):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, self.folder, is_trainable=False).eval()
