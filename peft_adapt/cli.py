@@ -95,6 +95,9 @@ def _cmd_registry(args) -> int:
                 print(f"{key:12} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     elif action == "tag":
         print(f"{registry.tag(args.ref, args.tag).ref} tagged {args.tag}")
+    elif action == "untag":
+        registry.untag(args.name, args.tag)
+        print(f"removed tag {args.tag} from {args.name}")
     elif action == "rm":
         if "@" not in args.ref and not args.all_versions:
             raise UserInputError(f"`registry rm {args.ref}` would remove every version; name one ({args.ref}@N) or pass --all-versions")
@@ -393,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("tag", help="point TAG at NAME@VERSION")
     a.add_argument("ref")
+    a.add_argument("tag")
+    a = actions.add_parser("untag", help="remove TAG from adapter NAME (the version it pointed at stays)")
+    a.add_argument("name")
     a.add_argument("tag")
     a = actions.add_parser("rm", help="remove NAME@VERSION (or every version with --all-versions)")
     a.add_argument("ref")

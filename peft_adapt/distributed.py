@@ -29,10 +29,6 @@ class World:
     rank: int
     size: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def world() -> World:
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))

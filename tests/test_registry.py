@@ -592,3 +592,12 @@ def test_import_and_add_copy_only_the_adapters_own_plain_files(tmp_path, trained
         with pytest.raises(UserInputError, match="symbolic link|not a regular file|missing"):
             register()
     assert registry.list() == [] and registry.verify().ok and not registry.verify().orphans
+
+
+def test_untag_removes_the_tag_and_keeps_the_version(tmp_path, trained_adapter, capsys):
+    root = tmp_path / "reg"
+    Registry(root).add(trained_adapter, tags=["prod"])
+    assert main(["registry", "--registry", str(root), "untag", "t-docs", "prod"]) == 0
+    assert Registry(root).get("t-docs@1").tags == []
+    assert main(["registry", "--registry", str(root), "untag", "t-docs", "prod"]) == 2
+    assert "has no tag 'prod'" in capsys.readouterr().err

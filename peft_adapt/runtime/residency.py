@@ -86,7 +86,3 @@ class Residency:
         self._free.append(adapter.slot)
         self._free.sort()
         return adapter
-
-    @property
-    def slots_in_use(self) -> int:
-        return self._next_slot  # highest slot handed out + 1 (slot 0 included)
