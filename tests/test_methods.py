@@ -183,3 +183,16 @@ def test_the_wrong_base_guard_covers_every_method(tmp_path, trained):
             load_registered(trained, ref, backbone=backbone)
         with pytest.raises(UserInputError, match="trained on base .* weights: same shapes, different weight values"):
             AdapterRuntime(str(other), quantization="none", registry=trained).load(ref)
+
+
+def test_a_prefix_adapter_loaded_after_inference_on_nf4_equals_a_fresh_load(tiny_llama, trained):
+    """peft's loader onto a model that has served (its 4-bit weights repacked on AVX512-BF16 CPUs) gives garbage;
+    the runtime copies the prefix embedding itself."""
+    served = AdapterRuntime(str(tiny_llama), quantization="nf4", registry=trained)
+    served.logits(TEXTS, adapters=None)  # inference first
+    served.load("prefix0")
+    fresh = AdapterRuntime(str(tiny_llama), quantization="nf4", registry=trained)
+    fresh.load("prefix0")
+    after, before = served.logits(TEXTS[:1], adapters="prefix0"), fresh.logits(TEXTS[:1], adapters="prefix0")
+    assert (after - before).abs().max() < 1e-4
+    assert (after - served.logits(TEXTS[:1], adapters=None)).abs().max() > 1e-2  # and the prefix does something

@@ -62,10 +62,9 @@ def folded_state_dict(base_model: str, quantization: str, base_weights: str, wei
     base_state = dict(state)
     adapting = method(weights.method)
     for path_, site in weights.sites.items():
-        key = f"{path_}.weight"
-        if key not in state:
+        if f"{path_}.weight" not in state:
             raise UserInputError(f"the adapter adapts {path_!r}, which the base {base_model!r} does not have")
-        state[key] = adapting.fold(state[key], site)
+        adapting.fold(state, path_, site)
     return base_state, state
 
 

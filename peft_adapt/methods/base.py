@@ -116,8 +116,8 @@ class AdapterMethod:
         """sum_i w_i * adapter_i as one adapter of this method (exact where the method is linear in its weights)."""
         raise UserInputError(f"{self.name} adapters cannot be combined")
 
-    def fold(self, weight: torch.Tensor, site: object) -> torch.Tensor:
-        """The base layer's weight with this site's adaptation folded in."""
+    def fold(self, state: dict[str, torch.Tensor], path: str, site: object) -> None:
+        """Fold this site's adaptation into the base layer `path` of a state dict (its weight, and bias if it has one)."""
         raise UserInputError(f"a {self.name} adapter cannot be folded into base weights: {self.fold_reason}")
 
     def write(self, weights: AdapterWeights, folder: Path, template: dict) -> None:

@@ -220,8 +220,9 @@ class Lora(AdapterMethod):
             sites[path] = (a, b, 1.0)
         return AdapterWeights(self.name, sites, head, extent=rank), errors
 
-    def fold(self, weight: torch.Tensor, site) -> torch.Tensor:
-        return weight + lora_delta(*site).to(weight.dtype)
+    def fold(self, state: dict[str, torch.Tensor], path: str, site) -> None:
+        weight = state[f"{path}.weight"]
+        state[f"{path}.weight"] = weight + lora_delta(*site).to(weight.dtype)
 
     def write(self, weights: AdapterWeights, folder: Path, template: dict) -> None:
         """A peft-format LoRA folder with scale 1 (smaller factors padded with zeros to one rank: the same delta)."""

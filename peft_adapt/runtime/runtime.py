@@ -138,12 +138,17 @@ class AdapterRuntime:
             pooling=meta.get("pooling"), max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
             version=meta.get("version"),
         )
-        if adapting.stacked:
-            self._grow(slot)
-            for path, site in weights.sites.items():
-                sites[path].components[weights.method].write(slot, site)
-        else:
-            adapter.group_model = adapting.group_model(weights, self.model)
+        try:
+            if adapting.stacked:
+                self._grow(slot)
+                for path, site in weights.sites.items():
+                    sites[path].components[weights.method].write(slot, site)
+            else:
+                adapter.group_model = adapting.group_model(weights, self.model)
+        except BaseException:  # a write that fails part-way leaves no trace and frees its slot
+            self.residency.add(adapter)
+            self._evict(name, count=False)
+            raise
         self.residency.add(adapter)
         return adapter
 
