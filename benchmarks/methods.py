@@ -1,11 +1,14 @@
-"""LoRA against bottleneck adapters against prefix tuning, on the same data and steps.
+"""LoRA against bottleneck adapters, prefix tuning and (IA)3, on the same data and steps, beside the base.
 
 Prints one JSON line per (benchmark, domain, method): trainable parameters, training tokens/s, peak memory,
 and the score:
-- `amazon`: test accuracy and macro-F1 per Amazon domain, minilm-l6 in nf4 (classification);
-- `domain_text`: held-out perplexity per domain of ../shared/data/domain_text, smollm2-135m in nf4.
+- `amazon`: test accuracy and macro-F1 per Amazon domain, minilm-l6 in nf4 (classification); the base's row is
+  a head trained on the frozen base (`freeze: all`), what an adapter must beat;
+- `domain_text`: held-out perplexity per domain of ../shared/data/domain_text, smollm2-135m in nf4; the base's
+  row is the untouched base.
 Then a table per benchmark. Peak memory is the GPU's peak allocation on CUDA; on the CPU, the process's
-peak resident set so far (it only grows, so later rows include earlier runs).
+peak resident set so far (it only grows, so later rows include earlier runs). AdapterHub's `adapters` (1.3.0)
+requires transformers ~=4.57 and does not import beside this project's transformers 5, so it has no row.
 
     python benchmarks/methods.py --quick        # CPU: 2 domains each, fewer rows and steps, about 25 minutes
     python benchmarks/methods.py                # full: 2 epochs on Amazon, 200 steps per text domain
@@ -26,8 +29,9 @@ ADAPTERS = {
     "lora": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
     "bottleneck": {"method": "bottleneck", "variant": "pfeiffer", "reduction_factor": 16},
     "prefix": {"method": "prefix", "num_virtual_tokens": 16, "projection": True, "projection_hidden_size": 128},
+    "ia3": {"method": "ia3"},
 }
-LEARNING_RATES = {"lora": 1e-3, "bottleneck": 1e-3, "prefix": 1e-2}
+LEARNING_RATES = {"lora": 1e-3, "bottleneck": 1e-3, "prefix": 1e-2, "ia3": 1e-2, "base": 2e-3}
 
 
 def _peak_memory() -> dict:
@@ -76,9 +80,14 @@ def main() -> None:
         elif args.quick:
             domains = domains[::3]  # books and kitchen; medical and code
         for domain in domains:
-            for method in args.methods.split(","):
+            for method in ["base", *args.methods.split(",")]:
+                if method == "base" and bench != "amazon":
+                    rows.append(_base_row(bench, domain, base, task, spec(domain), args.quick, device))
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                section = {"freeze": "all"} if method == "base" else {"adapter": ADAPTERS[method]}
                 recipe = parse_recipe({
-                    "name": f"{bench}-{method}", "base": base, "task": task, "adapter": ADAPTERS[method],
+                    "name": f"{bench}-{method}", "base": base, "task": task, **section,
                     "training": training | {"learning_rate": LEARNING_RATES[method]}, "domains": {domain: spec(domain)},
                 })
                 if torch.cuda.is_available():
@@ -98,12 +107,30 @@ def main() -> None:
         if not mine:
             continue
         metric = "accuracy" if bench == "amazon" else "perplexity"
-        print(f"\n{bench} ({metric}; trainable parameters; train tokens/s)")
-        for method in args.methods.split(","):
+        print(f"\n{bench} ({metric}; trainable parameters; train tokens/s; base: "
+              f"{'a head on the frozen base' if bench == 'amazon' else 'the untouched base'})")
+        for method in ["base", *args.methods.split(",")]:
             cells = [f"{r['domain']} {r[metric]:.4g}" for r in mine if r["method"] == method]
             first = next(r for r in mine if r["method"] == method)
+            speed = [r["train_tokens_per_second"] for r in mine if r["method"] == method and r["train_tokens_per_second"]]
             print(f"  {method:11} {' | '.join(cells)} | {first['trainable_parameters']:,} params | "
-                  f"{sum(r['train_tokens_per_second'] for r in mine if r['method'] == method) / len(cells):.0f} tok/s")
+                  f"{sum(speed) / len(speed) if speed else 0:.0f} tok/s")
+
+
+def _base_row(bench: str, domain: str, base: dict, task: dict, spec: dict, quick: bool, device: str) -> dict:
+    """The untouched base on the domain's held-out text, tokenized as training tokenizes it."""
+    from peft_adapt.backbone import BaseSpec, load_backbone
+    from peft_adapt.data import TaskSpec, read_domain, tokenize_domain
+    from peft_adapt.evaluation import evaluate_causal_lm
+
+    task_spec = TaskSpec.model_validate(task)
+    backbone = load_backbone(BaseSpec.model_validate(base), "causal_lm")
+    examples = read_domain(task_spec, Path(spec["train"]), Path(spec["eval"]), None, 0, 1,
+                           60 if not quick else 12)
+    held = tokenize_domain(examples, backbone.tokenizer, task_spec).eval
+    scores = evaluate_causal_lm(backbone.model, held, backbone.tokenizer.pad_token_id)
+    return {"name": f"methods_{bench}", "domain": domain, "method": "base", "perplexity": scores["perplexity"],
+            "trainable_parameters": 0, "train_tokens_per_second": None, "steps": 0, "quick": quick, "device": device}
 
 
 def _text_domain(data: Path, domain: str, out: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Bottleneck adapters and prefix tuning through the whole path: recipe, training, registry, runtime, merge."""
+"""Bottleneck adapters, prefix tuning and (IA)3 through the whole path: recipe, training, registry, runtime, merge
+(LoRA has its own files: test_train, test_runtime, test_merge)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import
 METHOD_SPECS = {
     "bottleneck": {"method": "bottleneck", "variant": "houlsby", "bottleneck_size": 16},
     "prefix": {"method": "prefix", "num_virtual_tokens": 8, "projection": True, "projection_hidden_size": 32},
+    "ia3": {"method": "ia3"},
 }
 
 
@@ -61,19 +63,20 @@ def _first_and_last_loss(result) -> tuple[float, float]:
     return losses[0], sum(losses[-3:]) / len(losses[-3:])
 
 
-@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
 @pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
 def test_training_lowers_the_loss(tmp_path, tiny_llama, docs_file, method, quantization):
     data = causal_recipe(tiny_llama, docs_file, quantization, max_steps=30, logging_steps=1)
     data["adapter"] = METHOD_SPECS[method]
+    data["training"]["learning_rate"] = 0.2 if method == "ia3" else 1e-2  # a few vectors near 1: a larger step
     result = train_domain(parse_recipe(data), "docs", tmp_path)
     first, last = _first_and_last_loss(result)
     assert last < first - 0.1, (first, last)
     assert result.manifest.method == method
 
 
-@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
-def test_classifiers_train_with_both_methods(tmp_path, tiny_bert, sentiment_file, method):
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
+def test_classifiers_train_with_every_method(tmp_path, tiny_bert, sentiment_file, method):
     data = classification_recipe(tiny_bert, sentiment_file, "nf4", max_steps=30, logging_steps=1)
     data["adapter"] = METHOD_SPECS[method]
     data["task"]["pooling"] = "mean"  # a random tiny BERT's CLS token carries too little to learn from in 30 steps
@@ -105,7 +108,7 @@ def trained(tmp_path_factory, tiny_llama, docs_file):
     return registry
 
 
-@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
 def test_registry_round_trip_is_bit_identical(tmp_path, trained, method):
     entry = trained.get(f"{method}0")
     out = trained.export(entry.ref, tmp_path / "out")
@@ -135,16 +138,32 @@ def test_mixed_batch_of_prefix_adapters_equals_each_row_alone(tiny_llama, traine
     _mixed_equals_alone(rt, ["prefix0", "prefix1", None, "prefix1"])
 
 
-def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path):
+def test_mixed_batch_of_ia3_adapters_equals_each_row_alone(tiny_llama, trained):
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    _mixed_equals_alone(rt, ["ia30", "ia31", None, "ia30"])
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path, quantization):
+    """Rows of all four methods and the base in one call: each equals the row alone (fp32 logits < 1e-5; on nf4,
+    whose 4-bit kernels round by batch shape, the greedy tokens)."""
     from test_runtime import make_lora
 
-    trained.import_peft(make_lora(tiny_llama, tmp_path / "lora", 4, ["q_proj", "v_proj"], seed=0),
-                        base=str(tiny_llama), name="lora-mix")
-    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
-    _mixed_equals_alone(rt, ["bottleneck0", "prefix0", "lora-mix", None])
+    if "lora-mix" not in {e.name for e in trained.list()}:
+        trained.import_peft(make_lora(tiny_llama, tmp_path / "lora", 4, ["q_proj", "v_proj"], seed=0),
+                            base=str(tiny_llama), name="lora-mix")
+    rt = AdapterRuntime(str(tiny_llama), quantization=quantization, registry=trained)
+    names = ["bottleneck0", "prefix0", "lora-mix", None, "ia30", "ia31"]
+    texts = TEXTS + TEXTS[:2]
+    if quantization == "none":
+        mixed = rt.logits(texts, adapters=names)
+        for i, (row, name) in enumerate(zip(rt.tokenizer(texts)["input_ids"], names)):
+            assert (mixed[i, : len(row)] - rt.logits([row], adapters=name)[0]).abs().max() < 1e-5, (i, name)
+    greedy = rt.generate(texts, adapters=names, max_new_tokens=6, return_tokens=True)
+    assert greedy == [rt.generate([t], adapters=n, max_new_tokens=6, return_tokens=True)[0] for t, n in zip(texts, names)]
 
 
-@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
 def test_runtime_computes_what_the_trained_model_computes(tiny_llama, trained, method):
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
     loaded = load_registered(trained, f"{method}0")
@@ -156,8 +175,8 @@ def test_runtime_computes_what_the_trained_model_computes(tiny_llama, trained, m
     assert (expected - base).abs().max() > 1e-3  # the adapter does something
 
 
-@pytest.mark.parametrize("method", ["bottleneck", "prefix"])
-def test_linear_averaging_of_one_method_and_export_refusal(tmp_path, tiny_llama, trained, method):
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
+def test_linear_averaging_of_one_method_and_what_export_says(tmp_path, tiny_llama, trained, method):
     entry = combine_adapters(trained, [f"{method}0", f"{method}1"], "linear", f"{method}-avg", weights=[1.0, 0.0])
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
     assert (rt.logits(TEXTS, adapters=entry.ref) - rt.logits(TEXTS, adapters=f"{method}0")).abs().max() < 1e-5
@@ -165,6 +184,10 @@ def test_linear_averaging_of_one_method_and_export_refusal(tmp_path, tiny_llama,
     assert half.manifest.merge["weights"] == [0.5, 0.5]
     with pytest.raises(UserInputError, match="combine by linear averaging only"):
         combine_adapters(trained, [f"{method}0", f"{method}1"], "ties", "nope")
+    if method == "ia3":  # rescaling rows or columns of a weight folds exactly
+        report = export_model(trained, f"{method}0", tmp_path / "folded", dtype="fp32", probe=None)
+        assert report["variants"]["export_fp32"]["max_abs_logit_diff"] < 1e-4
+        return
     with pytest.raises(UserInputError, match=f"cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
         export_model(trained, f"{method}0", tmp_path / "never")
     assert not (tmp_path / "never").exists()
@@ -178,7 +201,7 @@ def test_methods_do_not_mix_in_a_merge(trained):
 def test_the_wrong_base_guard_covers_every_method(tmp_path, trained):
     other = build_tiny_model(tmp_path / "other", "llama", seed=3)
     backbone = load_backbone(BaseSpec(model=str(other), quantization="none"))
-    for ref in ("bottleneck0", "prefix0"):
+    for ref in ("bottleneck0", "prefix0", "ia30"):
         with pytest.raises(UserInputError, match="weights: same shapes, different weight values"):
             load_registered(trained, ref, backbone=backbone)
         with pytest.raises(UserInputError, match="trained on base .* weights: same shapes, different weight values"):
@@ -196,3 +219,44 @@ def test_a_prefix_adapter_loaded_after_inference_on_nf4_equals_a_fresh_load(tiny
     after, before = served.logits(TEXTS[:1], adapters="prefix0"), fresh.logits(TEXTS[:1], adapters="prefix0")
     assert (after - before).abs().max() < 1e-4
     assert (after - served.logits(TEXTS[:1], adapters=None)).abs().max() > 1e-2  # and the prefix does something
+
+
+# ---- (IA)3: what the other methods' tests do not cover
+
+
+def test_a_new_ia3_adapter_is_the_identity(tiny_llama):
+    from peft_adapt.methods import method
+
+    model = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none")).model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        wrapped = method("ia3").inject(model, method("ia3").spec(method="ia3"), "causal_lm", [], "llama")
+        after = wrapped(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == 2 * (32 + 32 + 128)  # k, v, down x2
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_vanilla_peft_reproduces_the_runtimes_ia3_logits(tiny_llama, trained, quantization):
+    from peft import PeftModel
+
+    rt = AdapterRuntime(str(tiny_llama), quantization=quantization, registry=trained)
+    ids = torch.tensor([rt.tokenizer(TEXTS[0])["input_ids"]])
+    plain = PeftModel.from_pretrained(load_backbone(BaseSpec(model=str(tiny_llama), quantization=quantization)).model,
+                                      trained.get("ia30").path).eval()
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+    # nf4: a fresh model's first forward and the runtime's both run the bf16 inference kernel
+    assert (rt.logits(ids, adapters="ia30") - expected).abs().max() < (1e-5 if quantization == "none" else 2e-2)
+
+
+def test_ia3_trained_on_nf4_exports_as_faithfully_as_the_noise_floor(tmp_path, tiny_llama, docs_file):
+    data = causal_recipe(tiny_llama, docs_file, "nf4", max_steps=20, learning_rate=5e-2)
+    data["adapter"] = METHOD_SPECS["ia3"]
+    result = train_domain(parse_recipe(data), "docs", tmp_path / "run")
+    registry = Registry(tmp_path / "reg")
+    registry.add(result.out_dir)
+    report = export_model(registry, "t-docs", tmp_path / "exported", dtype="fp32", probe=docs_file)
+    floor = report["noise_floor"]["top1_agreement"]
+    assert report["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005, report

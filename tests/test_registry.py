@@ -365,10 +365,11 @@ def _ner_file(tmp_path: Path) -> Path:
 
 _ADAPTER_SPECS = {"lora": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
                   "bottleneck": {"method": "bottleneck", "reduction_factor": 8},
-                  "prefix": {"method": "prefix", "num_virtual_tokens": 4}}
+                  "prefix": {"method": "prefix", "num_virtual_tokens": 4},
+                  "ia3": {"method": "ia3"}}
 
 
-@pytest.mark.parametrize("method", ["lora", "bottleneck", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "prefix", "ia3"])
 @pytest.mark.parametrize("task", ["causal_lm", "classification", "token_classification"])
 def test_export_then_import_then_load_computes_what_the_original_computes(tmp_path, tiny_llama, tiny_bert, docs_file,
                                                                           sentiment_file, task, method, capsys):

@@ -3,6 +3,7 @@
 - `lora.py`: LoRA / DoRA through peft; stacked in the runtime, folds into base weights, feeds the merge methods.
 - `bottleneck.py`: sequential bottleneck adapters (Houlsby, Pfeiffer), our own: peft has none.
 - `prefix.py`: prefix tuning through peft; served per group.
+- `ia3.py`: (IA)3 through peft: learned rescaling vectors; stacked in the runtime, folds into base weights.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from ..errors import UserInputError
 from ..formats import read_adapter_config
 from .base import AdapterMethod, AdapterWeights, StackComponent  # noqa: F401 (the protocol, for callers)
 from .bottleneck import BOTTLENECK
+from .ia3 import IA3_METHOD
 from .lora import LORA
 from .prefix import PREFIX
 
-TABLE: dict[str, AdapterMethod] = {m.name: m for m in (LORA, BOTTLENECK, PREFIX)}
+TABLE: dict[str, AdapterMethod] = {m.name: m for m in (LORA, BOTTLENECK, PREFIX, IA3_METHOD)}
 DEFAULT = LORA.name  # a recipe's `adapter:` without `method:`
 SPECS = {name: method.spec for name, method in TABLE.items()}
 METHODS = tuple(TABLE)
