@@ -90,8 +90,8 @@ def main() -> None:
 
     def target_accuracy(result, target: str) -> float:
         """The trained adapter scored on another domain's test set, through its own label map."""
-        labels = LabelMap(result.manifest["labels"])
-        spec = TaskSpec.model_validate(result.manifest["recipe"]["task"])
+        labels = LabelMap(result.manifest.labels)
+        spec = TaskSpec.model_validate(result.manifest.task_spec)
         features = tokenize(read_eval_file(spec, data / f"{target}.test.jsonl", labels), result.backbone.tokenizer, spec)
         return evaluate_task(result.model, features, "classification", result.backbone.tokenizer.pad_token_id,
                              len(labels.names), 32)["accuracy"]

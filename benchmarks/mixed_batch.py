@@ -9,6 +9,9 @@ For each model, adapter shape, K and regime, prints one JSON line with tokens/s 
 `value` is ours, `baseline` peft_single, `ratio` ours / peft_single, and `ratio_vs_peft_mixed` too.
 Regimes: `prefill` (one forward over the rows, `--prompt-tokens` each) and `generation` (one prompt a row,
 `--new-tokens` new tokens, greedy, KV cache). Shapes: rank 8 on q_proj/v_proj, rank 16 on all linear layers.
+On a shared machine the load drifts: the compared variants are interleaved (every repeat runs each of them once,
+in turn) and each figure is the median of `--repeats` (at least 3), so a drift touches them all alike.
+`--quick` only fills the flags not given: `--quick --new-tokens 32` measures 32.
 
     python benchmarks/mixed_batch.py --quick                         # CPU, minutes
     python benchmarks/mixed_batch.py --models smollm2-135m,random    # the full grid (a GPU, or patience)
@@ -30,21 +33,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAPES = {"r8-qv": (8, ["q_proj", "v_proj"]), "r16-all": (16, "all-linear")}
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` runs after one warm-up run."""
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per function: one warm-up each, then `repeats` rounds that run every function once in turn."""
     import torch
 
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    for fn in fns.values():
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _random_model(path: Path, hidden: int, layers: int) -> Path:
@@ -98,7 +103,7 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
         folder = work / f"{shape}-a{i}"
         peft_model.save_pretrained(folder, selected_adapters=[f"a{i}"])
         folders.append(folder / f"a{i}")  # peft saves a named adapter into a subfolder of that name
-    runtime = AdapterRuntime(spec, initial_capacity=k_max + 1, initial_rank=rank)
+    runtime = AdapterRuntime(spec, initial_capacity=k_max + 1)
     for folder in folders:
         runtime.load(str(folder))
     plain = load_backbone(spec).model.eval()
@@ -168,9 +173,9 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
                     runtime.generate(prompts, adapters=ours_names, max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, return_tokens=True)
 
-            speeds = {name: tokens / _timed(fn, repeats) for name, fn in
-                      (("base", base_fn), ("peft_single", peft_single), ("peft_mixed", peft_mixed),
-                       ("peft_switch", peft_switch), ("ours", ours))}
+            seconds = _interleaved({"base": base_fn, "peft_single": peft_single, "peft_mixed": peft_mixed,
+                                    "peft_switch": peft_switch, "ours": ours}, repeats)
+            speeds = {name: tokens / s for name, s in seconds.items()}
             print(json.dumps({
                 "name": f"mixed_batch_{regime}_tokens_per_s", "model": model_name, "quantization": quantization,
                 "shape": shape, "K": k, "rows": rows, "value": speeds["ours"], "baseline": speeds["peft_single"],
@@ -178,7 +183,8 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
                 "ratio_vs_peft_mixed": speeds["ours"] / speeds["peft_mixed"],
                 "peft_mixed_vs_single": speeds["peft_mixed"] / speeds["peft_single"],
                 "peft_switch_vs_single": speeds["peft_switch"] / speeds["peft_single"],
-                "tokens_per_s": speeds, "device": device_name,
+                "tokens_per_s": speeds, "repeats": repeats, "prompt_tokens": prompt_tokens,
+                "new_tokens": new_tokens, "device": device_name,
             }), flush=True)
     del peft_model, runtime, plain
 
@@ -195,14 +201,18 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--ks", default=None, help="distinct adapters per batch (default 1,4,16,32,64; quick 1,4,32)")
     parser.add_argument("--regimes", default="prefill,generation")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, help="prefill tokens per row (default 128; quick 64)")
+    parser.add_argument("--new-tokens", type=int, help="generated tokens per row (default 32; quick 8)")
     parser.add_argument("--gen-prompt-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per figure (at least 3)")
     args = parser.parse_args()
-    if args.quick:
-        args.prompt_tokens, args.new_tokens, args.repeats = 64, 8, 1
-    args.ks = args.ks or ("1,4,32" if args.quick else "1,4,16,32,64")
+    quick = {"prompt_tokens": 64, "new_tokens": 8, "ks": "1,4,32"}
+    full = {"prompt_tokens": 128, "new_tokens": 32, "ks": "1,4,16,32,64"}
+    for key, value in (quick if args.quick else full).items():  # only what the command line left unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats < 3:
+        parser.error("--repeats: medians need at least 3 rounds")
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_mixed_"))
     try:

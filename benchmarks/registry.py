@@ -35,10 +35,9 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peft_adapt.adapter_files import verify_checksums
     from peft_adapt.backbone import BaseSpec, load_backbone
     from peft_adapt.loading import check_base_fits
-    from peft_adapt.manifest import build_manifest, write_json
+    from peft_adapt.formats import build_manifest, verify_checksums, write_manifest
     from peft_adapt.registry import Registry
     from peft_adapt.testing import build_tiny_model
 
@@ -57,12 +56,9 @@ def main() -> None:
         lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                               LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         lora.save_pretrained(source)
-        write_json(source / "manifest.json", build_manifest(
-            folder=source, name="bench", domain="bench", method="lora", task="causal_lm", base_model=str(base_dir),
-            base_fingerprint=backbone.fingerprint, quantization={"quantization": "none"},
-            recipe={"base": {"model": str(base_dir), "quantization": "none"}, "task": {"type": "causal_lm"}},
-            data_sha256={}, metrics={},
-        ))
+        write_manifest(source, build_manifest(source, base=BaseSpec(model=str(base_dir), quantization="none"),
+                                              name="bench", domain="bench", method="lora", task="causal_lm",
+                                              base_fingerprint=backbone.fingerprint))
         adapter_bytes = (source / "adapter_model.safetensors").stat().st_size
         registry = Registry(work / "registry")
         folders = work / "folders"

@@ -1,9 +1,11 @@
 """Hot-swap costs: switch latency with N resident adapters, load latency, bytes per resident adapter.
 
 Prints JSON lines, ours against peft on the same base:
-- `switch_us` (p50 and p99): with N resident rank-8 adapters on the attention projections, the work that
-  makes a different adapter the active one: peft `set_adapter(name)`; ours, what a call does to pick its
-  adapter (name -> slot, the per-row index), `AdapterRuntime._batch`. Neither includes a forward pass.
+- `select_us` (p50 and p99 of `--switches` switches, N resident rank-8 adapters on the attention projections):
+  choosing a different adapter than the last one: peft `set_adapter(name)`; ours, name -> slot and the batch's
+  per-row index (`AdapterRuntime._batch`).
+- `switch_us`: the switch as a request sees it: the choice plus the first adapted layer's forward on one token
+  with the new adapter; `layer_us`: that layer's forward alone, with the adapter already chosen (the floor).
 - `load_ms`: one adapter from the registry into the runtime (checksums, fingerprint check, read, write a
   slot) against peft `load_adapter` from a folder.
 - `bytes_per_resident_adapter`: the runtime's stack bytes per resident adapter against the adapter's own
@@ -33,22 +35,30 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def _first_adapted_layer(model, kind):
+    return next(m for m in model.modules() if isinstance(m, kind))
+
+
 def main() -> None:
+    import gc
+
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
     from peft_adapt.backbone import BaseSpec, load_backbone
-    from peft_adapt.manifest import build_manifest, write_json
+    from peft_adapt.formats import build_manifest, write_manifest
+    from peft_adapt.methods.lora import LORA
     from peft_adapt.registry import Registry
     from peft_adapt.runtime import AdapterRuntime
-    from peft_adapt.runtime.lora_weights import read_lora_weights
+    from peft_adapt.runtime.sites import AdaptedSite
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,10,100,1000")
     parser.add_argument("--peft-max", type=int, default=300, help="largest N tried with peft (it slows down as N grows)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantization", default="nf4")
-    parser.add_argument("--switches", type=int, default=200)
+    parser.add_argument("--switches", type=int, default=2000)
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -60,17 +70,14 @@ def main() -> None:
         peft_model = get_peft_model(peft_backbone.model, config, adapter_name="a0")
         peft_model.save_pretrained(work / "template", selected_adapters=["a0"])
         template = work / "template" / "a0"
-        lora = read_lora_weights(template)
-        runtime = AdapterRuntime(spec, initial_capacity=max(sizes) + 1, initial_rank=8)
+        lora = LORA.read(template)
+        runtime = AdapterRuntime(spec, initial_capacity=max(sizes) + 1)
         common = {"model": args.model, "quantization": args.quantization, "adapter": "lora r8 q,k,v,o", "device": device}
 
         # load latency: from the registry into the runtime, against peft load_adapter from a folder
         registry = Registry(work / "registry")
-        write_json(template / "manifest.json", build_manifest(
-            folder=template, name="swap", domain="bench", method="lora", task="causal_lm", base_model=args.model,
-            base_fingerprint=runtime.backbone.fingerprint, quantization={"quantization": args.quantization},
-            recipe={"base": {"model": args.model}, "task": {"type": "causal_lm"}}, data_sha256={}, metrics={},
-        ))
+        write_manifest(template, build_manifest(template, base=spec, name="swap", domain="bench", method="lora",
+                                                task="causal_lm", base_fingerprint=runtime.backbone.fingerprint))
         registry.add(template, name="swap")
         runtime._registry = registry
         ours, theirs = [], []
@@ -87,35 +94,63 @@ def main() -> None:
                           "ratio": statistics.median(ours) / statistics.median(theirs),
                           "baseline_is": "peft load_adapter from a folder"} | common), flush=True)
 
-        resident = 0
-        peft_count = 1
+        resident, peft_count = 0, 1
         for n in sizes:
             while resident < n:
-                runtime.load_lora(f"a{resident}", lora)
+                runtime.load_weights(f"a{resident}", lora)
                 resident += 1
+            site = _first_adapted_layer(runtime.model, AdaptedSite)
+            peft_layer = _first_adapted_layer(peft_model, LoraLayer)
+            x = torch.randn(1, 1, site.base_layer.in_features, device=runtime.device)
             names = [f"a{i % n}" for i in range(args.switches)]
-            ours = []
-            for name in names:
-                start = time.perf_counter()
+
+            def ours_select(name):
                 runtime._batch(name, 1)
-                ours.append((time.perf_counter() - start) * 1e6)
-            theirs = None
-            if n <= args.peft_max:
-                while peft_count < n:
-                    peft_model.add_adapter(f"a{peft_count}", config)
-                    peft_count += 1
-                theirs = []
-                for name in names:
-                    start = time.perf_counter()
-                    peft_model.set_adapter(name)
-                    theirs.append((time.perf_counter() - start) * 1e6)
-            for label, index in (("p50", 0), ("p99", 1)):
-                value = _percentiles(ours)[index]
-                baseline = _percentiles(theirs)[index] if theirs else None
-                print(json.dumps({"name": f"switch_us_{label}", "resident": n, "value": value, "baseline": baseline,
-                                  "ratio": value / baseline if baseline else None,
-                                  "baseline_is": "peft set_adapter" if theirs else f"peft not run above {args.peft_max}"}
-                                 | common), flush=True)
+
+            def ours_switch(name):
+                batch, _ = runtime._batch(name, 1)
+                runtime.context.current = batch
+                try:
+                    site(x)
+                finally:
+                    runtime.context.current = None
+
+            def ours_layer(name, batch=runtime._batch("a0", 1)[0]):
+                runtime.context.current = batch
+                try:
+                    site(x)
+                finally:
+                    runtime.context.current = None
+
+            def peft_select(name):
+                peft_model.set_adapter(name)
+
+            def peft_switch(name):
+                peft_model.set_adapter(name)
+                peft_layer(x)
+
+            def peft_layer_alone(name):
+                peft_layer(x)
+
+            ours, theirs = {}, {}
+            with torch.no_grad():
+                for label, fn in (("select", ours_select), ("switch", ours_switch), ("layer", ours_layer)):
+                    ours[label] = _switch_times(fn, names, gc)
+                if n <= args.peft_max:
+                    while peft_count < n:
+                        peft_model.add_adapter(f"a{peft_count}", config)
+                        peft_count += 1
+                    few = names[: max(50, args.switches // max(1, n))]  # peft's switch slows as N grows
+                    for label, fn in (("select", peft_select), ("switch", peft_switch), ("layer", peft_layer_alone)):
+                        theirs[label] = _switch_times(fn, few, gc)
+            for measure in ("select", "switch", "layer"):
+                for label, index in (("p50", 0), ("p99", 1)):
+                    value = _percentiles(ours[measure])[index]
+                    baseline = _percentiles(theirs[measure])[index] if theirs else None
+                    print(json.dumps({"name": f"{measure}_us_{label}", "resident": n, "value": value,
+                                      "baseline": baseline, "ratio": value / baseline if baseline else None,
+                                      "switches": len(names), "baseline_is": f"peft ({measure})" if theirs else
+                                      f"peft not run above {args.peft_max}"} | common), flush=True)
         stats = runtime.stats()
         print(json.dumps({"name": "bytes_per_resident_adapter", "resident": stats["resident"],
                           "value": stats["stack_bytes"] / max(1, stats["resident"]), "baseline": lora.nbytes,
@@ -124,6 +159,19 @@ def main() -> None:
               flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _switch_times(switch, names: list[str], gc) -> list[float]:
+    """Microseconds per switch, after a warm-up and a collection (both sides alike; the collector stays on)."""
+    for name in names[:20]:
+        switch(name)
+    gc.collect()
+    times = []
+    for name in names:
+        start = time.perf_counter()
+        switch(name)
+        times.append((time.perf_counter() - start) * 1e6)
+    return times
 
 
 if __name__ == "__main__":
