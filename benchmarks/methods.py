@@ -31,7 +31,12 @@ ADAPTERS = {
     "prefix": {"method": "prefix", "num_virtual_tokens": 16, "projection": True, "projection_hidden_size": 128},
     "ia3": {"method": "ia3"},
 }
-LEARNING_RATES = {"lora": 1e-3, "bottleneck": 1e-3, "prefix": 1e-2, "ia3": 1e-2, "base": 2e-3}
+# Chosen on the eval split carved from books' training rows (never the test rows reported), at the quick budget:
+# prefix with its reparameterising MLP diverged at 1e-2 (a constant prediction, test 50.0%: the old default) and
+# learned at 3e-3 and 1e-3 (eval 82.1 and 80.8); (IA)3's vectors start at 1 and want larger steps (eval 87.8 at
+# 3e-2, 84.6 at 1e-2, 76.9 at 3e-3). The text benchmark takes the same rates but (IA)3's 1e-2.
+LEARNING_RATES = {"lora": 1e-3, "bottleneck": 1e-3, "prefix": 3e-3, "ia3": 3e-2, "base": 2e-3}
+TEXT_LEARNING_RATES = LEARNING_RATES | {"ia3": 1e-2}
 
 
 def _peak_memory() -> dict:
@@ -88,7 +93,9 @@ def main() -> None:
                 section = {"freeze": "all"} if method == "base" else {"adapter": ADAPTERS[method]}
                 recipe = parse_recipe({
                     "name": f"{bench}-{method}", "base": base, "task": task, **section,
-                    "training": training | {"learning_rate": LEARNING_RATES[method]}, "domains": {domain: spec(domain)},
+                    "training": training | {"learning_rate": (LEARNING_RATES if bench == "amazon" else
+                                                              TEXT_LEARNING_RATES)[method]},
+                    "domains": {domain: spec(domain)},
                 })
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
