@@ -1,5 +1,6 @@
 """Training with a domain-adaptation term: every step also runs a batch of unlabeled target-domain text
-through the same model, and adds `weight * objective(source features, target features)` to the task loss.
+through the same model, and adds `weight * objective(source features, target features)` to the task loss;
+with self-training, also a batch of target rows the model itself labelled confidently (self_training.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 from .checkpoints import AdapterTrainer
 from .heads import pool_hidden
 from .objectives import DomainAdaptationSpec, DomainClassifier, coral_loss, dann_lambda, dann_loss, mmd_loss
+from .self_training import PseudoLabels, label_rows, round_starts, select_pseudo_labels
 
 
 def feature_kwargs(task: str) -> dict:
@@ -34,6 +36,12 @@ class DomainAdaptationTrainer(AdapterTrainer):
         super().__init__(*args, **kwargs)
         self.adaptation = adaptation
         self.task = task
+        self.target_features = target_features
+        self.pseudo_label_rounds: list[PseudoLabels] = []
+        self._rounds_started = 0
+        self._pseudo_loader = None
+        self._pseudo_batches = iter(())
+        self._pseudo_losses: list[float] = []
         generator = torch.Generator().manual_seed(self.args.seed)
         self.target_loader = DataLoader(target_features, batch_size=self.args.per_device_train_batch_size,
                                         shuffle=True, collate_fn=self.data_collator, generator=generator)
@@ -54,42 +62,90 @@ class DomainAdaptationTrainer(AdapterTrainer):
             optimizer.add_param_group({"params": list(self.domain_classifier.parameters()), "weight_decay": 0.0})
         return optimizer
 
+    def _device(self) -> torch.device:
+        return next(p for p in self.model.parameters() if p.requires_grad).device
+
     def _next_target(self) -> dict:
         try:
             batch = next(self._target_batches)
         except StopIteration:  # the target text cycles for as long as the source trains
             self._target_batches = iter(self.target_loader)
             batch = next(self._target_batches)
-        device = next(p for p in self.model.parameters() if p.requires_grad).device
-        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.to(self._device()) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        extra = feature_kwargs(self.task)
-        outputs = model(**inputs, **extra)
+        aligning = self.adaptation.method != "none"
+        outputs = model(**inputs, **(feature_kwargs(self.task) if aligning else {}))
+        loss = outputs.loss
+        if aligning:
+            term, weight = self._alignment_term(model, outputs, inputs["attention_mask"])
+            self._da_losses.append(float(term.detach()))
+            loss = loss + weight * term
+        if self.adaptation.self_training is not None:
+            pseudo = self._pseudo_labelled_loss(model)
+            if pseudo is not None:
+                self._pseudo_losses.append(float(pseudo.detach()))
+                loss = loss + self.adaptation.self_training.weight * pseudo
+        return (loss, outputs) if return_outputs else loss
+
+    def _alignment_term(self, model, outputs, attention_mask) -> tuple[torch.Tensor, float]:
+        """(term, its weight) from the source batch's outputs and a fresh target batch."""
         target = self._next_target()
-        target_outputs = model(**target, **extra)
-        source = pooled_features(outputs, inputs["attention_mask"], self.task)
+        target_outputs = model(**target, **feature_kwargs(self.task))
+        source = pooled_features(outputs, attention_mask, self.task)
         target_features = pooled_features(target_outputs, target["attention_mask"], self.task)
-        weight = self.adaptation.weight
         if self.adaptation.method == "dann":
             # as in Ganin et al. the weight scales only the reversed gradient reaching the adapter and the domain
             # classifier's loss is not scaled (under AdamW that scale would cancel anyway)
             progress = self.state.global_step / max(1, self.state.max_steps)
-            term = dann_loss(source, target_features, self.domain_classifier,
-                             weight * dann_lambda(progress, self.adaptation.dann_gamma))
-            weight = 1.0
-        elif self.adaptation.method == "coral":
-            term = coral_loss(source, target_features)
-        else:
-            term = mmd_loss(source, target_features)
-        self._da_losses.append(float(term.detach()))
-        loss = outputs.loss + weight * term
-        return (loss, outputs) if return_outputs else loss
+            lam = self.adaptation.weight * dann_lambda(progress, self.adaptation.dann_gamma)
+            return dann_loss(source, target_features, self.domain_classifier, lam), 1.0
+        if self.adaptation.method == "coral":
+            return coral_loss(source, target_features), self.adaptation.weight
+        return mmd_loss(source, target_features), self.adaptation.weight
+
+    def _pseudo_labelled_loss(self, model) -> torch.Tensor | None:
+        """The loss on a batch of confidently self-labelled target rows; relabels when a round starts.
+        None before the first round, and in a round where no class had a confident row."""
+        spec = self.adaptation.self_training
+        due = sum(step <= self.state.global_step for step in round_starts(self.state.max_steps, spec.rounds))
+        if due > self._rounds_started:  # a resumed run relabels once, with the model it resumed
+            self._rounds_started = due
+            self._relabel(model)
+        if self._pseudo_loader is None:
+            return None
+        try:
+            batch = next(self._pseudo_batches)
+        except StopIteration:
+            self._pseudo_batches = iter(self._pseudo_loader)
+            batch = next(self._pseudo_batches)
+        return model(**{k: v.to(self._device()) for k, v in batch.items()}).loss
+
+    def _relabel(self, model) -> None:
+        spec = self.adaptation.self_training
+        batch = self.args.per_device_eval_batch_size
+        probabilities = label_rows(model, self.target_features, self.data_collator, batch)
+        rows, labels = select_pseudo_labels(probabilities, spec.threshold, spec.balance)
+        confidences = [float(probabilities[r].max()) for r in rows]
+        self.pseudo_label_rounds.append(PseudoLabels(self.state.global_step, rows, labels, confidences,
+                                                     len(self.target_features)))
+        self._pseudo_loader = None
+        self._pseudo_batches = iter(())
+        if rows:
+            chosen = [self.target_features[r] | {"labels": label} for r, label in zip(rows, labels)]
+            generator = torch.Generator().manual_seed(self.args.seed + len(self.pseudo_label_rounds))
+            self._pseudo_loader = DataLoader(chosen, batch_size=self.args.per_device_train_batch_size, shuffle=True,
+                                             collate_fn=self.data_collator, generator=generator)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._da_losses:
             logs[f"{self.adaptation.method}_loss"] = sum(self._da_losses) / len(self._da_losses)
             self._da_losses.clear()
+        if "loss" in logs and self._pseudo_losses:
+            logs["pseudo_labelled_loss"] = sum(self._pseudo_losses) / len(self._pseudo_losses)
+            self._pseudo_losses.clear()
+        if "loss" in logs and self.pseudo_label_rounds:
+            logs["pseudo_labels"] = len(self.pseudo_label_rounds[-1].rows)
         super().log(logs, *args, **kwargs)

@@ -17,23 +17,36 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-OBJECTIVES = ("dann", "coral", "mmd")
+from .self_training import SelfTrainingSpec
+
+OBJECTIVES = ("dann", "coral", "mmd")  # and "none": self-training alone
 
 
 class DomainAdaptationSpec(BaseModel):
     """The recipe's `domain_adaptation:` section."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["dann", "coral", "mmd"] = Field(json_schema_extra={"example": "dann"})
+    method: Literal["dann", "coral", "mmd", "none"] = Field(
+        json_schema_extra={"example": "dann"}, description="the alignment term; none: self-training alone")
     target: str = Field(description="unlabeled target-domain text (its labels are never read)",
                         json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/kitchen.train.jsonl"})
     weight: float = Field(1.0, ge=0, description="coral / mmd: x the term; dann: x the reversed gradient")
     max_target_rows: int | None = Field(None, ge=1)
     dann_gamma: float = Field(10.0, gt=0, description="how fast the reversal strength rises")
     dann_hidden: int = Field(256, ge=1, description="the domain classifier's hidden width")
+    self_training: SelfTrainingSpec | None = Field(
+        None, description="classification: also learn the adapter's confident labels of the target, "
+                          "e.g. {rounds: 2, threshold: 0.9, balance: true, weight: 1.0}")
+
+    @model_validator(mode="after")
+    def _does_something(self):
+        if self.method == "none" and self.self_training is None:
+            raise ValueError("method none aligns nothing: add self_training: {rounds: 2, threshold: 0.9} or name "
+                             "dann, coral or mmd")
+        return self
 
 
 class GradientReversal(torch.autograd.Function):

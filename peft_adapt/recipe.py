@@ -116,6 +116,10 @@ class Recipe(BaseModel):
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")
         elif self.adapter is None:
             self.adapter = SPECS[DEFAULT]()
+        adaptation = self.domain_adaptation
+        if adaptation is not None and adaptation.self_training is not None and self.task.type != "classification":
+            raise ValueError(f"domain_adaptation.self_training labels whole texts, for task classification; this recipe's "
+                             f"task is {self.task.type}: remove self_training or use method dann, coral or mmd")
         for name in self.domains:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"domain name {name!r}: use letters, digits, '_', '.', '-' (it names a folder)")

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ class TrainResult:
     backbone: Backbone
     data: DomainData
     registered: object = None  # the registry entry, when registered
+    pseudo_labels: list = field(default_factory=list)  # self-training: each round's PseudoLabels
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -311,6 +312,9 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
                                         eval_batch, label_names)
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    pseudo_labels = getattr(trainer, "pseudo_label_rounds", [])
+    if pseudo_labels:
+        metrics["self_training"] = [r.summary(num_labels) for r in pseudo_labels]
 
     manifest = None
     gathered = None
@@ -322,7 +326,7 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
                                 gathered)
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data)
+    return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
 
 
 def target_features(recipe: Recipe, tokenizer) -> list[dict]:

@@ -12,6 +12,7 @@ from peft_adapt.data import IGNORE_INDEX, Example, tokenize_token_classification
 from peft_adapt.metrics import entity_metrics, entity_spans
 from peft_adapt.objectives import coral_loss, dann_lambda, mmd_loss, read_target_texts, reverse_gradient
 from peft_adapt.recipe import parse_recipe
+from peft_adapt.self_training import round_starts, select_pseudo_labels
 from peft_adapt.train import train_domain
 
 
@@ -62,19 +63,76 @@ def test_only_the_target_text_is_read(tmp_path):
     assert len(texts) == 40 and texts[0].startswith("superb")
 
 
-@pytest.mark.parametrize("method", ["dann", "mmd"])
-def test_target_labels_cannot_reach_the_loss(tmp_path, tiny_bert, sentiment_file, method):
+SELF_TRAINING = {"rounds": 2, "threshold": 0.5, "balance": False}  # every row is confident enough: all are used
+
+
+@pytest.mark.parametrize("objective, self_training", [("dann", False), ("mmd", False), ("none", True), ("mmd", True)],
+                         ids=["dann", "mmd", "self_training", "mmd+self_training"])
+def test_target_labels_cannot_reach_the_loss(tmp_path, tiny_bert, sentiment_file, objective, self_training):
     """Training with the target's true labels, flipped labels or none gives bit-identical adapters."""
     from safetensors.torch import load_file
 
     weights = []
     for labels in ("true", "flipped", "none"):
-        data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
-        data["domain_adaptation"] = {"method": method, "target": str(_target(tmp_path, f"{labels}.jsonl", labels))}
+        data = classification_recipe(tiny_bert, sentiment_file, max_steps=6, logging_steps=1)
+        data["domain_adaptation"] = {"method": objective, "target": str(_target(tmp_path, f"{labels}.jsonl", labels))}
+        if self_training:
+            data["domain_adaptation"]["self_training"] = SELF_TRAINING
         result = train_domain(parse_recipe(data), "sentiment", tmp_path / labels)
         weights.append(load_file(result.out_dir / "adapter_model.safetensors"))
+        if self_training:  # the pseudo-labelled rows did train: two rounds, all 40 target rows, a logged loss
+            assert [r["step"] for r in result.metrics["self_training"]] == round_starts(6, 2) == [2, 4]
+            assert all(r["selected"] == 40 for r in result.metrics["self_training"])
+            history = json.loads((result.out_dir / "log_history.json").read_text())
+            # labelled after 2 updates: the pseudo-labelled loss joins from the third step on
+            assert [e["step"] for e in history if "pseudo_labelled_loss" in e] == [3, 4, 5, 6]
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+
+
+def test_pseudo_labels_keep_confident_rows_balanced_per_class():
+    probabilities = torch.tensor([
+        [0.95, 0.05], [0.99, 0.01], [0.97, 0.03], [0.40, 0.60], [0.08, 0.92], [0.5, 0.5], [0.2, 0.8]])
+    assert select_pseudo_labels(probabilities, 0.9, balance=False) == ([0, 1, 2, 4], [0, 0, 0, 1])
+    # balanced: class 1 has one confident row (4), so class 0 keeps its single most confident (1)
+    assert select_pseudo_labels(probabilities, 0.9, balance=True) == ([1, 4], [0, 1])
+    assert select_pseudo_labels(probabilities, 0.75, balance=True) == ([1, 2, 4, 6], [0, 0, 1, 1])
+    # a class with no confident row: balancing teaches nothing rather than one class only
+    assert select_pseudo_labels(probabilities, 0.96, balance=True) == ([], [])
+
+
+def test_self_training_that_finds_no_confident_row_changes_nothing(tmp_path, tiny_bert, sentiment_file):
+    from safetensors.torch import load_file
+
+    weights = []
+    for setting in (None, {"rounds": 3, "threshold": 0.999999}):
+        data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
+        if setting:
+            data["domain_adaptation"] = {"method": "none", "target": str(_target(tmp_path, "t.jsonl", "none")),
+                                         "self_training": setting}
+        result = train_domain(parse_recipe(data), "sentiment", tmp_path / str(bool(setting)))
+        weights.append(load_file(result.out_dir / "adapter_model.safetensors"))
+    assert [r["selected"] for r in result.metrics["self_training"]] == [0, 0, 0]  # labelled, nothing confident
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "none"}, "method none aligns nothing"),
+    ({"self_training": {"rounds": 0}}, "rounds"),
+    ({"self_training": {"threshold": 1.0}}, "threshold"),
+])
+def test_self_training_settings_are_checked(tiny_bert, sentiment_file, change, message):
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
+    data["domain_adaptation"] = {"method": "mmd", "target": str(sentiment_file)} | change
+    with pytest.raises(Exception, match=message):
+        parse_recipe(data)
+
+
+def test_self_training_needs_a_classifier(tiny_llama, docs_file):
+    data = causal_recipe(tiny_llama, docs_file, "nf4", max_steps=6)
+    data["domain_adaptation"] = {"method": "none", "target": str(docs_file), "self_training": {}}
+    with pytest.raises(Exception, match="self_training labels whole texts"):
+        parse_recipe(data)
 
 
 @pytest.mark.parametrize("method", ["dann", "coral", "mmd"])
