@@ -103,10 +103,10 @@ def main() -> None:
         if not result.pseudo_labels:
             return None
         last = result.pseudo_labels[-1]
-        gold = [row.get("label") for _, row in read_rows(data / f"{target}.train.jsonl", "train")]
-        names = result.manifest.labels
-        agree = sum(str(gold[r]) == str(names[label]) for r, label in zip(last.rows, last.labels))
-        return last.summary(len(names)) | {"label_accuracy": agree / len(last.rows) if last.rows else None}
+        labels = LabelMap(result.manifest.labels)  # integer labels keep their ids; names map to theirs
+        gold = [labels.id_of(row["label"], f"row {n}") for n, row in read_rows(data / f"{target}.train.jsonl", "train")]
+        agree = sum(gold[r] == label for r, label in zip(last.rows, last.labels))
+        return last.summary(len(labels.names)) | {"label_accuracy": agree / len(last.rows) if last.rows else None}
 
     def target_accuracy(result, target: str) -> float:
         """The trained adapter scored on another domain's test set, through its own label map."""
