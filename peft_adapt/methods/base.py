@@ -165,3 +165,18 @@ def _shapes(value):
     if isinstance(value, (tuple, list)):
         return tuple(_shapes(v) for v in value)
     return value
+
+
+class PeftTrainedMethod(AdapterMethod):
+    """A method trained through peft: peft saves its folder, and plain peft loads it back for evaluation."""
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+    def peft_loadable(self, task: str) -> bool:
+        return True
+
+    def load_for_eval(self, model: nn.Module, folder: Path) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, folder, is_trainable=False)

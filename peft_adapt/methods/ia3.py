@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .base import INPUT, OUTPUT, AdapterMethod, AdapterWeights, StackComponent, gathered, weighted_average
+from .base import INPUT, OUTPUT, AdapterWeights, PeftTrainedMethod, StackComponent, gathered, weighted_average
 from .peft_state import read_peft_state
 
 VECTOR = "ia3_l"
@@ -79,7 +79,7 @@ def _stage(vector_shape: list[int] | tuple[int, ...]) -> str:
     return INPUT if vector_shape[0] == 1 and len(vector_shape) == 2 and vector_shape[1] != 1 else OUTPUT
 
 
-class IA3(AdapterMethod):
+class IA3(PeftTrainedMethod):
     name = "ia3"
     spec = IA3Spec
 
@@ -99,17 +99,6 @@ class IA3(AdapterMethod):
                            modules_to_save=head_modules or None,
                            task_type="CAUSAL_LM" if task == "causal_lm" else None)
         return get_peft_model(model, config)
-
-    def save(self, model, folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-
-    def peft_loadable(self, task: str) -> bool:
-        return True
-
-    def load_for_eval(self, model, folder: Path):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, folder, is_trainable=False)
 
     def read(self, folder: Path, strip_prefix: str = "") -> AdapterWeights:
         state, head = read_peft_state(folder, strip_prefix)

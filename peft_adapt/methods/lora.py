@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-from .base import DELTA, AdapterMethod, AdapterWeights, StackComponent, average_heads, gathered
+from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered
 from .peft_state import read_peft_state
 
 HEAD_MODULES = ("lm_head", "classifier", "score")  # output layers: trained in full or frozen, never LoRA'd
@@ -132,7 +132,7 @@ class StackedLora(StackComponent):
         return delta.view(*x.shape[:-1], self.out_features)
 
 
-class Lora(AdapterMethod):
+class Lora(PeftTrainedMethod):
     name = "lora"
     spec = LoraSpec
 
@@ -146,17 +146,6 @@ class Lora(AdapterMethod):
             modules_to_save=head_modules or None, task_type="CAUSAL_LM" if task == "causal_lm" else None,
         )
         return get_peft_model(model, config)
-
-    def save(self, model, folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-
-    def peft_loadable(self, task: str) -> bool:
-        return True
-
-    def load_for_eval(self, model, folder: Path):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, folder, is_trainable=False)
 
     def read(self, folder: Path, strip_prefix: str = "") -> AdapterWeights:
         """A folder's LoRA as plain tensors per module (never through peft's loader: on AVX512-BF16 CPUs, peft

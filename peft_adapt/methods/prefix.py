@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-from .base import AdapterMethod, AdapterWeights, weighted_average
+from .base import AdapterWeights, PeftTrainedMethod, weighted_average
 from .peft_state import read_peft_state
 
 PROMPT = "prompt_embeddings"
@@ -38,7 +38,7 @@ class PrefixSpec(BaseModel):
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
 
-class Prefix(AdapterMethod):
+class Prefix(PeftTrainedMethod):
     name = "prefix"
     spec = PrefixSpec
     stacked = False
@@ -52,16 +52,8 @@ class Prefix(AdapterMethod):
                                     prefix_projection=spec.projection, encoder_hidden_size=spec.projection_hidden_size)
         return get_peft_model(model, config)
 
-    def save(self, model, folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-
     def peft_loadable(self, task: str) -> bool:
         return task == "causal_lm"  # our classifier heads take the prefixes through peft's SEQ_CLS wrapper only
-
-    def load_for_eval(self, model, folder: Path):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, folder, is_trainable=False)
 
     def read(self, folder: Path, strip_prefix: str = "") -> AdapterWeights:
         config = read_adapter_config(folder).data
