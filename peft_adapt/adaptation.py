@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoints import AdapterTrainer
+from .evaluation import predict_probabilities
 from .heads import pool_hidden
 from .objectives import DomainAdaptationSpec, DomainClassifier, coral_loss, dann_lambda, dann_loss, mmd_loss
-from .self_training import PseudoLabels, label_rows, round_starts, select_pseudo_labels
+from .self_training import PseudoLabels, round_starts, select_pseudo_labels
 
 
 def feature_kwargs(task: str) -> dict:
@@ -125,8 +126,11 @@ class DomainAdaptationTrainer(AdapterTrainer):
 
     def _relabel(self, model) -> None:
         spec = self.adaptation.self_training
-        batch = self.args.per_device_eval_batch_size
-        probabilities = label_rows(model, self.target_features, self.data_collator, batch)
+        try:  # in eval mode (no dropout), then back to training for the rest of this step
+            probabilities = predict_probabilities(model, self.target_features, self.data_collator.pad_token_id,
+                                                  self.args.per_device_eval_batch_size)
+        finally:
+            model.train()
         rows, labels = select_pseudo_labels(probabilities, spec.threshold, spec.balance)
         confidences = [float(probabilities[r].max()) for r in rows]
         self.pseudo_label_rounds.append(PseudoLabels(self.state.global_step, rows, labels, confidences,

@@ -22,9 +22,6 @@ from torch import nn
 
 from .self_training import SelfTrainingSpec
 
-OBJECTIVES = ("dann", "coral", "mmd")  # and "none": self-training alone
-
-
 class DomainAdaptationSpec(BaseModel):
     """The recipe's `domain_adaptation:` section."""
 

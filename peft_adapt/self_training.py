@@ -56,23 +56,6 @@ def select_pseudo_labels(probabilities: torch.Tensor, threshold: float, balance:
     return rows, [int(labels[r]) for r in rows]
 
 
-@torch.no_grad()
-def label_rows(model: torch.nn.Module, features: list[dict], collate, batch_size: int) -> torch.Tensor:
-    """[rows, classes] probabilities from the model in eval mode (no dropout); its training mode is restored."""
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    try:
-        out = []
-        for start in range(0, len(features), batch_size):
-            batch = collate(features[start:start + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            out.append(torch.softmax(logits.float(), dim=-1).cpu())
-        return torch.cat(out)
-    finally:
-        model.train(was_training)
-
-
 def round_starts(total_steps: int, rounds: int) -> list[int]:
     """The steps at which the target is relabelled: after a warm-up, evenly spaced."""
     return [max(1, round(r * total_steps / (rounds + 1))) for r in range(1, rounds + 1)]
