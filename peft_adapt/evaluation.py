@@ -73,10 +73,6 @@ def predict_probabilities(model, features: list[dict], pad_token_id: int, batch_
     return torch.cat(parts)
 
 
-def predict_classes(model, features: list[dict], pad_token_id: int, batch_size: int = 32) -> list[int]:
-    return predict_probabilities(model, features, pad_token_id, batch_size).argmax(-1).tolist()
-
-
 def evaluate_classification(model, features: list[dict], pad_token_id: int, num_labels: int, batch_size: int = 32,
                             label_names: list[str] | None = None, records: list | None = None) -> dict:
     probs = predict_probabilities(model, features, pad_token_id, batch_size)
