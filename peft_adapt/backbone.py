@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserInputError
 from .fingerprint import base_fingerprint
-from .heads import SequenceClassifier, TokenClassifier, default_pooling
+from .heads import MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
 from .model_files import QUANTIZATIONS, BaseSpec, Quantization, resolve_model_path  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,26 +104,32 @@ def load_backbone(
     try:
         if task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif task in ("classification", "token_classification", "encoder"):
+        elif task in ("classification", "token_classification", "masked_lm", "encoder"):
             encoder_cls = AutoModel._model_mapping[type(config)]
             if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
                 kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
             model = AutoModel.from_pretrained(path, **kwargs)
-            if task != "encoder" and not num_labels:
+            if task not in ("encoder", "masked_lm") and not num_labels:
                 raise ValueError(f"{task} needs num_labels")
             if task == "classification":
                 chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
                 model = SequenceClassifier(model, num_labels, chosen)
             elif task == "token_classification":
                 model = TokenClassifier(model, num_labels, "mean")
+            elif task == "masked_lm":
+                model = MaskedLanguageModel(model)
         else:
-            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification or encoder")
+            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification, "
+                                 f"masked_lm or encoder")
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     if quant is None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if task == "masked_lm" and (is_decoder or tokenizer.mask_token_id is None):
+        raise UserInputError(f"task masked_lm needs an encoder whose tokenizer has a mask token; {spec.model} is "
+                             f"{'a decoder' if is_decoder else 'without one'}: train its domain adapter with task causal_lm")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model, tokenizer, spec, path, base_fingerprint(path), device)

@@ -25,7 +25,8 @@ def _cmd_train(args) -> int:
     if args.num_processes > 1 and world().size == 1:
         return _launch_workers(args, out)
     registry = None if args.no_register else Registry(args.registry)
-    train_recipe(recipe, out, args.domain, registry=registry, parallel_domains=args.parallel_domains,
+    train_recipe(recipe, out, args.domain, registry=registry, stack_registry=Registry(args.registry),
+                 parallel_domains=args.parallel_domains,
                  resume=args.resume, report=lambda line: print(line, flush=True))
     return 0
 
@@ -148,7 +149,8 @@ def _cmd_eval(args) -> int:
     else:
         metrics = evaluate_file(folder, args.data, quantization=args.quantization, device=args.device,
                                 batch_size=args.batch_size, max_rows=args.max_rows, force=args.force,
-                                base_only=args.base_only, records=records, source=source)
+                                base_only=args.base_only, records=records, source=source,
+                                registry=Registry(args.registry))
     subject = {"base_of" if folder is not None and args.base_only else "base" if folder is None else "adapter": source}
     print(json.dumps(subject | {"data": str(args.data), **metrics}))
     if args.out:

@@ -7,6 +7,9 @@ Tasks:
 - `classification`: `text` + `label` (an integer id or a name) or `label_name`.
 - `token_classification`: `tokens` (a list of words) + `tags` (one BIO tag per word); each word's tag
   goes on its first sub-word token, the others are left out of the loss.
+- `masked_lm`: a `text` field (any other field, a label included, is never read); a share of the tokens is
+  masked and predicted. Training masks afresh in every batch (`MaskingCollator`); eval and test rows are masked
+  once, seeded, so every evaluation scores the same positions.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class TaskSpec(BaseModel):
     """The `task:` section of a recipe."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["causal_lm", "classification", "token_classification"] = Field(
+    type: Literal["causal_lm", "classification", "token_classification", "masked_lm"] = Field(
         json_schema_extra={"example": "classification"})
     max_length: int = Field(256, ge=8, description="tokens per example: longer ones are cut (packing: split)")
     packing: bool = Field(False, description="causal_lm: pack examples into max_length blocks")
@@ -38,6 +41,7 @@ class TaskSpec(BaseModel):
         "auto", description="classification: auto (as the encoder was trained) | mean | cls | last")
     text_field: str = Field("text", description="the field that holds the text")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="carved from train when a domain has no eval file; 0: none")
+    mask_probability: float = Field(0.15, gt=0, lt=1, description="masked_lm: the share of tokens masked and predicted")
 
 
 # ---------------------------------------------------------------- reading
@@ -294,6 +298,8 @@ def parse_examples(
                     f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion', or "
                     f"'messages'); fields found: {sorted(row)}"
                 )
+        elif task.type == "masked_lm":  # unlabeled text: whatever else the row holds is not read
+            examples.append(Example(row_no, text=text_of(row, task.text_field, where, source)))
         elif task.type == "token_classification":
             words, tags = row.get("tokens"), row.get("tags")
             if not isinstance(words, list) or not isinstance(tags, list) or not words:
@@ -436,7 +442,53 @@ def tokenize_token_classification(examples: list[Example], tokenizer, max_length
     return features
 
 
-def tokenize(examples: list[Example], tokenizer, task: TaskSpec) -> list[dict]:
+def tokenize_masked_lm(examples: list[Example], tokenizer, max_length: int, probability: float | None,
+                       seed: int = 0) -> list[dict]:
+    """input_ids cut to max_length; with `probability`, masked once (seeded per row: the same positions on every
+    run) with `labels` on the masked tokens; without, unmasked, for `MaskingCollator` to mask afresh."""
+    import torch
+
+    features = []
+    special = set(tokenizer.all_special_ids)
+    for index, ex in enumerate(examples):
+        enc = tokenizer(ex.text, truncation=True, max_length=max_length)
+        feature = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "row": ex.row}
+        if probability is not None:
+            ids = torch.tensor([enc["input_ids"]])
+            maskable = torch.tensor([[t not in special for t in enc["input_ids"]]])
+            if not maskable.any():
+                continue
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            masked, labels = mask_tokens(ids, maskable, tokenizer, probability, generator)
+            feature |= {"input_ids": masked[0].tolist(), "labels": labels[0].tolist()}
+        elif len(enc["input_ids"]) < 3:  # nothing but the special tokens: nothing to predict
+            continue
+        features.append(feature)
+    return features
+
+
+def mask_tokens(ids, maskable, tokenizer, probability: float, generator=None):
+    """BERT's masking: each maskable token is chosen with `probability` (at least one per row); of the chosen,
+    80% become [MASK], 10% a random token, 10% stay. Returns (masked ids, labels: the original id where chosen)."""
+    import torch
+
+    chosen = (torch.rand(ids.shape, generator=generator) < probability) & maskable
+    for row in range(ids.shape[0]):  # a row with nothing chosen would teach nothing: choose one of its tokens
+        if not chosen[row].any() and maskable[row].any():
+            candidates = maskable[row].nonzero().flatten()
+            chosen[row, candidates[torch.randint(len(candidates), (1,), generator=generator)]] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+    draw = torch.rand(ids.shape, generator=generator)
+    masked = ids.clone()
+    masked[chosen & (draw < 0.8)] = tokenizer.mask_token_id
+    swap = chosen & (draw >= 0.8) & (draw < 0.9)
+    masked[swap] = torch.randint(len(tokenizer), ids.shape, generator=generator)[swap]
+    return masked, labels
+
+
+def tokenize(examples: list[Example], tokenizer, task: TaskSpec, seed: int = 0) -> list[dict]:
+    if task.type == "masked_lm":
+        return tokenize_masked_lm(examples, tokenizer, task.max_length, task.mask_probability, seed)
     if task.type == "causal_lm":
         return tokenize_causal_lm(examples, tokenizer, task.max_length, task.packing)
     if task.type == "token_classification":
@@ -469,6 +521,27 @@ class Collator:
 
     def __call__(self, features: list[dict]) -> dict:
         return pad_batch(features, self.pad_token_id, self.padding_side)
+
+
+@dataclass
+class MaskingCollator:
+    """Pads like `Collator`, then masks the rows that carry no labels yet (training rows, masked afresh in every
+    batch from torch's seeded generator); rows masked at tokenization (eval, test) are kept as they are."""
+
+    tokenizer: object
+    probability: float
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        if "labels" in features[0]:
+            return pad_batch(features, self.tokenizer.pad_token_id)
+        batch = pad_batch(features, self.tokenizer.pad_token_id)
+        ids = batch["input_ids"]
+        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+        maskable = batch["attention_mask"].bool() & ~torch.isin(ids, special)
+        batch["input_ids"], batch["labels"] = mask_tokens(ids, maskable, self.tokenizer, self.probability)
+        return batch
 
 
 @dataclass
@@ -548,7 +621,8 @@ def read_eval_file(task: TaskSpec, path: Path, labels: LabelMap | None, max_rows
 
 def tokenize_domain(examples: DomainExamples, tokenizer, task: TaskSpec) -> DomainData:
     splits = {
-        "train": tokenize(examples.train, tokenizer, task),
+        "train": (tokenize_masked_lm(examples.train, tokenizer, task.max_length, None) if task.type == "masked_lm"
+                  else tokenize(examples.train, tokenizer, task)),
         "eval": tokenize(examples.eval, tokenizer, task),
         "test": tokenize(examples.test, tokenizer, task) if examples.test is not None else None,
     }

@@ -26,6 +26,14 @@ def nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([(nll * counted).sum(1), counted.sum(1).to(nll.dtype)], dim=1)
 
 
+def masked_nll_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[rows, 2]: summed negative log-likelihood of each row's masked tokens (labels not IGNORE_INDEX), and their count."""
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    counted = labels != IGNORE_INDEX
+    return torch.stack([(nll * counted).sum(1), counted.sum(1).to(nll.dtype)], dim=1)
+
+
 def _indexed_batches(features: list[dict], batch_size: int, pad_token_id: int, device):
     for start in range(0, len(features), batch_size):
         batch = pad_batch(features[start : start + batch_size], pad_token_id)
@@ -43,14 +51,15 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate_causal_lm(model, features: list[dict], pad_token_id: int, batch_size: int = 8,
-                       records: list | None = None) -> dict:
-    """Token-weighted loss and perplexity over every predicted (non-masked) token; `records` gets one entry per row."""
+                       records: list | None = None, nll=nll_per_row) -> dict:
+    """Token-weighted loss and perplexity over every predicted (non-masked) token; `records` gets one entry per row.
+    `nll`: masked_nll_per_row scores a masked LM (its masked tokens, unshifted)."""
     model.eval()
     device = _device_of(model)
     total_nll, total_tokens = 0.0, 0
     for start, batch in _indexed_batches(features, batch_size, pad_token_id, device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_row = nll_per_row(logits, batch["labels"])
+        per_row = nll(logits, batch["labels"])
         if records is not None:
             for f, (nll, count) in zip(features[start : start + batch_size], per_row.tolist()):
                 records.append({"row": f.get("row"), "tokens": int(count), "loss": nll / max(count, 1),
@@ -116,6 +125,8 @@ def evaluate_task(model, features: list[dict], task_type: str, pad_token_id: int
                   batch_size: int = 8, label_names: list[str] | None = None, records: list | None = None) -> dict:
     if task_type == "causal_lm":
         return evaluate_causal_lm(model, features, pad_token_id, batch_size, records)
+    if task_type == "masked_lm":
+        return evaluate_causal_lm(model, features, pad_token_id, batch_size, records, nll=masked_nll_per_row)
     if task_type == "token_classification":
         return evaluate_token_classification(model, features, pad_token_id, label_names, batch_size, records)
     return evaluate_classification(model, features, pad_token_id, num_labels, batch_size, label_names, records)
@@ -124,7 +135,7 @@ def evaluate_task(model, features: list[dict], task_type: str, pad_token_id: int
 def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: str | None = None,
                   device: str = "auto", batch_size: int = 16, max_rows: int | None = None,
                   force: bool = False, base_only: bool = False, records: list | None = None,
-                  source: str | None = None) -> dict:
+                  source: str | None = None, registry=None) -> dict:
     """Load a trained adapter onto its base and score it on a data file; `base_only` scores its base alone
     (causal LM: the perplexity an adapter is measured against). `records` gets one entry per example."""
     from .loading import load_trained
@@ -143,7 +154,8 @@ def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: 
         backbone = load_backbone(base.model_copy(update=updates), "causal_lm")
         model = backbone.model
     else:
-        loaded = load_trained(adapter_dir, quantization=quantization, device=device, force=force, source=source)
+        loaded = load_trained(adapter_dir, quantization=quantization, device=device, force=force, source=source,
+                              registry=registry)
         backbone, model = loaded.backbone, loaded.model
     features = tokenize(examples, backbone.tokenizer, task)
     pad = backbone.tokenizer.pad_token_id

@@ -93,6 +93,7 @@ class Manifest(BaseModel):
     library_versions: dict = Field(default_factory=dict)
     merge: dict | None = None
     imported_from: str | None = None
+    stack_on: dict | None = None  # a task adapter trained on a frozen domain adapter: which one (`stacking.py`)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
+from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -58,28 +58,21 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_i
     return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
 
 
-class SequenceClassifier(nn.Module):
-    """A transformer encoder (`AutoModel`) + pooling + a linear head named `classifier`."""
+class EncoderWithHead(nn.Module):
+    """A transformer encoder (`AutoModel`, kept as `encoder`) under a head of our own: what every head shares."""
 
     # Trainer passes `num_items_in_batch` to models that accept loss kwargs; these heads use it
     accepts_loss_kwargs = True
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.config = encoder.config  # Trainer and peft read model.config
         self.name_or_path = getattr(encoder, "name_or_path", None)  # peft records it as the base
-        self.pooling = pooling
-        self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
-        hidden = encoder.config.hidden_size
-        self.classifier = nn.Linear(hidden, num_labels, dtype=torch.float32, device=encoder.device)
 
     @property
     def device(self) -> torch.device:
-        return self.classifier.weight.device
+        return self.encoder.get_input_embeddings().weight.device
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()
@@ -89,9 +82,6 @@ class SequenceClassifier(nn.Module):
 
     def enable_input_require_grads(self):
         self.encoder.enable_input_require_grads()
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return pool_hidden(hidden, attention_mask, self.pooling)
 
     def encode(self, input_ids, attention_mask, past_key_values, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states [batch, tokens, hidden] and the mask of their real tokens."""
@@ -105,6 +95,23 @@ class SequenceClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         # with prefix tuning the mask also covers the virtual tokens in front: keep the real tokens' part
         return hidden.float(), attention_mask[:, -hidden.shape[1]:]
+
+
+class SequenceClassifier(EncoderWithHead):
+    """A transformer encoder (`AutoModel`) + pooling + a linear head named `classifier`."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float = 0.1):
+        super().__init__(encoder)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        hidden = encoder.config.hidden_size
+        self.classifier = nn.Linear(hidden, num_labels, dtype=torch.float32, device=self.device)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool_hidden(hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False,
                 num_items_in_batch=None, **kwargs):
@@ -126,3 +133,45 @@ class TokenClassifier(SequenceClassifier):
         loss = summed_cross_entropy(logits, labels, num_items_in_batch) if labels is not None else None
         pooled = (pool_hidden(hidden, mask, "mean"),) if return_pooled else None
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=pooled)
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: a dense layer, GELU and LayerNorm, then the input embeddings (tied, frozen) and a
+    bias over the vocabulary. Trained in full with the adapter; the dense layer starts as the identity."""
+
+    def __init__(self, hidden: int, vocab: int, eps: float, device):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            self.dense.weight.copy_(torch.eye(hidden))
+            self.dense.bias.zero_()
+        self.norm = nn.LayerNorm(hidden, eps=eps, dtype=torch.float32, device=device)
+        self.bias = nn.Parameter(torch.zeros(vocab, dtype=torch.float32, device=device))
+
+    def forward(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        h = self.norm(nn.functional.gelu(self.dense(hidden)))
+        return h @ embeddings.float().T + self.bias
+
+
+class MaskedLanguageModel(EncoderWithHead):
+    """An encoder + `MaskedLMHead` named `mlm_head`: trains a domain adapter on unlabeled text. While training, the
+    vocabulary logits are computed at the masked positions only (the loss needs no others)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__(encoder)
+        config = encoder.config
+        self.mlm_head = MaskedLMHead(config.hidden_size, config.vocab_size, getattr(config, "layer_norm_eps", 1e-12),
+                                     self.device)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, num_items_in_batch=None,
+                **kwargs):
+        kwargs.pop("return_pooled", None)
+        hidden, _ = self.encode(input_ids, attention_mask, past_key_values, kwargs)
+        embeddings = self.encoder.get_input_embeddings().weight
+        if labels is not None and self.training:
+            chosen = labels != -100
+            logits = self.mlm_head(hidden[chosen], embeddings)
+            return MaskedLMOutput(loss=summed_cross_entropy(logits, labels[chosen], num_items_in_batch), logits=logits)
+        logits = self.mlm_head(hidden, embeddings)
+        loss = summed_cross_entropy(logits, labels, num_items_in_batch) if labels is not None else None
+        return MaskedLMOutput(loss=loss, logits=logits)

@@ -73,9 +73,10 @@ def check_adapter(folder: Path, manifest: Manifest, backbone: Backbone, source: 
 
 
 def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto", force: bool = False,
-                 backbone: Backbone | None = None, source: str | None = None) -> LoadedAdapter:
+                 backbone: Backbone | None = None, source: str | None = None, registry=None) -> LoadedAdapter:
     """`folder`'s adapter applied to `backbone`, or to its own base loaded as its manifest says
-    (in `quantization` if given), after checking the files and that the base fits."""
+    (in `quantization` if given), after checking the files and that the base fits. A task adapter trained on a
+    domain adapter (`stack_on`) runs on top of that domain adapter, found in `registry` (default: the default one)."""
     from safetensors.torch import load_file
 
     from .methods import method_of_folder
@@ -89,6 +90,12 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
         labels = manifest.labels
         backbone = load_backbone(base, manifest.task, len(labels) if labels else None, manifest.pooling or "auto")
     check_base_fits(manifest, backbone, source, force)
+    if manifest.stack_on:
+        from .registry import Registry
+        from .stacking import StackedDomain, recorded_domain
+
+        under = recorded_domain(manifest.stack_on, registry or Registry())
+        StackedDomain(backbone.model, under, "encoder." if manifest.task != "causal_lm" else "")
     if folder_kind(folder) == "adapter":
         model = method_of_folder(folder).load_for_eval(backbone.model, folder)
     else:
@@ -105,4 +112,5 @@ def load_registered(registry, ref: str, backbone: Backbone | None = None, quanti
                     force: bool = False) -> LoadedAdapter:
     """The registered adapter `ref` applied to `backbone` (or to its own base, loaded), after the fingerprint check."""
     entry = registry.get(ref)
-    return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref)
+    return load_trained(entry.path, quantization=quantization, force=force, backbone=backbone, source=entry.ref,
+                        registry=registry)

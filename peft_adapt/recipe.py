@@ -88,6 +88,8 @@ class Recipe(BaseModel):
     training: TrainingSpec = TrainingSpec()
     domain_adaptation: DomainAdaptationSpec | None = Field(
         None, description="optional: align with a target domain's unlabeled text")
+    stack_on: str | None = Field(
+        None, description="a registered LoRA domain adapter (e.g. books-domain) to train this LoRA on top of, frozen")
     domains: dict[str, DomainSpec] = Field(min_length=1, description="name -> train file, or {train, eval, test}")
     _source: Path | None = PrivateAttr(None)  # the file it was read from
 
@@ -116,7 +118,15 @@ class Recipe(BaseModel):
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")
         elif self.adapter is None:
             self.adapter = SPECS[DEFAULT]()
+        if self.stack_on is not None and self.method != "lora":
+            raise ValueError(f"stack_on stacks LoRA adapters (their deltas add); this recipe trains {self.method}: "
+                             f"use adapter.method: lora, or remove stack_on")
+        if self.task.type == "masked_lm" and (self.freeze is not None or self.method == "prefix"):
+            raise ValueError(f"task masked_lm trains a domain adapter (lora, bottleneck or ia3), not {self.method}")
         adaptation = self.domain_adaptation
+        if adaptation is not None and self.task.type == "masked_lm":
+            raise ValueError("domain_adaptation aligns a task's features across domains; task masked_lm has no task: "
+                             "remove domain_adaptation")
         if adaptation is not None and adaptation.self_training is not None and self.task.type != "classification":
             raise ValueError(f"domain_adaptation.self_training labels whole texts, for task classification; this recipe's "
                              f"task is {self.task.type}: remove self_training or use method dann, coral or mmd")

@@ -379,6 +379,10 @@ class Registry:
             raise UserInputError(
                 f"{folder}: checksum mismatch, the files changed after the manifest was written: " + "; ".join(problems)
             )
+        if manifest.stack_on:  # a stack is registered whole: its domain adapter here, on the same base
+            from .stacking import check_stack
+
+            check_stack(manifest, self)
 
     def _stage(self, folder: Path, allow_pickle: bool) -> Path:
         """Copy the adapter's own files into a private staging folder (pickle converted to safetensors) and fsync it."""

@@ -25,9 +25,9 @@ from transformers import TrainerCallback
 from .adaptation import DomainAdaptationTrainer
 from .backbone import Backbone, disable_cpu_repacking, load_backbone
 from .checkpoints import AdapterTrainer, CrashAfterCheckpoint
-from .data import Collator, DomainData, read_domain, tokenize_domain
+from .data import Collator, DomainData, MaskingCollator, read_domain, tokenize_domain
 from .errors import UserInputError
-from .evaluation import evaluate_task, nll_per_row
+from .evaluation import evaluate_task, masked_nll_per_row, nll_per_row
 from .freeze import apply_freeze
 from .formats import ADAPTER_CONFIG, TRAINED_WEIGHTS, Manifest, build_manifest, staged_folder, write_json, write_manifest
 from .methods import inject_adapter, method
@@ -69,7 +69,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
 
     model = backbone.model
-    heads = [] if recipe.task.type == "causal_lm" else ["classifier"]
+    heads = {"causal_lm": [], "masked_lm": ["mlm_head"]}.get(recipe.task.type, ["classifier"])
     if recipe.base.quantization != "none":
         disable_cpu_repacking(model)
     if recipe.adapter is None:
@@ -178,7 +178,8 @@ def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[st
         return {"perplexity": math.exp(sums[0] / sums[1])}
 
     # keep only (nll, tokens) per row instead of gathering [rows, length, vocab] logits
-    return compute, lambda logits, labels: nll_per_row(logits, labels)
+    nll = masked_nll_per_row if task == "masked_lm" else nll_per_row
+    return compute, lambda logits, labels: nll(logits, labels)
 
 
 def checkpoint_folder(out_root: str | Path, domain: str) -> Path:
@@ -222,9 +223,10 @@ def _tensorboard(out_root: Path, domain: str):
 
 
 def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool = False,
-                 progress_label: str | None = None) -> TrainResult:
+                 progress_label: str | None = None, registry=None) -> TrainResult:
     """Train, evaluate and save one domain's adapter into `out_root/<domain>/`; with `resume`, continue from the
-    domain's last checkpoint if a previous run left one. `progress_label`: plain progress lines instead of a bar."""
+    domain's last checkpoint if a previous run left one. `progress_label`: plain progress lines instead of a bar.
+    `registry`: where the recipe's `stack_on` is looked up (default: the default registry)."""
     from transformers import EarlyStoppingCallback, set_seed
 
     spec = recipe.domain(domain)
@@ -239,6 +241,14 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     num_labels = len(examples.labels.names) if examples.labels else None
     backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling)
     data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
+    stacked_on = None
+    if recipe.stack_on is not None:  # the frozen domain adapter's delta joins every forward, before the task's
+        from .registry import Registry
+        from .stacking import StackedDomain, resolve_domain
+
+        folder, stacked_on = resolve_domain(recipe.stack_on, registry or Registry(), recipe.task.type,
+                                            backbone.fingerprint)
+        StackedDomain(backbone.model, folder, "encoder." if recipe.task.type != "causal_lm" else "")
     model = prepare_model(recipe, backbone)
     trainable, total = count_parameters(model)
     if trainable == 0:
@@ -264,7 +274,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
-        data_collator=Collator(backbone.tokenizer.pad_token_id),
+        data_collator=(MaskingCollator(backbone.tokenizer, recipe.task.mask_probability) if recipe.task.type == "masked_lm"
+                       else Collator(backbone.tokenizer.pad_token_id)),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
         callbacks=callbacks,
@@ -324,7 +335,7 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         trainer.save_model(str(gathered))
     if trainer.is_world_process_zero():  # data parallel: only the main process writes
         manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
-                                gathered)
+                                gathered, stacked_on)
         shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
 
@@ -346,7 +357,8 @@ def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
 
 
 def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Backbone, data: DomainData,
-                 metrics: dict, log_history: list[dict], gathered: Path | None = None) -> Manifest:
+                 metrics: dict, log_history: list[dict], gathered: Path | None = None,
+                 stacked_on: dict | None = None) -> Manifest:
     """Write the adapter (its method's format) or a baseline's trained weights, with metrics, curves, model card and
     manifest, as one folder that appears whole (`formats.staged_folder`): a crash leaves no half-written adapter."""
     with staged_folder(out_dir) as staging:
@@ -373,7 +385,7 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
             staging, base=recipe.base, name=f"{recipe.name}-{domain}" if recipe.name else domain, domain=domain,
             method=recipe.method, task=recipe.task.type, labels=labels, pooling=pooling,
             base_fingerprint=backbone.fingerprint, recipe=recipe.model_dump(mode="json"),
-            data_sha256=data.examples.data_sha256, metrics=metrics,
+            data_sha256=data.examples.data_sha256, metrics=metrics, stack_on=stacked_on,
         )
         write_manifest(staging, manifest)
     return manifest
@@ -408,12 +420,13 @@ def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: 
 
 def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,
                  registry=None, parallel_domains: bool = False, resume: bool = False,
-                 report=None) -> list[TrainResult]:
+                 report=None, stack_registry=None) -> list[TrainResult]:
     """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a
     registry. Under a multi-process launcher: data parallel per domain, or with `parallel_domains` each
     worker trains its own share of the domains; a failed domain is reported with its worker and error.
     With `resume`, a domain whose adapter is already saved is skipped and an interrupted one continues from
-    its last checkpoint. `report(line)` hears a banner before each domain and its result line after it."""
+    its last checkpoint. `report(line)` hears a banner before each domain and its result line after it.
+    `stack_registry`: where `stack_on` is looked up (default: `registry`, else the default registry)."""
     from .distributed import become_single_process, my_domains, record_failure, wait_for_all, world
     from .threads import configure_threads
 
@@ -438,7 +451,8 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
             f"({recipe.base.quantization}), {recipe.task.type} ==")
         try:
             result = train_domain(recipe, name, out_root, resume=resume,
-                                  progress_label=f"worker {here.rank} {name}" if separate else None)
+                                  progress_label=f"worker {here.rank} {name}" if separate else None,
+                                  registry=stack_registry or registry)
         except Exception as exc:
             if not separate:
                 raise

@@ -116,6 +116,10 @@ class AdapterMethod:
         """sum_i w_i * adapter_i as one adapter of this method (exact where the method is linear in its weights)."""
         raise UserInputError(f"{self.name} adapters cannot be combined")
 
+    def stack(self, parts: list[AdapterWeights]) -> AdapterWeights:
+        """Adapters stacked bottom first (domain adapters under a task adapter) as one adapter of this method."""
+        raise UserInputError(f"{self.name} adapters cannot be stacked; only LoRA adapters stack (their deltas add)")
+
     def fold(self, state: dict[str, torch.Tensor], path: str, site: object) -> None:
         """Fold this site's adaptation into the base layer `path` of a state dict (its weight, and bias if it has one)."""
         raise UserInputError(f"a {self.name} adapter cannot be folded into base weights: {self.fold_reason}")

@@ -23,7 +23,7 @@ from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered
 from .peft_state import read_peft_state
 
-HEAD_MODULES = ("lm_head", "classifier", "score")  # output layers: trained in full or frozen, never LoRA'd
+HEAD_MODULES = ("lm_head", "classifier", "score", "mlm_head")  # output layers: trained in full or frozen, never LoRA'd
 
 
 class LoraSpec(BaseModel):
@@ -44,7 +44,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and name.split(".")[-1] not in HEAD_MODULES:
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not set(name.split(".")) & set(HEAD_MODULES):
             names.append(name)
     return names
 
@@ -186,15 +186,12 @@ class Lora(PeftTrainedMethod):
 
     def combine(self, parts: list[tuple[AdapterWeights, float]]) -> AdapterWeights:
         """sum_i w_i * delta_i exactly, as one LoRA: A stacked along the rank, B scaled and concatenated."""
-        modules: dict[str, tuple[list, list]] = {}
-        for weights, w in parts:
-            for path, (a, b, scale) in weights.sites.items():
-                entry = modules.setdefault(path, ([], []))
-                entry[0].append(a.float())
-                entry[1].append(b.float() * (w * scale))
-        sites = {path: (torch.cat(a_list), torch.cat(b_list, dim=1), 1.0) for path, (a_list, b_list) in modules.items()}
         head = average_heads([weights.head for weights, _ in parts], [w for _, w in parts])
-        return AdapterWeights(self.name, sites, head, extent=max(a.shape[0] for a, _, _ in sites.values()))
+        return _concatenated(parts, head)
+
+    def stack(self, parts: list[AdapterWeights]) -> AdapterWeights:
+        """Domain adapters under a task adapter: the sum of their deltas, with the top (task) adapter's head."""
+        return _concatenated([(weights, 1.0) for weights in parts], parts[-1].head)
 
     # ---- deltas, for folding and for the merge methods
 
@@ -268,6 +265,19 @@ class Lora(PeftTrainedMethod):
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS))
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         return warnings
+
+
+def _concatenated(parts: list[tuple[AdapterWeights, float]], head: dict) -> AdapterWeights:
+    """One LoRA whose delta is sum_i w_i * delta_i at every site any part adapts: A stacked along the rank, B scaled
+    and concatenated."""
+    modules: dict[str, tuple[list, list]] = {}
+    for weights, w in parts:
+        for path, (a, b, scale) in weights.sites.items():
+            entry = modules.setdefault(path, ([], []))
+            entry[0].append(a.float())
+            entry[1].append(b.float() * (w * scale))
+    sites = {path: (torch.cat(a_list), torch.cat(b_list, dim=1), 1.0) for path, (a_list, b_list) in modules.items()}
+    return AdapterWeights("lora", sites, head, extent=max(a.shape[0] for a, _, _ in sites.values()))
 
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -12,6 +12,7 @@ from ..formats import ADAPTER_WEIGHTS
 
 _WRAPPER = "base_model.model."
 _HEAD_KEY = re.compile(r"^(classifier|score)(?:\.modules_to_save\.[^.]+)?\.(weight|bias)$")
+_MLM_HEAD = "mlm_head."  # a domain adapter's masked-LM head: it trained the adapter; nothing served reads it
 
 
 def read_peft_state(folder: Path, strip_prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -25,6 +26,8 @@ def read_peft_state(folder: Path, strip_prefix: str = "") -> tuple[dict[str, tor
     state, head = {}, {}
     for key, tensor in load_file(str(path)).items():
         key = key.removeprefix(_WRAPPER)
+        if key.startswith(_MLM_HEAD):
+            continue
         if m := _HEAD_KEY.match(key):
             head[m.group(2)] = tensor
             continue

@@ -5,6 +5,7 @@
     rt.load("med-legal", weights={"medical": 0.5, "legal": 0.5})   # a linear combination, one slot
     rt.generate(["Q: ...", "Q: ..."], adapters=["medical", "legal"])
     rt.logits(["some text"], adapters="medical")
+    rt.classify(texts, adapters="books-domain+sentiment")  # a stack: domain adapter(s) under a task adapter (LoRA)
 
 Adapters of stacked methods (see `methods/`) are read into the runtime's own stacked tensors at adapted sites
 (`sites.py`), never through peft's loading path, so loading after the model has served is as exact as loading
@@ -30,6 +31,7 @@ from ..formats import MANIFEST, folder_kind, read_manifest
 from ..heads import pool_hidden
 from ..loading import check_adapter, check_fits_base
 from ..methods import AdapterWeights, method, method_of_folder
+from ..stacking import check_part, is_stack, stack_parts
 from .batch import AdapterBatch
 from .decoding import Sampling, decode
 from .residency import Residency, ResidentAdapter
@@ -94,6 +96,8 @@ class AdapterRuntime:
             started = time.perf_counter()
             if weights:
                 adapter_weights, meta = self._mix(name, weights, force)
+            elif is_stack(name):
+                adapter_weights, meta = self._stack(name, force)
             else:
                 adapter_weights, meta = self._read(name, force)
             adapter = self._install(name, adapter_weights, meta, pin, weights, keep)
@@ -120,6 +124,17 @@ class AdapterRuntime:
         combined = method(read[0][0][0].method).combine([(part, w) for (part, _), w in read])
         source = " + ".join(f"{w:g}*{ref}" for ref, w in weights.items())
         return combined, metas[0] | {"source": source, "version": None}
+
+    def _stack(self, name: str, force: bool) -> tuple[AdapterWeights, dict]:
+        """`domain+task` (bottom first): the parts' deltas summed as one adapter in one slot, served with the top
+        part's head and label map. Each part is checked against this base like any adapter, so a stack never mixes
+        bases."""
+        refs = stack_parts(name)
+        read = [self._read(ref, force, role="top" if i == len(refs) - 1 else "under") for i, ref in enumerate(refs)]
+        first = read[0][0]
+        combined = method(first.method).stack([weights for weights, _ in read])
+        versions = tuple(meta.get("version") for _, meta in read)
+        return combined, read[-1][1] | {"source": name, "version": None if None in versions else versions}
 
     def _install(self, name: str, weights: AdapterWeights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
         """Put an adapter's weights into a fresh slot (or, for a method that cannot be stacked, its group model),
@@ -152,8 +167,9 @@ class AdapterRuntime:
         self.residency.add(adapter)
         return adapter
 
-    def _read(self, ref: str, force: bool) -> tuple[AdapterWeights, dict]:
-        """The weights of a folder or registry ref, after checking they fit this base."""
+    def _read(self, ref: str, force: bool, role: str = "alone") -> tuple[AdapterWeights, dict]:
+        """The weights of a folder or registry ref, after checking they fit this base. `role`: served alone, or the
+        top (task) part of a stack, or a (domain) part under it."""
         from ..registry import is_folder_ref
 
         if is_folder_ref(ref):
@@ -165,14 +181,20 @@ class AdapterRuntime:
         manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
         if manifest is not None:
             check_adapter(folder, manifest, self.backbone, source, force)
-            if manifest.task != self.task:
+            if role != "alone":
+                check_part(source, manifest, self.task, top=role == "top")
+            elif manifest.task != self.task:
                 raise UserInputError(f"{source} is a {manifest.task} adapter; this runtime serves {self.task}")
+            elif manifest.stack_on:
+                under = manifest.stack_on["ref"]
+                raise UserInputError(f"{source} was trained on top of domain adapter {under}: serve it as a stack, "
+                                     f"{under.partition('@')[0]}+{ref} (or another domain's adapter under it)")
         else:  # a plain peft folder: no checksums to check, but every matrix must fit a layer of this base
             check_fits_base(folder, self.backbone, source)
         if folder_kind(folder) != "adapter":
             raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if self.task == "classification" else "")
-        if self.task == "classification" and not weights.head:
+        if self.task == "classification" and role != "under" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
         meta = {"source": source, "version": version, "labels": manifest.labels if manifest else None,
                 "pooling": (manifest.pooling if manifest else None) or "mean",
@@ -243,16 +265,23 @@ class AdapterRuntime:
             for name, adapter in list(self.residency.adapters.items()):
                 if adapter.version is None:  # a folder, a mix or weights in memory: not the registry's to change
                     continue
-                try:
-                    now = self.registry.get(name).version
-                except UserInputError:
-                    now = None
+                now = self._version_now(name)
                 if now != adapter.version:
                     stale.append(name)
                     self._evict(name, count=False)
                     if adapter.pinned and now is not None:
                         self._load(name, None, True, False, keep=set())
             return stale
+
+    def _version_now(self, name: str):
+        """What the registry says `name` is now (a stack: each part's version), None if it names nothing."""
+        try:
+            if is_stack(name):
+                versions = tuple(self.registry.get(ref).version for ref in stack_parts(name))
+                return versions
+            return self.registry.get(name).version
+        except UserInputError:
+            return None
 
     def unload(self, name: str) -> None:
         with self._lock:

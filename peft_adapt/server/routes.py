@@ -16,6 +16,7 @@ from ..faults import fault_point
 from ..registry import is_folder_ref
 from ..runtime.batcher import ClassifyJob
 from ..runtime.decoding import Sampling
+from ..stacking import DOMAIN_TASKS, STACK_SEPARATOR, stack_parts
 from .generation import as_api_error, chat_prompt, respond, submit
 from .schemas import AdapterRequest, APIError, ChatRequest, ClassifyRequest, CompletionRequest, ServerSettings
 
@@ -50,19 +51,26 @@ class ServerState:
             return None
         if model in self.from_folders and model in self.runtime.resident():
             return model
+        parts = stack_parts(model) if STACK_SEPARATOR in model else [model]  # `domain+task`: a stack, bottom first
+        for i, part in enumerate(parts):
+            self._check_servable(part, model, top=i == len(parts) - 1, stacked=len(parts) > 1)
+        return model
+
+    def _check_servable(self, ref: str, model: str, top: bool, stacked: bool) -> None:
         try:
-            if is_folder_ref(model):
-                raise UserInputError(model)
-            entry = self.registry.get(model)
+            if is_folder_ref(ref):
+                raise UserInputError(ref)
+            entry = self.registry.get(ref)
         except UserInputError:
             shown = ", ".join(sorted(self.base_names) + self.servable()[:30])
-            raise APIError(404, f"the model {model!r} does not exist; available: {shown}", code="model_not_found",
+            raise APIError(404, f"the model {ref!r} does not exist; available: {shown}", code="model_not_found",
                            param="model") from None
         fingerprint = self.runtime.backbone.fingerprint["id"]
-        if entry.fingerprint != fingerprint or entry.task != self.runtime.task:
+        tasks = (self.runtime.task,) if top else DOMAIN_TASKS.get(self.runtime.task, (self.runtime.task,))
+        if entry.fingerprint != fingerprint or entry.task not in tasks:
+            role = "" if not stacked else " at the top of a stack" if top else " under the task adapter of a stack"
             raise APIError(400, f"{entry.ref} is a {entry.task} adapter of base {entry.base_model!r}; this server "
-                                f"serves {self.runtime.task} on {self.settings.base_name!r}", param="model")
-        return model
+                                f"serves {' or '.join(tasks)}{role} on {self.settings.base_name!r}", param="model")
 
     def tokens_of(self, text: str) -> list[int]:
         """Runs in a worker thread (tokenizing a long text takes time)."""
