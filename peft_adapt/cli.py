@@ -180,6 +180,7 @@ def _inputs(args, unescape: bool = False) -> list[tuple[int | str, str]]:
 def _runtime_for(args, task: str):
     """A runtime on --base, or on the base (and quantization) the first named adapter was trained on."""
     from .runtime import AdapterRuntime
+    from .stacking import is_stack, stack_parts
 
     registry = Registry(args.registry)
     named = [n for n in _adapter_names(args) if n not in ("", "base", "none")]
@@ -187,7 +188,7 @@ def _runtime_for(args, task: str):
     if base is None:
         if not named:
             raise UserInputError("give --base MODEL, or an adapter whose base the registry knows")
-        folder = registry.locate(named[0])[0]
+        folder = registry.locate(stack_parts(named[0])[-1] if is_stack(named[0]) else named[0])[0]  # a stack: its top
         from .formats import read_manifest
 
         manifest = read_manifest(folder)

@@ -361,6 +361,7 @@ def tensor_shapes(files: list[Path]) -> dict[str, list[int]]:
 
 _LORA_TENSOR = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _HEAD_TENSOR = re.compile(r"^(?:.+\.)?(classifier|score|lm_head)(?:\.(?:modules_to_save|original_module)\.[^.]+)?\.(weight|bias)$")
+_MLM_HEAD_TENSOR = re.compile(r"(?:^|\.)mlm_head\.")  # a domain adapter's masked-LM head (dense, norm, bias)
 _WRAPPERS = ("base_model.model.",)
 
 
@@ -398,7 +399,7 @@ def adapter_fit_problems(shapes: dict[str, list[int]], fingerprint: dict, base_c
     attached: dict[tuple[str, str], list] = {}  # (layer, part) -> [layer's shape, any tensor sharing a size with it]
     for key, shape in sorted(shapes.items()):
         bare = next((key[len(w):] for w in _WRAPPERS if key.startswith(w)), key)
-        if _HEAD_TENSOR.match(key):
+        if _HEAD_TENSOR.match(key) or _MLM_HEAD_TENSOR.search(key):
             continue
         matched += 1
         if m := _LORA_TENSOR.match(bare):

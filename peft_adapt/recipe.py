@@ -240,6 +240,7 @@ def recipe_reference() -> str:
         lines.append(_field_line(1, key, _yaml_value(value), _describe(field)))
     lines.append(_header(0, "domain_adaptation", _describe(fields["domain_adaptation"]), commented=True))
     _section(DomainAdaptationSpec, 1, lines, commented=True)
+    lines.append(_field_line(0, "stack_on", "null", _describe(fields["stack_on"]), commented=True))
     lines.append(_header(0, "domains", _describe(fields["domains"])))
     lines.append("  books:")
     _section(DomainSpec, 2, lines)

@@ -103,26 +103,23 @@ def resolve_domain(ref: str, registry, task: str, fingerprint: dict) -> tuple[Pa
 
 
 def recorded_domain(record: dict, registry) -> Path:
-    """The folder of the domain adapter a task adapter's manifest says it was trained on, checked to be the same
-    weights (a registry name that now means another version is looked up at the recorded version)."""
+    """The folder of the domain adapter a task adapter's manifest says it was trained on: the version of that name
+    whose weights have the recorded sha256 (after an export and import its version number may differ)."""
     from .registry import is_folder_ref
 
-    ref = record["ref"]
+    ref, wanted = record["ref"], record.get("weights_sha256")
     if is_folder_ref(ref):
-        folder = Path(ref).expanduser()
+        candidates = [Path(ref).expanduser()] if (Path(ref).expanduser() / "manifest.json").is_file() else []
     else:
         name = record.get("name") or ref.partition("@")[0]
-        try:
-            folder = registry.get(f"{name}@{record['version']}" if record.get("version") else ref).path
-        except UserInputError as exc:
-            raise UserInputError(f"this adapter was trained on top of domain adapter {ref}, which this registry does "
-                                 f"not have ({exc}); register it, or serve the task adapter under another domain "
-                                 f"adapter as DOMAIN+TASK") from None
-    found = read_manifest(folder).files.get(ADAPTER_WEIGHTS)
-    if record.get("weights_sha256") and found != record["weights_sha256"]:
-        raise UserInputError(f"the domain adapter {ref} at {folder} is not the one this adapter was trained on "
-                             f"(its weights' sha256 differ)")
-    return folder
+        entries = sorted(registry.list(name=name), key=lambda e: e.version != record.get("version"))
+        candidates = [e.path for e in entries]
+    for folder in candidates:
+        if not wanted or read_manifest(folder).files.get(ADAPTER_WEIGHTS) == wanted:
+            return folder
+    raise UserInputError(f"this adapter was trained on top of domain adapter {ref}, which is not here with the same "
+                         f"weights ({len(candidates)} version(s) of that name checked): register that domain adapter "
+                         f"first, or serve the task adapter under another domain adapter as DOMAIN+TASK")
 
 
 def check_stack(manifest: Manifest, registry) -> None:

@@ -56,4 +56,5 @@ def test_every_readme_command_parses_and_names_valid_adapters(argv):
     for key in ("name", "ref", "adapter"):
         value = getattr(args, key, None)
         if isinstance(value, str) and not value.startswith(("runs/", "./", "/")):
-            check_name(value.partition("@")[0])
+            for part in value.split("+") if key == "adapter" else [value]:  # a stack: domain+task
+                check_name(part.partition("@")[0])

@@ -170,3 +170,41 @@ def test_the_server_serves_a_stack(stacks, tiny_bert):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_causal_lm_stack_equals_its_training_model(tmp_path, tiny_llama, docs_file):
+    from conftest import causal_recipe
+
+    registry = Registry(tmp_path / "reg")
+    domain = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, max_steps=4)), "docs", tmp_path / "d")
+    registry.add(domain.out_dir, name="docs-domain")
+    task = causal_recipe(tiny_llama, docs_file, max_steps=4) | {"stack_on": "docs-domain"}
+    stacked = train_domain(parse_recipe(task), "docs", tmp_path / "t", registry=registry)
+    registry.add(stacked.out_dir, name="docs-task")
+    ids = stacked.backbone.tokenizer(["def add(a, b):", "The function returns"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = stacked.model.eval()(**ids).logits
+    runtime = AdapterRuntime(str(tiny_llama), quantization="none", registry=registry)
+    served = runtime.logits(ids["input_ids"], adapters="docs-domain+docs-task", attention_mask=ids["attention_mask"])
+    real = ids["attention_mask"].bool()
+    assert (served[real] - trained[real]).abs().max() < 1e-4
+
+
+def test_a_stack_survives_export_and_import_into_another_registry(tmp_path, stacks, tiny_bert):
+    registry, _, _ = stacks
+    for ref in ("dom-a", "dom-b", "task"):
+        registry.export(ref, tmp_path / ref)
+    other = Registry(tmp_path / "other")
+    with pytest.raises(UserInputError, match="register that domain adapter first"):
+        other.import_peft(tmp_path / "task")  # refused whole: nothing is registered
+    assert other.list() == []
+    other.import_peft(tmp_path / "dom-b", name="dom-a")  # dom-a@1 here holds other weights
+    other.import_peft(tmp_path / "dom-a")  # dom-a@2: the one the task adapter was trained on
+    other.import_peft(tmp_path / "task")
+    here = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)
+    there = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=other)
+    assert (_probs(here.classify(TEXTS, "dom-a+task")) - _probs(there.classify(TEXTS, "dom-a@2+task"))).abs().max() < 1e-6
+    evaluated = load_registered(other, "task")  # eval finds dom-a@2 by its weights, not by the version number
+    tokenizer = evaluated.backbone.tokenizer
+    probs = predict_probabilities(evaluated.model, _features(tokenizer, TEXTS), tokenizer.pad_token_id)
+    assert (probs - _probs(here.classify(TEXTS, "dom-a+task"))).abs().max() < 1e-5
