@@ -19,7 +19,7 @@ from .backbone import BaseSpec
 from .data import TaskSpec
 from .errors import UserInputError
 from .freeze import FREEZE_PATTERN
-from .methods import DEFAULT, SPECS, AdapterSpec
+from .methods import DEFAULT, SPECS, AdapterSpec, method
 from .objectives import DomainAdaptationSpec
 
 
@@ -118,10 +118,11 @@ class Recipe(BaseModel):
                 raise ValueError(f"freeze: {self.freeze} trains backbone weights, which a {self.base.quantization} base cannot; set base.quantization: none")
         elif self.adapter is None:
             self.adapter = SPECS[DEFAULT]()
-        if self.stack_on is not None and self.method != "lora":
+        adapting = method(self.method) if self.adapter is not None else None
+        if self.stack_on is not None and not (adapting and adapting.stackable):
             raise ValueError(f"stack_on stacks LoRA adapters (their deltas add); this recipe trains {self.method}: "
                              f"use adapter.method: lora, or remove stack_on")
-        if self.task.type == "masked_lm" and (self.freeze is not None or self.method == "prefix"):
+        if self.task.type == "masked_lm" and not (adapting and "masked_lm" in adapting.tasks):
             raise ValueError(f"task masked_lm trains a domain adapter (lora, bottleneck or ia3), not {self.method}")
         adaptation = self.domain_adaptation
         if adaptation is not None and self.task.type == "masked_lm":

@@ -20,6 +20,7 @@ import torch
 
 from .errors import UserInputError
 from .formats import ADAPTER_WEIGHTS, Manifest, read_manifest
+from .methods import method
 
 STACK_SEPARATOR = "+"  # `books-domain+sentiment`: registry names cannot hold a '+'
 DOMAIN_TASKS = {"classification": ("masked_lm", "classification"), "causal_lm": ("causal_lm",),
@@ -40,7 +41,7 @@ def is_stack(ref: str) -> bool:
 
 def check_part(source: str, manifest: Manifest, task: str, top: bool) -> None:
     """A stack's top part does the serving task; the parts under it are LoRA domain adapters of that base."""
-    if manifest.method != "lora":
+    if not method(manifest.method).stackable:
         raise UserInputError(f"{source} is a {manifest.method} adapter; only LoRA adapters stack (their deltas add)")
     allowed = (task,) if top else DOMAIN_TASKS.get(task, (task,))
     if manifest.task not in allowed:

@@ -79,6 +79,8 @@ class AdapterMethod:
     name: ClassVar[str]
     spec: ClassVar[type[BaseModel]]
     stacked: ClassVar[bool] = True  # False: its rows run through `group_model`, one group per adapter
+    stackable: ClassVar[bool] = False  # True: adapters of it stack (domain under task) by adding their deltas
+    tasks: ClassVar[tuple[str, ...]] = ("causal_lm", "classification", "token_classification", "masked_lm")
     fold_reason: ClassVar[str | None] = None  # why it cannot be folded into base weights; None if it can
 
     # ---- training

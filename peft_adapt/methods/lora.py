@@ -135,6 +135,7 @@ class StackedLora(StackComponent):
 class Lora(PeftTrainedMethod):
     name = "lora"
     spec = LoraSpec
+    stackable = True
 
     def inject(self, model, spec: LoraSpec, task: str, head_modules: list[str], model_type: str | None):
         """Wrap `model` with fresh LoRA weights; the task's head (if any) is trained in full and saved."""

@@ -42,6 +42,7 @@ class Prefix(PeftTrainedMethod):
     name = "prefix"
     spec = PrefixSpec
     stacked = False
+    tasks = tuple(TASK_TYPES)  # peft has no prefix tuning for our masked-LM head
     fold_reason = ("prefix tuning adds learned key/value vectors to every attention layer's input, which no change of "
                    "the base's weights reproduces")
 
