@@ -20,7 +20,7 @@ import torch
 
 from .errors import UserInputError
 from .formats import ADAPTER_WEIGHTS, Manifest, read_manifest
-from .methods import method
+from .methods import method, method_of_folder
 
 STACK_SEPARATOR = "+"  # `books-domain+sentiment`: registry names cannot hold a '+'
 DOMAIN_TASKS = {"classification": ("masked_lm", "classification"), "causal_lm": ("causal_lm",),
@@ -55,8 +55,6 @@ class StackedDomain:
     evaluating a task adapter on top of it."""
 
     def __init__(self, model: torch.nn.Module, folder: Path, prefix: str):
-        from .methods import method_of_folder
-
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if prefix else "")
         self.handles = []
         for path, (a, b, scale) in weights.sites.items():
@@ -66,10 +64,6 @@ class StackedDomain:
             a = a.float().to(device)
             b = (b.float() * scale).to(device)
             self.handles.append(layer.register_forward_hook(_adds_delta(a, b)))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def _adds_delta(a: torch.Tensor, b: torch.Tensor):
