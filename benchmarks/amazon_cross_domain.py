@@ -30,11 +30,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DOMAINS = ["books", "dvd", "electronics", "kitchen"]
 QUICK_PAIRS = [("books", "kitchen"), ("dvd", "electronics"), ("kitchen", "books")]
 PUBLISHED = {"DANN (Ganin et al. 2016)": "76-80", "UDALM (Karouzos et al. 2021)": "91.74"}
-# weights of the objective's loss term, from a books -> kitchen sweep on the CPU subset (L2-normalised features):
-# mmd 0.1 and coral 1e5 beat source-only there (CORAL's term is ~1e-7 on unit-norm features, so its weight is
-# large); dann at 0.3 fell to 54% and at 0.1 to 73% (the domain loss climbs to 3 as the adapter outruns the domain
-# classifier; a 10x faster classifier made it worse, 54%), so dann's default is the smaller one
-OBJECTIVE_WEIGHTS = {"dann": 0.1, "coral": 1e5, "mmd": 0.1}
+# weights of the objective's loss term. mmd 0.1 and coral 1e5 come from a books -> kitchen sweep on the CPU subset
+# (CORAL's term is ~1e-7 on unit-norm features, so its weight is large): that pair is among those reported, so
+# they are not clean of target labels, and are kept only as the earlier runs' settings. dann (the confusion
+# adversary) and adda run at their recipe defaults, fixed before any target accuracy was seen: dann weight 1.0,
+# adda rate 1e-4 for as many steps as the source phase. (The reversal adversary's 0.1 was chosen on books ->
+# kitchen too: at 0.3 it fell to 54%, at 0.1 to 73%; the domain loss climbed to 3.)
+OBJECTIVE_WEIGHTS = {"dann": 1.0, "coral": 1e5, "mmd": 0.1}
 # self-training runs with the recipe defaults (2 rounds, threshold 0.9, balanced), fixed before any target
 # accuracy was seen: nothing about it is tuned on the pairs reported. "mmd+self_training" combines the two.
 SELF_TRAINING = {"rounds": 2, "threshold": 0.9, "balance": True, "weight": 1.0}
@@ -55,7 +57,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 pairs, 800 rows a domain, max length 96")
     parser.add_argument("--pairs", help="comma-separated source:target pairs (default: all 12, or 3 with --quick)")
     parser.add_argument("--methods", default="dann,coral,mmd,self_training",
-                        help="of dann, coral, mmd, self_training, OBJECTIVE+self_training, domain_stack")
+                        help="of dann, coral, mmd, adda, self_training, OBJECTIVE+self_training, domain_stack")
     parser.add_argument("--rows", type=int, help="source and target rows per domain (default: all)")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--out", default=None, help="folder for the JSON table and the heatmap")
@@ -128,6 +130,7 @@ def main() -> None:
 
     domain_adapters: dict[str, Path] = {}
     stacked_tasks: dict[str, Path] = {}
+    stack_seconds: dict[str, float] = {}  # training wall time of each domain adapter and stacked task adapter
     runtime = None
 
     def domain_adapter(domain: str) -> Path:
@@ -137,6 +140,7 @@ def main() -> None:
             print(json.dumps({"name": "amazon_domain_adapter", "domain": domain, **result.metrics["eval"],
                               "train_seconds": result.metrics["train_seconds"]}), flush=True)
             domain_adapters[domain] = result.out_dir
+            stack_seconds[f"domain:{domain}"] = result.metrics["train_seconds"]
         return domain_adapters[domain]
 
     def stack_accuracy(source: str, target: str) -> tuple[float, float]:
@@ -148,6 +152,7 @@ def main() -> None:
             result = train_domain(recipe(source, None, "domain_stack", stack_on=str(domain_adapter(source))), source,
                                   out / "runs" / "domain_stack")
             stacked_tasks[source] = result.out_dir
+            stack_seconds[f"task:{source}"] = result.metrics["train_seconds"]
             del result
         runtime = runtime or AdapterRuntime("minilm-l6", task="classification", quantization="nf4")
         task = stacked_tasks[source]
@@ -164,11 +169,17 @@ def main() -> None:
         return scores[0], scores[1]
 
     table: dict[str, dict[str, float]] = {}
+    source_validation: dict[str, dict[str, float]] = {}  # a label-free criterion: the source's held-out accuracy
+    seconds: dict[str, dict[str, float]] = {}  # training wall time behind each cell
     sources = sorted({s for s, _ in pairs})
     in_domain = {}
     for source in sources:
         result = train_domain(recipe(source, None, None), source, out / "runs" / "source_only")
         in_domain[source] = result.metrics["test"]["accuracy"]
+        source_validation.setdefault(source, {})["source_only"] = result.metrics["eval"]["accuracy"]
+        for s, t in pairs:
+            if s == source:
+                seconds.setdefault(f"{s}->{t}", {})["source_only"] = result.metrics["train_seconds"]
         for s, t in pairs:
             if s == source:
                 table.setdefault(f"{s}->{t}", {})["source_only"] = target_accuracy(result, t)
@@ -178,11 +189,18 @@ def main() -> None:
         for method in methods:
             if method == "domain_stack":
                 table[f"{s}->{t}"][method], unswapped = stack_accuracy(s, t)
+                seconds.setdefault(f"{s}->{t}", {})[method] = (stack_seconds[f"domain:{s}"] + stack_seconds[f"task:{s}"]
+                                                               + stack_seconds[f"domain:{t}"])
                 print(json.dumps({"name": "amazon_cross_domain_stack", "pair": f"{s}->{t}",
                                   "target_domain_adapter": table[f"{s}->{t}"][method],
                                   "source_domain_adapter": unswapped}), flush=True)
                 continue
             result = train_domain(recipe(s, t, method), s, out / "runs" / method / t)
+            source_validation.setdefault(f"{s}->{t}", {})[method] = result.metrics["eval"]["accuracy"]
+            seconds.setdefault(f"{s}->{t}", {})[method] = result.metrics["train_seconds"]
+            if result.adapted is not None:  # adda: the target adapter (with the source's head) is what serves t
+                seconds[f"{s}->{t}"][method] += result.adapted.metrics["train_seconds"]
+                result = result.adapted
             table[f"{s}->{t}"][method] = target_accuracy(result, t)
             report = pseudo_label_report(result, t)
             if report:
@@ -192,7 +210,8 @@ def main() -> None:
             del result
         for method in ["source_only", *methods]:
             print(json.dumps({"name": "amazon_cross_domain_accuracy", "pair": f"{s}->{t}", "method": method,
-                              "value": table[f"{s}->{t}"][method], "rows": rows, "epochs": epochs, "device": device}), flush=True)
+                              "value": table[f"{s}->{t}"][method],
+                              "train_seconds": seconds.get(f"{s}->{t}", {}).get(method), "rows": rows, "epochs": epochs, "device": device}), flush=True)
     # in-domain upper bound of each target: the source-only adapter trained on the target itself
     for s, t in pairs:
         if t not in in_domain:
@@ -220,7 +239,7 @@ def main() -> None:
           f" over {len(table)} pair(s)")
     (out / "amazon_cross_domain.json").write_text(json.dumps(
         {"table": table, "averages": averages, "gap_closed": closed, "worst_pair_vs_source_only": worst,
-         "published": PUBLISHED, "rows": rows, "epochs": epochs, "weights": weights,
+         "published": PUBLISHED, "source_validation": source_validation, "train_seconds": seconds, "rows": rows, "epochs": epochs, "weights": weights,
          "self_training": SELF_TRAINING, "pseudo_labels": pseudo_labels, "pairs": len(table), "device": device}, indent=2))
     plot_heatmap([[100 * table[p][c] for c in columns] for p in table], list(table), columns,
                  out / "amazon_cross_domain.png", "Amazon cross-domain target accuracy (%)", cmap="viridis")

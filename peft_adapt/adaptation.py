@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from .checkpoints import AdapterTrainer
 from .evaluation import predict_probabilities
 from .heads import pool_hidden
-from .objectives import DomainAdaptationSpec, DomainClassifier, coral_loss, dann_lambda, dann_loss, mmd_loss
+from .objectives import (DomainAdaptationSpec, DomainClassifier, coral_loss, dann_confusion_loss, dann_lambda, dann_loss,
+                         mmd_loss)
 from .self_training import PseudoLabels, round_starts, select_pseudo_labels
 
 
@@ -102,7 +103,8 @@ class DomainAdaptationTrainer(AdapterTrainer):
             # classifier's loss is not scaled (under AdamW that scale would cancel anyway)
             progress = self.state.global_step / max(1, self.state.max_steps)
             lam = self.adaptation.weight * dann_lambda(progress, self.adaptation.dann_gamma)
-            return dann_loss(source, target_features, self.domain_classifier, lam), 1.0
+            adversarial = dann_confusion_loss if self.adaptation.dann_adversary == "confusion" else dann_loss
+            return adversarial(source, target_features, self.domain_classifier, lam), 1.0
         if self.adaptation.method == "coral":
             return coral_loss(source, target_features), self.adaptation.weight
         return mmd_loss(source, target_features), self.adaptation.weight

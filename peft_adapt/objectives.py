@@ -1,9 +1,13 @@
 """Domain-adaptation objectives: loss terms on pooled features of a labeled source batch and an
 unlabeled target batch, added to the task loss with a weight.
 
-- `dann` (Ganin et al., JMLR 2016): a small domain classifier on the features, behind a gradient-reversal
-  layer whose strength follows lambda_p = 2 / (1 + exp(-gamma p)) - 1 over training progress p in [0, 1]:
-  the classifier learns to tell the domains apart, the adapter learns features it cannot.
+- `dann` (Ganin et al., JMLR 2016): a small domain classifier learns to tell source from target features, the
+  adapter learns features it cannot, with a strength lambda_p = 2 / (1 + exp(-gamma p)) - 1 over training progress
+  p in [0, 1]. Two adversaries: `reversal`, Ganin's gradient-reversal layer (the adapter maximises the classifier's
+  loss: on these pairs it pushed features to where the classifier is confidently *wrong*, the domain loss climbed
+  to 3 and target accuracy fell below source-only), and `confusion` (the default), the domain-confusion loss of
+  Tzeng et al. 2015 as ADDA uses it: the adapter is trained toward features the classifier scores 1/2 for both
+  domains, a loss bounded below at confusion, so no feature is pushed past it.
 - `coral` (Sun & Saenko 2016, Deep CORAL): ||C_s - C_t||_F^2 / (4 d^2), the distance between the two
   batches' feature covariances.
 - `mmd` (Long et al. 2015): multi-kernel maximum mean discrepancy, the biased estimate of MMD^2 with a sum
@@ -26,14 +30,20 @@ class DomainAdaptationSpec(BaseModel):
     """The recipe's `domain_adaptation:` section."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["dann", "coral", "mmd", "none"] = Field(
-        json_schema_extra={"example": "dann"}, description="the alignment term; none: self-training alone")
+    method: Literal["dann", "coral", "mmd", "adda", "none"] = Field(
+        json_schema_extra={"example": "dann"},
+        description="the alignment term; adda: a target adapter of its own (adda.py); none: self-training alone")
     target: str = Field(description="unlabeled target-domain text (its labels are never read)",
                         json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/kitchen.train.jsonl"})
-    weight: float = Field(1.0, ge=0, description="coral / mmd: x the term; dann: x the reversed gradient")
+    weight: float = Field(1.0, ge=0, description="coral / mmd: x the term; dann: x the adversary's strength")
     max_target_rows: int | None = Field(None, ge=1)
-    dann_gamma: float = Field(10.0, gt=0, description="how fast the reversal strength rises")
+    dann_gamma: float = Field(10.0, gt=0, description="how fast the adversary's strength rises")
+    dann_adversary: Literal["confusion", "reversal"] = Field(
+        "confusion", description="confusion: toward features the domain classifier cannot tell apart; reversal: "
+                                 "Ganin's reversed gradient")
     dann_hidden: int = Field(256, ge=1, description="the domain classifier's hidden width")
+    adda_steps: int | None = Field(None, ge=1, description="adda: target-phase steps (default: the source phase's)")
+    adda_learning_rate: float = Field(1e-4, gt=0, description="adda: Adam's rate for both players (beta1 0.5)")
     self_training: SelfTrainingSpec | None = Field(
         None, description="classification: also learn the adapter's confident labels of the target, "
                           "e.g. {rounds: 2, threshold: 0.9, balance: true, weight: 1.0}")
@@ -42,7 +52,10 @@ class DomainAdaptationSpec(BaseModel):
     def _does_something(self):
         if self.method == "none" and self.self_training is None:
             raise ValueError("method none aligns nothing: add self_training: {rounds: 2, threshold: 0.9} or name "
-                             "dann, coral or mmd")
+                             "dann, coral, mmd or adda")
+        if self.method == "adda" and self.self_training is not None:
+            raise ValueError("adda trains a target adapter in a phase of its own; self_training joins the steps of "
+                             "one adapter: use one or the other")
         return self
 
 
@@ -82,6 +95,20 @@ def dann_loss(source: torch.Tensor, target: torch.Tensor, classifier: DomainClas
     features = reverse_gradient(torch.cat([source, target]).float(), lam)
     labels = torch.cat([source.new_zeros(source.shape[0]), target.new_ones(target.shape[0])]).float()
     return nn.functional.binary_cross_entropy_with_logits(classifier(features), labels)
+
+
+def dann_confusion_loss(source: torch.Tensor, target: torch.Tensor, classifier: DomainClassifier,
+                        lam: float) -> torch.Tensor:
+    """The domain classifier's cross-entropy on detached features (it alone learns from it), plus lam x the
+    features' cross-entropy against 1/2 through the classifier's parameters held fixed (the adapter alone learns
+    from it), less its floor log 2: 0 when the classifier cannot tell the domains apart."""
+    features = torch.cat([source, target]).float()
+    labels = torch.cat([source.new_zeros(source.shape[0]), target.new_ones(target.shape[0])]).float()
+    classifier_loss = nn.functional.binary_cross_entropy_with_logits(classifier(features.detach()), labels)
+    fixed = {name: p.detach() for name, p in classifier.named_parameters()}
+    logits = torch.func.functional_call(classifier, fixed, (features,))
+    confusion = nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(labels, 0.5)) - math.log(2)
+    return classifier_loss + lam * confusion
 
 
 def _covariance(x: torch.Tensor) -> torch.Tensor:

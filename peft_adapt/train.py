@@ -51,6 +51,7 @@ class TrainResult:
     data: DomainData
     registered: object = None  # the registry entry, when registered
     pseudo_labels: list = field(default_factory=list)  # self-training: each round's PseudoLabels
+    adapted: TrainResult | None = None  # adda: the target adapter trained after this (source) one
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -280,7 +281,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         preprocess_logits_for_metrics=preprocess,
         callbacks=callbacks,
     )
-    if recipe.domain_adaptation is not None:
+    adda = recipe.domain_adaptation is not None and recipe.domain_adaptation.method == "adda"
+    if recipe.domain_adaptation is not None and not adda:
         trainer = DomainAdaptationTrainer(
             **options, adaptation=recipe.domain_adaptation, task=recipe.task.type,
             target_features=target_features(recipe, backbone.tokenizer), hidden_size=backbone.model.config.hidden_size,
@@ -337,7 +339,13 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
                                 gathered, stacked_on)
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
+    result = TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
+    if adda and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
+        from .adda import train_target_adapter
+
+        result.adapted = train_target_adapter(recipe, domain, out_root, result,
+                                              target_features(recipe, backbone.tokenizer))
+    return result
 
 
 def target_features(recipe: Recipe, tokenizer) -> list[dict]:
@@ -460,10 +468,11 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
             print(f"error: domain {name!r} failed on worker {here.rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed.append(name)
             continue
-        if registry is not None and result.manifest is not None:  # the main process (or each domain's worker)
-            result.registered = registry.add(result.out_dir)
-        if result.manifest is not None:
-            say(prefix + result_line(result))
+        for trained in filter(None, (result, result.adapted)):
+            if registry is not None and trained.manifest is not None:  # the main process (or each domain's worker)
+                trained.registered = registry.add(trained.out_dir)
+            if trained.manifest is not None:
+                say(prefix + result_line(trained))
         results.append(result)
     if separate:
         wait_for_all(Path(out_root), here, os.environ.get("PEFT_ADAPT_RUN_ID", "run"))

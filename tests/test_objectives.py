@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -227,3 +228,32 @@ def test_token_classification_trains_and_scores_entities(tmp_path, tiny_bert, se
     assert set(scores) >= {"precision", "recall", "f1", "word_accuracy"}
     assert scores["word_accuracy"] > 0.8, scores  # the tags are learnable from the words
     assert result.manifest.labels[0] == "O"
+
+
+def test_dann_confusion_trains_the_classifier_and_the_features_each_on_its_own_term():
+    from peft_adapt.objectives import DomainClassifier, dann_confusion_loss
+
+    torch.manual_seed(0)
+    classifier = DomainClassifier(8, 16)
+    source, target = torch.randn(6, 8, requires_grad=True), (torch.randn(6, 8) + 1).requires_grad_()
+    dann_confusion_loss(source, target, classifier, lam=0.3).backward()
+    # the classifier learns from its own cross-entropy only
+    reference = DomainClassifier(8, 16)
+    reference.load_state_dict(classifier.state_dict())
+    labels = torch.cat([torch.zeros(6), torch.ones(6)])
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        reference(torch.cat([source, target]).detach()), labels).backward()
+    for mine, theirs in zip(classifier.parameters(), reference.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-7)
+    # the features learn lam x the confusion term only, which is 0 (its floor) when the classifier says 1/2
+    features = torch.cat([source, target]).detach().requires_grad_()
+    fixed = DomainClassifier(8, 16)
+    fixed.load_state_dict(classifier.state_dict())
+    confusion = torch.nn.functional.binary_cross_entropy_with_logits(fixed(features), torch.full((12,), 0.5))
+    (0.3 * confusion).backward()
+    assert torch.allclose(torch.cat([source.grad, target.grad]), features.grad, atol=1e-7)
+    undecided = DomainClassifier(8, 16)
+    torch.nn.init.zeros_(undecided.net[-1].weight)
+    torch.nn.init.zeros_(undecided.net[-1].bias)
+    value = dann_confusion_loss(source, target, undecided, lam=1.0)
+    assert abs(float(value) - math.log(2)) < 1e-6  # the classifier's own loss at 1/2 (log 2), a confusion term of 0

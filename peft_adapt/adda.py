@@ -1,0 +1,143 @@
+"""ADDA, adversarial discriminative domain adaptation (Tzeng et al. 2017), for LoRA classifiers.
+
+Two phases, one adapter per domain. The source phase is ordinary training on the source's labels (the source
+adapter and head, saved and registered as usual). The target phase starts a target adapter from the source
+adapter and trains it as the generator of target features against a domain discriminator, GAN-style: the
+discriminator learns to tell the fixed source encoder's features (label 1) from the target encoder's (label 0),
+and the target adapter learns from the inverted label, until its features of the target text look like source
+features. The head stays the source's, frozen, so the target adapter is served with it: it is saved as its own
+classifier, `<domain>-adda`, beside the source's.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adaptation import feature_kwargs, pooled_features
+from .data import pad_batch
+from .objectives import DomainClassifier
+
+SOURCE, TARGET = 1.0, 0.0  # the discriminator's labels; the generator learns from SOURCE on target features
+
+
+@dataclass
+class AddaLosses:
+    discriminator: float
+    generator: float
+
+
+class AddaPhase:
+    """The target phase's alternating steps: the discriminator on detached features, then the target adapter on
+    the inverted label through the discriminator (whose gradients from it are dropped)."""
+
+    def __init__(self, model: nn.Module, task: str, hidden_size: int, discriminator_hidden: int, learning_rate: float,
+                 seed: int):
+        self.model, self.task = model, task
+        for name, param in model.named_parameters():
+            if "classifier" in name:  # the source head, kept as it is: the target adapter is served with it
+                param.requires_grad_(False)
+        self.adapter = [p for p in model.parameters() if p.requires_grad]
+        device = self.adapter[0].device
+        torch.manual_seed(seed)
+        self.discriminator = DomainClassifier(hidden_size, discriminator_hidden).to(device)
+        # Adam with beta1 0.5, as in the paper: plain Adam oscillates in this min-max game
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.999))
+        self.g_optimizer = torch.optim.Adam(self.adapter, lr=learning_rate, betas=(0.5, 0.999))
+
+    def target_features(self, batch: dict) -> torch.Tensor:
+        outputs = self.model(**batch, **feature_kwargs(self.task))
+        return pooled_features(outputs, batch["attention_mask"], self.task)
+
+    def losses(self, source: torch.Tensor, target: torch.Tensor) -> AddaLosses:
+        """Both losses on given features, without stepping anything."""
+        with torch.no_grad():
+            return AddaLosses(self._discriminator_loss(source, target).item(),
+                              self._generator_loss(target).item())
+
+    def _discriminator_loss(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.discriminator(torch.cat([source, target]))
+        labels = torch.cat([torch.full((source.shape[0],), SOURCE), torch.full((target.shape[0],), TARGET)])
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.device))
+
+    def _generator_loss(self, target: torch.Tensor) -> torch.Tensor:
+        logits = self.discriminator(target)
+        return nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, SOURCE))
+
+    def discriminator_step(self, source: torch.Tensor, target: torch.Tensor) -> float:
+        self.d_optimizer.zero_grad()
+        loss = self._discriminator_loss(source, target.detach())
+        loss.backward()
+        self.d_optimizer.step()
+        return loss.item()
+
+    def generator_step(self, batch: dict) -> float:
+        self.g_optimizer.zero_grad()
+        loss = self._generator_loss(self.target_features(batch))
+        loss.backward()
+        self.discriminator.zero_grad()  # the discriminator learns from its own loss only
+        self.g_optimizer.step()
+        return loss.item()
+
+
+@torch.no_grad()
+def source_features(model: nn.Module, features: list[dict], task: str, pad_token_id: int, device,
+                    batch_size: int = 32) -> torch.Tensor:
+    """The fixed source encoder's pooled features of the source rows, once (it does not change in this phase)."""
+    model.eval()
+    parts = []
+    for start in range(0, len(features), batch_size):
+        batch = pad_batch([{k: f[k] for k in ("input_ids", "attention_mask")} for f in features[start:start + batch_size]],
+                          pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        parts.append(pooled_features(model(**batch, **feature_kwargs(task)), batch["attention_mask"], task))
+    model.train()
+    return torch.cat(parts)
+
+
+def train_target_adapter(recipe, domain: str, out_root, source, target_rows: list[dict]):
+    """The target phase after `source` (a TrainResult of the source phase): trains the target adapter in place of
+    the source's (on the same model; the source adapter is already saved), saves it as `<domain>-adda` with its
+    metrics and the losses of both players, and returns its TrainResult."""
+    from pathlib import Path
+
+    from .evaluation import evaluate_task
+    from .train import TrainResult, save_trained
+
+    spec, t = recipe.domain_adaptation, recipe.training
+    model, backbone, data = source.model, source.backbone, source.data
+    pad = backbone.tokenizer.pad_token_id
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    fixed_source = source_features(model, data.train, recipe.task.type, pad, device)
+    phase = AddaPhase(model, recipe.task.type, backbone.model.config.hidden_size, spec.dann_hidden,
+                      spec.adda_learning_rate, t.seed)
+    steps = spec.adda_steps or source.metrics["steps"]
+    rng = random.Random(t.seed)
+    history, started = [], time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        rows = rng.sample(range(len(target_rows)), min(t.batch_size, len(target_rows)))
+        batch = {k: v.to(device) for k, v in pad_batch([target_rows[i] for i in rows], pad).items()}
+        chosen = torch.tensor(rng.sample(range(fixed_source.shape[0]), min(t.batch_size, fixed_source.shape[0])))
+        d_loss = phase.discriminator_step(fixed_source[chosen.to(device)], phase.target_features(batch))
+        g_loss = phase.generator_step(batch)
+        history.append({"step": step, "discriminator_loss": d_loss, "loss": g_loss})
+    wall = time.perf_counter() - started
+    eval_batch = t.eval_batch_size or t.batch_size
+    num_labels = len(data.labels.names)
+    metrics = {"steps": steps, "train_seconds": wall, "threads": torch.get_num_threads(),
+               "source_adapter": str(source.out_dir), "rows": data.examples.n_rows,
+               "final_discriminator_loss": history[-1]["discriminator_loss"], "final_generator_loss": history[-1]["loss"],
+               "trainable_parameters": sum(p.numel() for p in phase.adapter),
+               "total_parameters": source.metrics["total_parameters"]}
+    if data.test is not None:
+        metrics["test"] = evaluate_task(model, data.test, recipe.task.type, pad, num_labels, eval_batch,
+                                        data.labels.names)
+    name = f"{domain}-adda"
+    out_dir = Path(out_root) / name
+    manifest = save_trained(recipe, name, out_dir, model, backbone, data, metrics, history)
+    return TrainResult(name, out_dir, metrics, manifest, model, backbone, data)
