@@ -24,15 +24,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from .generative import GeneratorSpec
 from .self_training import SelfTrainingSpec
+
+PHASED = ("adda", "generate")  # methods that train a target adapter of their own after the source phase
 
 class DomainAdaptationSpec(BaseModel):
     """The recipe's `domain_adaptation:` section."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["dann", "coral", "mmd", "adda", "none"] = Field(
+    method: Literal["dann", "coral", "mmd", "adda", "generate", "none"] = Field(
         json_schema_extra={"example": "dann"},
-        description="the alignment term; adda: a target adapter of its own (adda.py); none: self-training alone")
+        description="the alignment term; adda / generate: a target adapter of its own (adda.py, generative.py); "
+                    "none: self-training alone")
     target: str = Field(description="unlabeled target-domain text (its labels are never read)",
                         json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/kitchen.train.jsonl"})
     weight: float = Field(1.0, ge=0, description="coral / mmd: x the term; dann: x the adversary's strength")
@@ -44,6 +48,8 @@ class DomainAdaptationSpec(BaseModel):
     dann_hidden: int = Field(256, ge=1, description="the domain classifier's hidden width")
     adda_steps: int | None = Field(None, ge=1, description="adda: target-phase steps (default: the source phase's)")
     adda_learning_rate: float = Field(1e-4, gt=0, description="adda: Adam's rate for both players (beta1 0.5)")
+    generator: GeneratorSpec | None = Field(
+        None, description="generate: the generator of target samples, e.g. {model: smollm2-135m, samples: 400}")
     self_training: SelfTrainingSpec | None = Field(
         None, description="classification: also learn the adapter's confident labels of the target, "
                           "e.g. {rounds: 2, threshold: 0.9, balance: true, weight: 1.0}")
@@ -53,9 +59,11 @@ class DomainAdaptationSpec(BaseModel):
         if self.method == "none" and self.self_training is None:
             raise ValueError("method none aligns nothing: add self_training: {rounds: 2, threshold: 0.9} or name "
                              "dann, coral, mmd or adda")
-        if self.method == "adda" and self.self_training is not None:
-            raise ValueError("adda trains a target adapter in a phase of its own; self_training joins the steps of "
-                             "one adapter: use one or the other")
+        if self.method in PHASED and self.self_training is not None:
+            raise ValueError(f"{self.method} trains a target adapter in a phase of its own; self_training joins the "
+                             f"steps of one adapter: use one or the other")
+        if self.generator is not None and self.method != "generate":
+            raise ValueError(f"generator: is for method generate, not {self.method}")
         return self
 
 

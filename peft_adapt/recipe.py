@@ -20,7 +20,7 @@ from .data import TaskSpec
 from .errors import UserInputError
 from .freeze import FREEZE_PATTERN
 from .methods import DEFAULT, SPECS, AdapterSpec, method
-from .objectives import DomainAdaptationSpec
+from .objectives import PHASED, DomainAdaptationSpec
 
 
 class EarlyStoppingSpec(BaseModel):
@@ -128,9 +128,9 @@ class Recipe(BaseModel):
         if adaptation is not None and self.task.type == "masked_lm":
             raise ValueError("domain_adaptation aligns a task's features across domains; task masked_lm has no task: "
                              "remove domain_adaptation")
-        if adaptation is not None and adaptation.method == "adda" and self.task.type != "classification":
-            raise ValueError(f"domain_adaptation.method adda serves the target adapter with the source's classifier "
-                             f"head; this recipe's task is {self.task.type}: use dann, coral or mmd")
+        if adaptation is not None and adaptation.method in PHASED and self.task.type != "classification":
+            raise ValueError(f"domain_adaptation.method {adaptation.method} adapts the source's classifier to the "
+                             f"target; this recipe's task is {self.task.type}: use dann, coral or mmd")
         if adaptation is not None and adaptation.self_training is not None and self.task.type != "classification":
             raise ValueError(f"domain_adaptation.self_training labels whole texts, for task classification; this recipe's "
                              f"task is {self.task.type}: remove self_training or use method dann, coral or mmd")

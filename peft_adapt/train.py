@@ -31,6 +31,7 @@ from .evaluation import evaluate_task, masked_nll_per_row, nll_per_row
 from .freeze import apply_freeze
 from .formats import ADAPTER_CONFIG, TRAINED_WEIGHTS, Manifest, build_manifest, staged_folder, write_json, write_manifest
 from .methods import inject_adapter, method
+from .objectives import PHASED
 from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe
@@ -51,7 +52,8 @@ class TrainResult:
     data: DomainData
     registered: object = None  # the registry entry, when registered
     pseudo_labels: list = field(default_factory=list)  # self-training: each round's PseudoLabels
-    adapted: TrainResult | None = None  # adda: the target adapter trained after this (source) one
+    adapted: TrainResult | None = None  # adda / generate: the target adapter trained after this (source) one
+    generated: list = field(default_factory=list)  # generate: the kept GeneratedSamples
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -281,8 +283,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         preprocess_logits_for_metrics=preprocess,
         callbacks=callbacks,
     )
-    adda = recipe.domain_adaptation is not None and recipe.domain_adaptation.method == "adda"
-    if recipe.domain_adaptation is not None and not adda:
+    phased = recipe.domain_adaptation is not None and recipe.domain_adaptation.method in PHASED
+    if recipe.domain_adaptation is not None and not phased:
         trainer = DomainAdaptationTrainer(
             **options, adaptation=recipe.domain_adaptation, task=recipe.task.type,
             target_features=target_features(recipe, backbone.tokenizer), hidden_size=backbone.model.config.hidden_size,
@@ -340,12 +342,23 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
                                 gathered, stacked_on)
         shutil.rmtree(checkpoints, ignore_errors=True)
     result = TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
-    if adda and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
+    if phased and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
+        result.adapted = _target_phase(recipe, domain, out_root, result, backbone.tokenizer)
+    return result
+
+
+def _target_phase(recipe: Recipe, domain: str, out_root, source: TrainResult, tokenizer) -> TrainResult:
+    from .objectives import read_target_texts
+
+    spec = recipe.domain_adaptation
+    if spec.method == "adda":
         from .adda import train_target_adapter
 
-        result.adapted = train_target_adapter(recipe, domain, out_root, result,
-                                              target_features(recipe, backbone.tokenizer))
-    return result
+        return train_target_adapter(recipe, domain, out_root, source, target_features(recipe, tokenizer))
+    from .generative import train_on_generated
+
+    texts = read_target_texts(recipe.data_path(spec.target), recipe.task.text_field, spec.max_target_rows)
+    return train_on_generated(recipe, domain, out_root, source, texts)
 
 
 def target_features(recipe: Recipe, tokenizer) -> list[dict]:
