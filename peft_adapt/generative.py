@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .model_files import Quantization
+
 
 class GeneratorSpec(BaseModel):
     """`domain_adaptation.generator:` the generator of target-domain samples (method generate)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field("smollm2-135m", description="a causal LM base for the generator")
-    quantization: str = Field("nf4", description="none | int8 | nf4 | fp4")
+    quantization: Quantization = "nf4"
     steps: int = Field(100, ge=1, description="the generator adapter's training steps on the target text")
     learning_rate: float = Field(1e-3, gt=0)
     samples: int = Field(400, ge=2, description="target-like texts generated")
