@@ -28,6 +28,7 @@ class GeneratorSpec(BaseModel):
     quantization: Quantization = "nf4"
     steps: int = Field(100, ge=1, description="the generator adapter's training steps on the target text")
     learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
     samples: int = Field(400, ge=2, description="target-like texts generated")
     prompt_words: int = Field(4, ge=1, description="each sample starts from a target row's first words")
     max_new_tokens: int = Field(64, ge=1)
@@ -55,7 +56,7 @@ def train_generator(recipe, domain: str, out_root, spec: GeneratorSpec):
         "task": {"type": "causal_lm", "max_length": recipe.task.max_length, "text_field": recipe.task.text_field,
                  "eval_fraction": 0.1},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"max_steps": spec.steps, "batch_size": recipe.training.batch_size,
+        "training": {"max_steps": spec.steps, "batch_size": spec.batch_size, "max_eval_rows": 64,
                      "learning_rate": spec.learning_rate, "seed": recipe.training.seed,
                      "max_train_rows": adaptation.max_target_rows, "checkpoint_steps": None,
                      "threads": recipe.training.threads},
