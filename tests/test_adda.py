@@ -94,5 +94,5 @@ def test_adda_settings_are_checked(tmp_path, tiny_bert, tiny_llama, sentiment_fi
                                   self_training={"rounds": 2, "threshold": 0.9}))
     data = causal_recipe(tiny_llama, docs_file)
     data["domain_adaptation"] = {"method": "adda", "target": str(docs_file)}
-    with pytest.raises(UserInputError, match="source's classifier head"):
+    with pytest.raises(UserInputError, match="adapts the source.s classifier"):
         parse_recipe(data)
