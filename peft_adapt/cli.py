@@ -94,6 +94,9 @@ def _cmd_registry(args) -> int:
         else:
             for key, value in entry.to_json().items():
                 print(f"{key:12} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+            if entry.manifest.stack_on:  # a task adapter trained on a domain adapter: served as DOMAIN+TASK
+                print(f"{'stack_on':12} {entry.manifest.stack_on['ref']} (serve as "
+                      f"{entry.manifest.stack_on['name']}+{entry.name})")
     elif action == "tag":
         print(f"{registry.tag(args.ref, args.tag).ref} tagged {args.tag}")
     elif action == "untag":

@@ -453,6 +453,7 @@ class Registry:
         entries = [self.get(ref)] if selector else self.list(name=check_name(name))
         if not entries:
             raise UserInputError(self._with_db(lambda db: self._not_found(db, name, "")))
+        self._refuse_removing_stack_parts(entries)
         with self._write() as db:
             for e in entries:
                 db.execute("DELETE FROM adapters WHERE name=? AND version=?", (e.name, e.version))
@@ -465,6 +466,25 @@ class Registry:
             except FileNotFoundError:
                 pass
         return entries
+
+    def _refuse_removing_stack_parts(self, entries: list[AdapterEntry]) -> None:
+        """A domain adapter another registered adapter was trained on top of (`stack_on`) stays until that one goes."""
+        from .formats import ADAPTER_WEIGHTS
+
+        def manifest(entry):  # a damaged entry (`verify` reports it) neither blocks nor is blocked
+            try:
+                return entry.manifest
+            except (UserInputError, OSError):
+                return None
+
+        going = {(e.name, m.files.get(ADAPTER_WEIGHTS)) for e in entries if (m := manifest(e))}
+        leaving = {(e.name, e.version) for e in entries}
+        for other in self.list():
+            found = manifest(other) if (other.name, other.version) not in leaving else None
+            record = found.stack_on if found else None
+            if record and (record.get("name"), record.get("weights_sha256")) in going:
+                raise UserInputError(f"{other.ref} was trained on top of {record['ref']}: remove {other.ref} first "
+                                     f"(nothing was removed)")
 
     def _with_db(self, fn):
         with self._connect() as db:

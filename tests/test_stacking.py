@@ -208,3 +208,11 @@ def test_a_stack_survives_export_and_import_into_another_registry(tmp_path, stac
     tokenizer = evaluated.backbone.tokenizer
     probs = predict_probabilities(evaluated.model, _features(tokenizer, TEXTS), tokenizer.pad_token_id)
     assert (probs - _probs(here.classify(TEXTS, "dom-a+task"))).abs().max() < 1e-5
+
+
+def test_a_domain_adapter_under_a_registered_task_adapter_is_not_removed(tmp_path, stacks):
+    registry, _, _ = stacks
+    with pytest.raises(UserInputError, match="remove task@1 first"):
+        registry.remove("dom-a@1")
+    assert registry.get("dom-a@1").path.is_dir()  # nothing was removed
+    registry.remove("dom-b@1")  # no adapter stands on this one
