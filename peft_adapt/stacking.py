@@ -20,7 +20,6 @@ import torch
 
 from .errors import UserInputError
 from .formats import ADAPTER_WEIGHTS, Manifest, read_manifest
-from .methods import method, method_of_folder
 
 STACK_SEPARATOR = "+"  # `books-domain+sentiment`: registry names cannot hold a '+'
 DOMAIN_TASKS = {"classification": ("masked_lm", "classification"), "causal_lm": ("causal_lm",),
@@ -41,6 +40,8 @@ def is_stack(ref: str) -> bool:
 
 def check_part(source: str, manifest: Manifest, task: str, top: bool) -> None:
     """A stack's top part does the serving task; the parts under it are LoRA domain adapters of that base."""
+    from .methods import method  # here, not at the top: the registry reads this module and stays off the methods
+
     if not method(manifest.method).stackable:
         raise UserInputError(f"{source} is a {manifest.method} adapter; only LoRA adapters stack (their deltas add)")
     allowed = (task,) if top else DOMAIN_TASKS.get(task, (task,))
@@ -55,6 +56,8 @@ class StackedDomain:
     evaluating a task adapter on top of it."""
 
     def __init__(self, model: torch.nn.Module, folder: Path, prefix: str):
+        from .methods import method_of_folder
+
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if prefix else "")
         self.handles = []
         for path, (a, b, scale) in weights.sites.items():
