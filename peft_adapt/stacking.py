@@ -22,6 +22,7 @@ from .errors import UserInputError
 from .formats import ADAPTER_WEIGHTS, Manifest, read_manifest
 
 STACK_SEPARATOR = "+"  # `books-domain+sentiment`: registry names cannot hold a '+'
+MAX_PARTS = 4  # each part adds its rank to the stack's slot: a request naming hundreds must not size the stacks
 DOMAIN_TASKS = {"classification": ("masked_lm", "classification"), "causal_lm": ("causal_lm",),
                 "token_classification": ("masked_lm", "token_classification")}
 
@@ -31,6 +32,8 @@ def stack_parts(ref: str) -> list[str]:
     parts = ref.split(STACK_SEPARATOR)
     if any(not p.strip() for p in parts):
         raise UserInputError(f"{ref!r}: a stack names its adapters joined by '+', bottom first, e.g. books-domain+sentiment")
+    if len(parts) > MAX_PARTS or len(set(parts)) != len(parts):
+        raise UserInputError(f"{ref[:200]!r}: a stack names at most {MAX_PARTS} different adapters, each once")
     return parts
 
 
@@ -59,14 +62,13 @@ class StackedDomain:
         from .methods import method_of_folder
 
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if prefix else "")
-        self.handles = []
         for path, (a, b, scale) in weights.sites.items():
             layer = model.get_submodule(prefix + path)
             layer = getattr(layer, "base_layer", layer)
             device = next(layer.parameters()).device
             a = a.float().to(device)
             b = (b.float() * scale).to(device)
-            self.handles.append(layer.register_forward_hook(_adds_delta(a, b)))
+            layer.register_forward_hook(_adds_delta(a, b))
 
 
 def _adds_delta(a: torch.Tensor, b: torch.Tensor):

@@ -167,6 +167,9 @@ def test_the_server_serves_a_stack(stacks, tiny_bert):
             assert (got - _probs(expected)).abs().max() < 1e-5, body
         refused = httpx.post(f"{url}/v1/classify", headers=_auth(), json={"model": "task+dom-a", "input": TEXTS})
         assert refused.status_code == 400 and "masked_lm" in refused.text
+        flood = httpx.post(f"{url}/v1/classify", headers=_auth(), json={"model": "+".join(["dom-a"] * 40) + "+task",
+                                                                         "input": TEXTS})
+        assert flood.status_code == 400 and "at most 4 different adapters" in flood.text
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -277,8 +277,7 @@ class AdapterRuntime:
         """What the registry says `name` is now (a stack: each part's version), None if it names nothing."""
         try:
             if is_stack(name):
-                versions = tuple(self.registry.get(ref).version for ref in stack_parts(name))
-                return versions
+                return tuple(self.registry.get(ref).version for ref in stack_parts(name))
             return self.registry.get(name).version
         except UserInputError:
             return None

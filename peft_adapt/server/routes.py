@@ -53,10 +53,10 @@ class ServerState:
             return model
         parts = stack_parts(model) if STACK_SEPARATOR in model else [model]  # `domain+task`: a stack, bottom first
         for i, part in enumerate(parts):
-            self._check_servable(part, model, top=i == len(parts) - 1, stacked=len(parts) > 1)
+            self._check_servable(part, top=i == len(parts) - 1, stacked=len(parts) > 1)
         return model
 
-    def _check_servable(self, ref: str, model: str, top: bool, stacked: bool) -> None:
+    def _check_servable(self, ref: str, top: bool, stacked: bool) -> None:
         try:
             if is_folder_ref(ref):
                 raise UserInputError(ref)
