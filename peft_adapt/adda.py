@@ -36,8 +36,8 @@ class AddaPhase:
     the inverted label through the discriminator (whose gradients from it are dropped)."""
 
     def __init__(self, model: nn.Module, task: str, hidden_size: int, discriminator_hidden: int, learning_rate: float,
-                 seed: int):
-        self.model, self.task = model, task
+                 seed: int, source_weight: float = 0.0):
+        self.model, self.task, self.source_weight = model, task, source_weight
         for name, param in model.named_parameters():
             if "classifier" in name:  # the source head, kept as it is: the target adapter is served with it
                 param.requires_grad_(False)
@@ -75,10 +75,17 @@ class AddaPhase:
         self.d_optimizer.step()
         return loss.item()
 
-    def generator_step(self, batch: dict) -> float:
+    def generator_step(self, batch: dict, source_batch: dict | None = None) -> float:
+        """One step of the target adapter; returns the GAN loss. With a source weight, the source rows' classification
+        loss through the target adapter (and the frozen head) joins it: the anchor that keeps the features the head
+        reads from drifting while they move toward the source's (Tzeng's ADDA has none)."""
         self.g_optimizer.zero_grad()
         loss = self._generator_loss(self.target_features(batch))
-        loss.backward()
+        total = loss
+        if self.source_weight and source_batch is not None:
+            outputs = self.model(**source_batch)
+            total = loss + self.source_weight * outputs.loss  # a mean over the rows
+        total.backward()
         self.discriminator.zero_grad()  # the discriminator learns from its own loss only
         self.g_optimizer.step()
         return loss.item()
@@ -114,7 +121,7 @@ def train_target_adapter(recipe, domain: str, out_root, source, target_rows: lis
     device = next(p for p in model.parameters() if p.requires_grad).device
     fixed_source = source_features(model, data.train, recipe.task.type, pad, device)
     phase = AddaPhase(model, recipe.task.type, backbone.model.config.hidden_size, spec.dann_hidden,
-                      spec.adda_learning_rate, t.seed)
+                      spec.adda_learning_rate, t.seed, spec.adda_source_weight)
     steps = spec.adda_steps or source.metrics["steps"]
     rng = random.Random(t.seed)
     history, started = [], time.perf_counter()
@@ -124,7 +131,11 @@ def train_target_adapter(recipe, domain: str, out_root, source, target_rows: lis
         batch = {k: v.to(device) for k, v in pad_batch([target_rows[i] for i in rows], pad).items()}
         chosen = torch.tensor(rng.sample(range(fixed_source.shape[0]), min(t.batch_size, fixed_source.shape[0])))
         d_loss = phase.discriminator_step(fixed_source[chosen.to(device)], phase.target_features(batch))
-        g_loss = phase.generator_step(batch)
+        source_batch = None
+        if phase.source_weight:
+            source_batch = pad_batch([data.train[i] for i in chosen.tolist()], pad)
+            source_batch = {k: v.to(device) for k, v in source_batch.items()}
+        g_loss = phase.generator_step(batch, source_batch)
         history.append({"step": step, "discriminator_loss": d_loss, "loss": g_loss})
     wall = time.perf_counter() - started
     eval_batch = t.eval_batch_size or t.batch_size

@@ -130,6 +130,11 @@ def _cmd_registry(args) -> int:
     elif action == "gc":
         for path in registry.collect_garbage(args.min_age):
             print(f"removed {path}")
+    elif action == "sign":
+        from .routing import sign_registered
+
+        entry = sign_registered(registry, args.ref, args.file, args.text_field, args.quantization, args.device)
+        print(f"signed {entry.ref} from {args.file} (routing picks it from now on)")
     return 0
 
 
@@ -185,9 +190,17 @@ def _runtime_for(args, task: str):
     from .runtime import AdapterRuntime
     from .stacking import is_stack, stack_parts
 
+    from .routing import is_auto
+
     registry = Registry(args.registry)
     named = [n for n in _adapter_names(args) if n not in ("", "base", "none")]
     base, quantization = args.base, args.quantization
+    if base is None and (not named or is_auto(named[0])) and (named or args.command == "route"):
+        bases = {(e.base_model, e.quantization) for e in registry.list() if e.task == task}
+        if len(bases) != 1:
+            raise UserInputError(f"the registry holds {task} adapters of {len(bases)} bases: give --base MODEL")
+        (base, trained_under), = bases
+        quantization = quantization or trained_under
     if base is None:
         if not named:
             raise UserInputError("give --base MODEL, or an adapter whose base the registry knows")
@@ -239,6 +252,18 @@ def _runtime_with_mix(args, task: str):
     return runtime
 
 
+def _routed(runtime, prompts: list[str], names: list) -> list:
+    """Each `auto` row replaced by the adapter (or mix, or base) the router chose, so the output can name it."""
+    from .routing import is_auto
+
+    names = list(names)
+    for selector in {n for n in names if is_auto(n)}:
+        rows = [i for i, n in enumerate(names) if n == selector]
+        for i, route in zip(rows, runtime.route([prompts[i] for i in rows], selector)):
+            names[i] = route.serve_as
+    return names
+
+
 def _cmd_generate(args) -> int:
     items = _inputs(args, unescape=True)
     prompts = [text for _, text in items]
@@ -247,6 +272,7 @@ def _cmd_generate(args) -> int:
     with _predictions_file(args) as out:
         for start in range(0, len(items), args.batch_size):
             chunk = slice(start, start + args.batch_size)
+            per_prompt[chunk] = _routed(runtime, prompts[chunk], per_prompt[chunk])
             outputs = runtime.generate(prompts[chunk], per_prompt[chunk], max_new_tokens=args.max_new_tokens,
                                        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
             for (item_id, prompt), adapter, text in zip(items[chunk], per_prompt[chunk], outputs):
@@ -257,6 +283,22 @@ def _cmd_generate(args) -> int:
                     print(json.dumps(record | {"prompt": prompt}), flush=True)
                 else:
                     print(f"[{adapter or 'base'}] {prompt}{text}", flush=True)
+    return 0
+
+
+def _cmd_route(args) -> int:
+    items = _inputs(args)
+    runtime = _runtime_for(args, args.task)
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start : start + args.batch_size]
+        routes = runtime.route([text for _, text in chunk], args.router, args.threshold, args.top_k, args.fallback)
+        for (item_id, text), route in zip(chunk, routes):
+            if args.json:
+                print(json.dumps({"id": item_id, **route.as_dict(), "serve_as": route.serve_as}), flush=True)
+            else:
+                chosen = route.serve_as or "base"
+                print(f"{item_id}\t{chosen}\t{route.confidence:.3f}{'  (far: base)' if route.far else ''}\t"
+                      f"{_one_line(text)}", flush=True)
     return 0
 
 
@@ -272,6 +314,8 @@ def _cmd_classify(args) -> int:
             for (item_id, text), result in zip(items[chunk], runtime.classify(texts[chunk], per_text[chunk], args.batch_size)):
                 record = {"id": item_id, "adapter": result["adapter"], "label": result["label"],
                           "label_id": result["label_id"], "probs": result["probs"]}
+                if "route" in result:  # routed: how sure the router was
+                    record["route_confidence"] = result["route"]["confidence"]
                 if out is not None:
                     out.write(json.dumps(record) + "\n")
                 elif args.json:
@@ -431,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a = actions.add_parser("gc", help="remove folders left unreachable by interrupted writes")
     a.add_argument("--min-age", type=float, default=3600, help="only folders older than this many seconds")
+    a = actions.add_parser("sign", help="give NAME a routing signature from a file of its domain's texts (a new "
+                                        "version; adapters trained here are signed already)")
+    a.add_argument("ref")
+    a.add_argument("file", help="a data file (its --text-field) or a text file, one text per line")
+    a.add_argument("--text-field", default="text")
+    a.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], help="default: the one it was trained under")
+    a.add_argument("--device", default="auto")
     for action in actions.choices.values():  # --registry after the verb too, as generate, classify and serve take it
         action.add_argument("--registry", default=argparse.SUPPRESS, help="registry root")
     p.set_defaults(func=_cmd_registry)
@@ -452,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     for command, helptext, func in (("generate", "continue prompts with one adapter, or one adapter per prompt", _cmd_generate),
-                                    ("classify", "label texts with a classification adapter (or one per text)", _cmd_classify)):
+                                    ("classify", "label texts with a classification adapter (or one per text)", _cmd_classify),
+                                    ("route", "which adapter each text would be routed to, with its confidence", _cmd_route)):
         p = sub.add_parser(command, help=helptext)
         p.add_argument("prompts", nargs="*", help="texts (or use --file)")
         p.add_argument("--file", help="a text file with one text per line (lines end at \\n only"
@@ -461,8 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-field", default="text", help="the field that holds the text in a data file (default: text)")
         p.add_argument("--out", help="write predictions as JSONL to this file, one per input with its id")
         p.add_argument("--batch-size", type=int, default=32, help="inputs run together (default 32)")
+        if command == "route":
+            p.add_argument("--router", default="auto", help="auto (every signed adapter of the base and task), "
+                                                          "auto:TAG, or auto:NAME,NAME,...")
+            p.add_argument("--task", default="causal_lm", choices=["causal_lm", "classification"])
+            p.add_argument("--threshold", type=float, default=0.5, help="below this confidence: a mix (or --fallback)")
+            p.add_argument("--top-k", type=int, default=2)
+            p.add_argument("--fallback", choices=["mix", "base", "nearest"])
+            p.add_argument("--base", help="base model (default: the base of the registry's adapters of --task)")
+            p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"])
+            p.add_argument("--device", default="auto")
+            p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+            p.add_argument("--json", action="store_true", help="one JSON object per line")
+            p.set_defaults(func=func, adapter=None, adapters=None, mix=None)
+            continue
         group = p.add_mutually_exclusive_group()
-        group.add_argument("--adapter", help="one adapter for every text: registry NAME[@VERSION|@TAG] or a folder")
+        group.add_argument("--adapter", help="one adapter for every text: registry NAME[@VERSION|@TAG] or a folder; "
+                                             "auto (or auto:TAG) routes each text to its domain's adapter")
         group.add_argument("--adapters", help="comma-separated, one per text (base for none)")
         group.add_argument("--mix", help="one linear mix of adapters for every text, e.g. --mix books=0.5,dvd=0.5 "
                                          "(LoRA; classifiers need one label map)")

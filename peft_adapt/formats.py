@@ -38,7 +38,8 @@ TRAINED_WEIGHTS = "trained_weights.safetensors"  # what a freezing baseline save
 OWN_CONFIG_SUFFIX = "_config.json"  # our own formats: `<method>_config.json` with a `method` key
 # files that travel with an adapter besides its configs and weights (each checksummed in the manifest);
 # anything else in a folder is left behind
-EXTRA_FILES = ("metrics.json", "log_history.json", "loss_curve.png", "README.md")
+EXTRA_FILES = ("metrics.json", "log_history.json", "loss_curve.png", "README.md", "signature.safetensors")
+SIGNATURE_FILE = "signature.safetensors"  # routing's domain signature (routing.py): not a weight file
 # peft types whose method is not simply the lower-cased type
 PEFT_METHOD_NAMES = {"PREFIX_TUNING": "prefix"}
 
@@ -289,7 +290,7 @@ def check_safetensors(path: Path) -> dict:
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     """The folder's safetensors weight files, checked complete; pickle-only folders need allow_pickle."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != SIGNATURE_FILE)
     if not files:
         pickled = [folder / n for n in PICKLE_WEIGHTS if (folder / n).is_file()]
         if pickled and not allow_pickle:

@@ -48,6 +48,9 @@ class DomainAdaptationSpec(BaseModel):
     dann_hidden: int = Field(256, ge=1, description="the domain classifier's hidden width")
     adda_steps: int | None = Field(None, ge=1, description="adda: target-phase steps (default: the source phase's)")
     adda_learning_rate: float = Field(1e-4, gt=0, description="adda: Adam's rate for both players (beta1 0.5)")
+    adda_source_weight: float = Field(
+        1.0, ge=0, description="adda: x the source rows' classification loss beside the GAN loss, which anchors the "
+                               "target adapter; 0: Tzeng's ADDA (collapsed to chance on LoRA)")
     generator: GeneratorSpec | None = Field(
         None, description="generate: the generator of target samples, e.g. {model: smollm2-135m, samples: 400}")
     self_training: SelfTrainingSpec | None = Field(

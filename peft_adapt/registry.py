@@ -38,6 +38,7 @@ from .formats import (
     convert_pickle_to_safetensors,
     file_checksums,
     folder_kind,
+    is_adapter_file,
     publish,
     read_adapter_config,
     read_manifest,
@@ -427,6 +428,26 @@ class Registry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
         return self.get(f"{name}@{version}")
+
+    def add_files(self, ref: str, files: dict[str, Path]) -> AdapterEntry:
+        """A new version of `ref` holding its files plus `files` (name in the folder -> a file to copy), e.g. a
+        routing signature: versions never change in place. Its tags stay on the old version."""
+        entry = self.get(ref)
+        manifest = entry.manifest
+        for name in files:
+            if not is_adapter_file(name) or "/" in name:
+                raise UserInputError(f"{name!r} is not a file an adapter folder carries")
+        self._check_files(entry.path, manifest, allow_pickle=False)
+        self._require_writable(f"add files to {entry.ref}")
+        with self._writing(f"add files to {entry.ref}"):
+            staging = self._stage(entry.path, allow_pickle=False)
+            try:
+                for name, src in files.items():
+                    shutil.copyfile(src, staging / name, follow_symlinks=False)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return self._commit(staging, manifest, entry.name, entry.domain, ())
 
     def _check_tag(self, tag: str) -> str:
         check_name(tag, "tag")

@@ -244,6 +244,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     num_labels = len(examples.labels.names) if examples.labels else None
     backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling)
     data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
+    # the domain's signature for routing, read from the base before anything adapts it
+    signature = _signature(backbone, examples) if recipe.adapter is not None else None
     stacked_on = None
     if recipe.stack_on is not None:  # the frozen domain adapter's delta joins every forward, before the task's
         from .registry import Registry
@@ -339,7 +341,7 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         trainer.save_model(str(gathered))
     if trainer.is_world_process_zero():  # data parallel: only the main process writes
         manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
-                                gathered, stacked_on)
+                                gathered, stacked_on, signature)
         shutil.rmtree(checkpoints, ignore_errors=True)
     result = TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
     if phased and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
@@ -377,9 +379,19 @@ def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
     return int(mean_length * steps * batch)
 
 
+def _signature(backbone: Backbone, examples):
+    """The training text's routing signature (routing.py), or None for a domain too small to sign."""
+    from .routing import MIN_ROWS, input_text, sign
+
+    texts = [input_text(e) for e in examples.train]
+    if sum(1 for t in texts if t.strip()) < MIN_ROWS:
+        return None
+    return sign(backbone.model, backbone.tokenizer, texts, backbone.device)
+
+
 def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Backbone, data: DomainData,
                  metrics: dict, log_history: list[dict], gathered: Path | None = None,
-                 stacked_on: dict | None = None) -> Manifest:
+                 stacked_on: dict | None = None, signature=None) -> Manifest:
     """Write the adapter (its method's format) or a baseline's trained weights, with metrics, curves, model card and
     manifest, as one folder that appears whole (`formats.staged_folder`): a crash leaves no half-written adapter."""
     with staged_folder(out_dir) as staging:
@@ -399,6 +411,10 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
         pooling = getattr(backbone.model, "pooling", None)
         if recipe.adapter is not None:
             describe_for_plain_tools(staging, recipe, domain, labels, pooling)
+        if signature is not None:
+            from .routing import write_signature
+
+            write_signature(staging, signature.features, signature.layer, signature.tokens)
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "log_history.json", log_history)
         plot_loss_curves(log_history, staging / "loss_curve.png", f"{recipe.name or 'recipe'} / {domain}")

@@ -48,8 +48,21 @@ class GenerationJob:
 @dataclass
 class ClassifyJob:
     texts: list[str]
-    adapter: str
+    adapter: str | list[str]  # one for every text, or one per text
     emit: Callable[[str, object], None]  # ("result", [dicts]) | ("error", exception)
+
+    def adapters(self) -> list[str]:
+        return [self.adapter] * len(self.texts) if isinstance(self.adapter, str) else list(self.adapter)
+
+
+@dataclass
+class RouteJob:
+    """Route inputs (texts or token ids) with a router selector (`auto`, `auto:TAG`, ...) in the worker's thread,
+    which owns the model; the request then runs as one naming the chosen adapters."""
+
+    inputs: list
+    selector: str
+    emit: Callable[[str, object], None]  # ("routes", [Route]) | ("error", exception)
 
 
 class DynamicBatcher:
@@ -64,7 +77,7 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._work, name="peft-adapt-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, job: GenerationJob | ClassifyJob) -> None:
+    def submit(self, job: GenerationJob | ClassifyJob | RouteJob) -> None:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -92,6 +105,9 @@ class DynamicBatcher:
                 for job in jobs:
                     job.emit("error", exc)
                 continue
+            for job in jobs:
+                if isinstance(job, RouteJob):
+                    self._route(job)
             groups: dict[tuple, list[GenerationJob]] = {}
             for job in jobs:
                 if isinstance(job, GenerationJob) and not job.cancelled:
@@ -147,6 +163,13 @@ class DynamicBatcher:
             for i in active:
                 jobs[i].emit("error", exc)
 
+    def _route(self, job: RouteJob) -> None:
+        try:
+            job.emit("routes", self.runtime.route(job.inputs, job.selector))
+        except Exception as exc:
+            _log_unexpected(exc, "routing failed")
+            job.emit("error", exc)
+
     def _advance(self, job: GenerationJob, token: int | None) -> bool:
         """Take the row's next token; True once the job is done (EOS, its limit, a stop sequence, or cancelled)."""
         if job.cancelled or token is None:
@@ -168,16 +191,22 @@ class DynamicBatcher:
     def _with_resident_adapters(self, jobs: list) -> list:
         """Load each distinct adapter first; a job whose adapter fails to load fails alone."""
         failed = {}
-        for name in {j.adapter for j in jobs if j.adapter is not None}:
+        names = {n for j in jobs for n in (j.adapters() if isinstance(j, ClassifyJob) else [j.adapter])}
+        for name in {n for n in names if n is not None}:
             try:
                 self.runtime.ensure_resident(name)
             except Exception as exc:
                 _log_unexpected(exc, f"loading adapter {name!r} failed")
                 failed[name] = exc
+        kept = []
         for job in jobs:
-            if job.adapter in failed:
-                job.emit("error", failed[job.adapter])
-        return [j for j in jobs if j.adapter not in failed]
+            wanted = job.adapters() if isinstance(job, ClassifyJob) else [job.adapter]
+            broken = next((failed[n] for n in wanted if n in failed), None)
+            if broken is not None:
+                job.emit("error", broken)
+            else:
+                kept.append(job)
+        return kept
 
     def _classify(self, jobs: list[ClassifyJob]) -> None:
         jobs = self._with_resident_adapters(jobs)
@@ -186,7 +215,7 @@ class DynamicBatcher:
         if self._on_batch:
             self._on_batch(len(jobs))
         texts = [t for j in jobs for t in j.texts]
-        adapters = [j.adapter for j in jobs for _ in j.texts]
+        adapters = [n for j in jobs for n in j.adapters()]
         try:
             results = self.runtime.classify(texts, adapters)
         except Exception as exc:

@@ -31,6 +31,8 @@ from ..formats import MANIFEST, folder_kind, read_manifest
 from ..heads import pool_hidden
 from ..loading import check_adapter, check_fits_base
 from ..methods import AdapterWeights, method, method_of_folder
+from ..routing import (AUTO, MIX_PREFIX, ROUTE_TOKENS, Route, Router, features_of_rows, is_auto, members, mix_weights,
+                       read_signature, row_lengths, token_rows)
 from ..stacking import check_part, is_stack, stack_parts
 from .batch import AdapterBatch
 from .decoding import Sampling, decode
@@ -67,6 +69,7 @@ class AdapterRuntime:
         # each row runs alone, unpadded: its outputs never depend on its batch-mates (see `batch_invariant` below)
         self.batch_invariant = batch_invariant
         self._registry_changes: int | None = None
+        self._routers: dict[str, tuple[int, Router]] = {}  # selector -> (registry changes when built, router)
 
     # ------------------------------------------------------------ adapters in and out
 
@@ -94,6 +97,8 @@ class AdapterRuntime:
             if name in BASE_NAMES:
                 raise UserInputError(f"{name!r} names the base model; give the adapter another name")
             started = time.perf_counter()
+            if weights is None and name.startswith(MIX_PREFIX):  # a routed mix names its parts
+                weights = mix_weights(name)
             if weights:
                 adapter_weights, meta = self._mix(name, weights, force)
             elif is_stack(name):
@@ -109,7 +114,8 @@ class AdapterRuntime:
         tensors); classifiers mix their heads the same way (weights normalised): one label map and pooling."""
         from ..registry import check_name
 
-        check_name(name)
+        if not name.startswith(MIX_PREFIX):
+            check_name(name)
         read = [(self._read(ref, force), float(w)) for ref, w in weights.items()]
         metas = [meta for (_, meta), _ in read]
         first = next(iter(weights))
@@ -326,6 +332,56 @@ class AdapterRuntime:
         self.residency.misses += 1
         return self._load(name, None, False, False, keep=set(keep))
 
+    # ------------------------------------------------------------ routing
+
+    def router(self, selector: str = AUTO) -> Router:
+        """The router `selector` names (`auto`, `auto:TAG`, `auto:a,b`), built from the registry's signatures of
+        this base and task; rebuilt when the registry changes."""
+        changes = self.registry.changes()
+        with self._lock:
+            cached = self._routers.get(selector)
+            if cached is not None and cached[0] == changes:
+                return cached[1]
+            chosen = members(self.registry, selector, self.backbone.fingerprint["id"], self.task)
+            router = Router([name for name, _ in chosen], [read_signature(e.path) for _, e in chosen])
+            manifests = [e.manifest for _, e in chosen]
+            # classifiers mix only with one label map and pooling; otherwise a low-confidence row takes the nearest
+            router.mixable = self.task == "causal_lm" or len({(tuple(m.labels or ()), m.pooling) for m in manifests}) == 1
+            if len(self._routers) >= 64:  # selectors come from requests: keep the cache bounded
+                self._routers.clear()
+            self._routers[selector] = (changes, router)
+            return router
+
+    def route(self, inputs, router: str = AUTO, threshold: float = 0.5, top_k: int = 2,
+              fallback: str | None = None) -> list[Route]:
+        """Where each input (text or token ids) goes: the nearest domain's adapter with its confidence; below
+        `threshold` a top-k mix (or `fallback` 'base' / 'nearest'); far from every domain, the base (a classifier,
+        having no base head, takes the nearest). Reads the base's hidden states at the router's layer only."""
+        if isinstance(inputs, str):
+            raise UserInputError("pass a list of texts (one per row), not a single string")
+        if not is_auto(router):
+            raise UserInputError(f"router {router!r}: name one as auto, auto:TAG or auto:NAME,NAME,...")
+        with self._lock:
+            chosen = self.router(router)
+            rows = token_rows(self.tokenizer, list(inputs)) if inputs and isinstance(inputs[0], str) else \
+                [list(r)[:ROUTE_TOKENS] for r in inputs]
+            features = features_of_rows(self.model, rows, self.tokenizer.pad_token_id, chosen.layer, self.device)
+            fallback = fallback or ("mix" if chosen.mixable else "nearest")
+            if fallback == "mix" and not chosen.mixable:
+                fallback = "nearest"
+            return chosen.route(features, row_lengths(rows), threshold, top_k, fallback,
+                                has_base=self.task == "causal_lm")
+
+    def _routed(self, inputs, adapters) -> tuple[list, list[Route | None]]:
+        """Per-row adapter names with every `auto` row routed (the route kept for the caller)."""
+        names = _per_row(adapters, len(inputs))
+        routes: list[Route | None] = [None] * len(names)
+        for selector in {n for n in names if is_auto(n)}:
+            rows = [i for i, n in enumerate(names) if n == selector]
+            for i, r in zip(rows, self.route([inputs[i] for i in rows], selector)):
+                names[i], routes[i] = r.serve_as, r
+        return names, routes
+
     # ------------------------------------------------------------ running
 
     def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
@@ -401,6 +457,9 @@ class AdapterRuntime:
             else:
                 ids, mask = self._encode(inputs, padding_side)
             ids, mask = ids.to(self.device), mask.to(self.device)
+            if any(is_auto(n) for n in _per_row(adapters, ids.shape[0])):
+                rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+                adapters, _ = self._routed(rows, adapters)
             if self.batch_invariant and ids.shape[0] > 1:
                 return self._logits_row_by_row(ids, mask, adapters)
             resident, stacked, grouped = self._plan(adapters, ids.shape[0])
@@ -478,6 +537,8 @@ class AdapterRuntime:
                 raise UserInputError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
                                      f"{self.max_positions} positions this base takes; shorten the prompt or max_new_tokens")
             ids, mask = ids.to(self.device), mask.to(self.device)
+            if any(is_auto(n) for n in _per_row(adapters, ids.shape[0])):
+                adapters, _ = self._routed([r[m.bool()].tolist() for r, m in zip(ids, mask)], adapters)
             resident, stacked, grouped = self._plan(adapters, ids.shape[0])
             eos = self.tokenizer.eos_token_id
             # grouped adapters run through their group model's generate, one group each, before the stacked rows stream
@@ -559,6 +620,13 @@ class AdapterRuntime:
         return results
 
     def _classify_batch(self, texts: list[str], names: list) -> list[dict]:
+        if any(is_auto(n) for n in names):  # routed rows: the chosen adapter, and the route beside the label
+            names, routes = self._routed(texts, names)
+            results = self._classify_batch(texts, names)
+            for result, route in zip(results, routes):
+                if route is not None:
+                    result["route"] = route.as_dict()
+            return results
         if self.batch_invariant and len(texts) > 1:
             return [self._classify_batch([text], [name])[0] for text, name in zip(texts, names)]
         batch, resident = self._batch(names, len(texts))  # grouped classifiers are refused at load

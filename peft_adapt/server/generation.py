@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..data import render_chat
 from ..errors import UserInputError
-from ..runtime.batcher import GenerationJob, QueueFull
+from ..runtime.batcher import GenerationJob, QueueFull, RouteJob
 from ..runtime.decoding import Sampling
 from .schemas import APIError
 
@@ -40,16 +40,18 @@ def submit(batcher, job) -> None:
         raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from None
 
 
-async def text_events(batcher, prompts: list[list[int]], adapter: str | None, sampling: Sampling,
+async def text_events(batcher, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
                       stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
-    """Submit one job per prompt; yield (index, text piece, finish_reason or None, completion tokens) as they come."""
+    """Submit one job per prompt (`adapter`: one for all, or a list of one per prompt); yield (index, text piece,
+    finish_reason or None, completion tokens) as they come."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     jobs = []
-    for index, prompt in enumerate(prompts):
+    adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+    for index, (prompt, name) in enumerate(zip(prompts, adapters)):
         def emit(kind, value, index=index):
             loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
-        jobs.append(GenerationJob(prompt, adapter, sampling, emit, stops=stops))
+        jobs.append(GenerationJob(prompt, name, sampling, emit, stops=stops))
     for job in jobs:
         submit(batcher, job)
     open_jobs = set(range(len(prompts)))
@@ -85,7 +87,19 @@ def _choice(kind: str, index: int, text: str, reason: str | None, streaming: boo
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
 
 
-async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None, sampling: Sampling,
+async def routed(batcher, inputs: list, selector: str) -> list:
+    """The routes of `inputs`, computed in the batcher's thread (it owns the model)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    submit(batcher, RouteJob(inputs, selector, lambda kind, value: loop.call_soon_threadsafe(
+        lambda: done.done() or done.set_result((kind, value)))))
+    kind, value = await done
+    if kind == "error":
+        raise as_api_error(value, "routing failed")
+    return value
+
+
+async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
                   stops: list[str], stream: bool, batcher, headers: dict | None = None):
     """The whole answer as one JSON body, or (stream) server-sent events."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"

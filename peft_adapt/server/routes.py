@@ -8,16 +8,17 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserInputError
 from ..faults import fault_point
 from ..registry import is_folder_ref
+from ..routing import is_auto
 from ..runtime.batcher import ClassifyJob
 from ..runtime.decoding import Sampling
 from ..stacking import DOMAIN_TASKS, STACK_SEPARATOR, stack_parts
-from .generation import as_api_error, chat_prompt, respond, submit
+from .generation import as_api_error, chat_prompt, respond, routed, submit
 from .schemas import AdapterRequest, APIError, ChatRequest, ClassifyRequest, CompletionRequest, ServerSettings
 
 DEFAULT_CHAT_TOKENS = 256  # a chat request without max_tokens gets this, or the server's limit if lower
@@ -49,6 +50,8 @@ class ServerState:
         registered adapters only: a path is never read from a request."""
         if model in self.base_names:
             return None
+        if is_auto(model):  # routed per input in the batcher's thread (`routed`); the router checks its members
+            return model
         if model in self.from_folders and model in self.runtime.resident():
             return model
         parts = stack_parts(model) if STACK_SEPARATOR in model else [model]  # `domain+task`: a stack, bottom first
@@ -106,6 +109,20 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
+async def route_inputs(state: ServerState, inputs: list, adapter: str | None) -> tuple[str | None | list, dict, str | None]:
+    """For a routed request (`model: auto...`): each input's adapter, the response headers naming the choice, and
+    the one adapter chosen for all inputs (None if they differ). Otherwise the adapter as it was, no headers."""
+    if adapter is None or not is_auto(adapter):
+        return adapter, {}, None
+    routes = await routed(state.batcher, inputs, adapter)
+    state.metrics.count_routes(routes)
+    chosen = [r.serve_as for r in routes]
+    headers = {"x-peft-adapt-adapter": ",".join(c or "base" for c in chosen),
+               "x-peft-adapt-route-confidence": ",".join(f"{r.confidence:.4f}" for r in routes)}
+    single = chosen[0] if len(set(chosen)) == 1 else None
+    return chosen, headers, (single or "base") if len(set(chosen)) == 1 else None
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
@@ -114,7 +131,9 @@ async def completions(body: CompletionRequest, request: Request):
     adapter = await run_in_threadpool(state.adapter_for, body.model)
     ids = await run_in_threadpool(lambda: [state.tokens_of(p) for p in prompts])
     sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
-    return await respond("completion", body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher)
+    adapter, headers, chosen = await route_inputs(state, ids, adapter)
+    return await respond("completion", chosen or body.model, ids, adapter, sampling, body.stops, body.stream,
+                         state.batcher, headers)
 
 
 @router.post("/v1/chat/completions")
@@ -126,7 +145,9 @@ async def chat(body: ChatRequest, request: Request):
     ids = [await run_in_threadpool(lambda: state.tokens_of(chat_prompt(state.runtime.tokenizer, messages)))]
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_TOKENS, state.settings.max_tokens)
     sampling = state.sampling_of(max_tokens, body, len(ids[0]))
-    return await respond("chat", body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher)
+    adapter, headers, chosen = await route_inputs(state, ids, adapter)
+    return await respond("chat", chosen or body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher,
+                         headers)
 
 
 @router.post("/v1/classify")
@@ -140,6 +161,7 @@ async def classify(body: ClassifyRequest, request: Request):
     adapter = await run_in_threadpool(state.adapter_for, body.model)
     if adapter is None:
         raise APIError(400, "classification needs an adapter: the base has no head", param="model")
+    adapter, headers, chosen = await route_inputs(state, texts, adapter)
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()
     # texts are cut to the adapter's training max_length in the batcher's thread, as training cut them
@@ -148,8 +170,10 @@ async def classify(body: ClassifyRequest, request: Request):
     kind, value = await done
     if kind == "error":
         raise as_api_error(value, "classification failed")
-    return {"object": "list", "model": body.model,
-            "data": [{"index": i, **{k: r[k] for k in ("label", "label_id", "probs")}} for i, r in enumerate(value)]}
+    per_text = adapter if isinstance(adapter, list) else None  # routed: each item names its adapter
+    data = [{"index": i, **{k: r[k] for k in ("label", "label_id", "probs")},
+             **({"model": per_text[i]} if per_text else {})} for i, r in enumerate(value)]
+    return JSONResponse({"object": "list", "model": chosen or body.model, "data": data}, headers=headers)
 
 
 @router.get("/v1/models")

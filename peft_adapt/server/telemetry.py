@@ -16,7 +16,14 @@ class ServerMetrics:
         self.latency = Histogram("peft_adapt_request_seconds", "request latency", ["route"], registry=self.registry)
         self.batch_sizes = Histogram("peft_adapt_batch_size", "requests per batch", registry=self.registry,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        # label: the registered adapter chosen, `mix` or `base` (bounded by the registry, not by requests)
+        self.routes = Counter("peft_adapt_routes", "inputs routed, by the adapter chosen", ["adapter"],
+                              registry=self.registry)
         self.registry.register(_RuntimeCollector(runtime, waiting))
+
+    def count_routes(self, routes) -> None:
+        for route in routes:
+            self.routes.labels("mix" if route.weights else route.adapter or "base").inc()
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
