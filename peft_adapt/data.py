@@ -583,6 +583,7 @@ def read_domain(
     seed: int = 42,
     max_train_rows: int | None = None,
     max_eval_rows: int | None = None,
+    shots: int | None = None,
 ) -> DomainExamples:
     """Read and validate a domain's files; carve an eval split from train when no eval file is given."""
     train_rows = read_rows(train_path, "train")
@@ -605,6 +606,8 @@ def read_domain(
     test = parse_examples(read_rows(test_path, "test"), task, test_path, labels) if test_path else None
     if max_train_rows:
         train = _subsample(train, max_train_rows, seed)
+    if shots:
+        train = few_shot(train, shots, seed, labels, train_path)
     if max_eval_rows:
         held = _subsample(held, max_eval_rows, seed)
         test = _subsample(test, max_eval_rows, seed) if test is not None else None
@@ -634,6 +637,21 @@ def tokenize_domain(examples: DomainExamples, tokenizer, task: TaskSpec) -> Doma
                 f"raise task.max_length or check the rows"
             )
     return DomainData(splits["train"], splits["eval"], splits["test"], examples)
+
+
+def few_shot(examples: list[Example], shots: int, seed: int, labels: LabelMap | None, path: Path) -> list[Example]:
+    """Exactly `shots` rows of every class, drawn with the seed, kept in their original order (classification)."""
+    if labels is None or examples and examples[0].label is None:
+        raise UserInputError(f"training.shots counts rows per class; {path} is not a classification file")
+    chosen = []
+    rng = random.Random(seed)
+    for label_id, name in enumerate(labels.names):
+        rows = [i for i, e in enumerate(examples) if e.label == label_id]
+        if len(rows) < shots:
+            raise UserInputError(f"training.shots: {shots} asks for {shots} rows of class {name!r}; {path} has "
+                                 f"{len(rows)} after the eval split: lower shots or add rows")
+        chosen += rng.sample(rows, shots)
+    return [examples[i] for i in sorted(chosen)]
 
 
 def _subsample(examples: list[Example], n: int, seed: int) -> list[Example]:

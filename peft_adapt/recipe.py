@@ -50,6 +50,7 @@ class TrainingSpec(BaseModel):
     logging_steps: int = Field(10, ge=1)
     early_stopping: EarlyStoppingSpec | None = Field(None, description="e.g. {metric: accuracy, patience: 3}")
     max_train_rows: int | None = Field(None, ge=1, description="subsample for quick runs")
+    shots: int | None = Field(None, ge=1, description="few-shot: exactly K training rows per class, drawn with the seed")
     max_eval_rows: int | None = Field(None, ge=1)
     checkpoint_steps: int | None = Field(
         100, ge=1, description="save a checkpoint this often, for `train --resume`; null: never (early stopping saves its own)")
@@ -90,6 +91,9 @@ class Recipe(BaseModel):
         None, description="optional: align with a target domain's unlabeled text")
     stack_on: str | None = Field(
         None, description="a registered LoRA domain adapter (e.g. books-domain) to train this LoRA on top of, frozen")
+    init_from: str | None = Field(
+        None, description="start the adapter from a registered one of the same base, method and shape (e.g. a "
+                          "meta-learned initialisation) instead of fresh")
     domains: dict[str, DomainSpec] = Field(min_length=1, description="name -> train file, or {train, eval, test}")
     _source: Path | None = PrivateAttr(None)  # the file it was read from
 
@@ -119,6 +123,8 @@ class Recipe(BaseModel):
         elif self.adapter is None:
             self.adapter = SPECS[DEFAULT]()
         adapting = method(self.method) if self.adapter is not None else None
+        if self.init_from is not None and self.adapter is None:
+            raise ValueError("init_from starts an adapter; this recipe trains no adapter (freeze:): remove init_from")
         if self.stack_on is not None and not (adapting and adapting.stackable):
             raise ValueError(f"stack_on stacks LoRA adapters (their deltas add); this recipe trains {self.method}: "
                              f"use adapter.method: lora, or remove stack_on")
@@ -245,6 +251,7 @@ def recipe_reference() -> str:
     lines.append(_header(0, "domain_adaptation", _describe(fields["domain_adaptation"]), commented=True))
     _section(DomainAdaptationSpec, 1, lines, commented=True)
     lines.append(_field_line(0, "stack_on", "null", _describe(fields["stack_on"]), commented=True))
+    lines.append(_field_line(0, "init_from", "null", _describe(fields["init_from"]), commented=True))
     lines.append(_header(0, "domains", _describe(fields["domains"])))
     lines.append("  books:")
     _section(DomainSpec, 2, lines)

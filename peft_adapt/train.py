@@ -240,7 +240,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     set_seed(t.seed)
 
     # Data first: bad rows fail before the model loads, and the label map sizes the classifier's head.
-    examples = read_domain(recipe.task, train_path, eval_path, test_path, t.seed, t.max_train_rows, t.max_eval_rows)
+    examples = read_domain(recipe.task, train_path, eval_path, test_path, t.seed, t.max_train_rows, t.max_eval_rows,
+                           t.shots)
     num_labels = len(examples.labels.names) if examples.labels else None
     backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling)
     data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
@@ -255,6 +256,14 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
                                             backbone.fingerprint)
         StackedDomain(backbone.model, folder, "encoder." if recipe.task.type != "causal_lm" else "")
     model = prepare_model(recipe, backbone)
+    initialised = None
+    if recipe.init_from is not None:
+        from .initialisation import initialise_from
+        from .registry import Registry
+
+        initialised = initialise_from(model, recipe.init_from, registry or Registry(), recipe.method,
+                                      recipe.task.type, backbone.fingerprint,
+                                      examples.labels.names if examples.labels else None)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
@@ -318,6 +327,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         "total_parameters": total,
         "rows": data.examples.n_rows,
     }
+    if initialised is not None:
+        metrics["init_from"] = initialised
     if resume_from is not None:
         metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
     if data.eval:

@@ -96,3 +96,32 @@ def test_adda_settings_are_checked(tmp_path, tiny_bert, tiny_llama, sentiment_fi
     data["domain_adaptation"] = {"method": "adda", "target": str(docs_file)}
     with pytest.raises(UserInputError, match="adapts the source.s classifier"):
         parse_recipe(data)
+
+
+def test_the_source_anchor_keeps_the_target_adapter_classifying_the_source(tmp_path, tiny_bert, sentiment_file):
+    """adda_source_weight: the source rows' classification loss joins the GAN loss. Run from the same start with the
+    same batches, the anchored target adapter keeps a lower source loss than Tzeng's unanchored one."""
+    import copy
+
+    from peft_adapt.adda import source_features
+
+    result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=8)), "sentiment",
+                          tmp_path)
+    pad = result.backbone.tokenizer.pad_token_id
+    source_rows = pad_batch(result.data.train[:32], pad)
+    tokenizer = result.backbone.tokenizer
+    target = pad_batch([{k: v for k, v in tokenizer(text).items() if k in ("input_ids", "attention_mask")}
+                        for text in ["superb splendid superb", "dreadful rotten dreadful"] * 8], pad)
+    losses = {}
+    for weight in (0.0, 1.0):
+        model = copy.deepcopy(result.model)
+        model.eval()
+        source = source_features(model, result.data.train[:32], "classification", pad, torch.device("cpu"))
+        phase = AddaPhase(model, "classification", model.config.hidden_size, 32, learning_rate=1e-2, seed=0,
+                          source_weight=weight)
+        for _ in range(8):
+            phase.discriminator_step(source, phase.target_features(target))
+            phase.generator_step(target, source_rows)
+        with torch.no_grad():
+            losses[weight] = model(**source_rows).loss.item()
+    assert losses[1.0] < losses[0.0]
