@@ -31,6 +31,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_meta_train(args) -> int:
+    from .meta import MetaSettings, meta_train
+    from .recipe import load_recipe
+    from .train import result_line
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name or Path(args.recipe).stem}-meta"
+    settings = MetaSettings(args.meta_steps, args.inner_steps, args.meta_lr, args.inner_lr)
+    result = meta_train(recipe, out, settings, None if args.no_register else Registry(args.registry))
+    print(result_line(result), flush=True)
+    return 0
+
+
 def _launch_workers(args, out: Path) -> int:
     """Run this same command in N workers (accelerate on GPUs, torch.distributed.run on the CPU)."""
     import shutil
@@ -433,6 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run: finished domains are skipped, an interrupted one continues from "
                         "its last checkpoint (training.checkpoint_steps)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("meta-train", help="learn an adapter initialisation across a recipe's domains (Reptile); "
+                                          "recipes start from it with init_from:")
+    p.add_argument("recipe", help="the recipe YAML file: its domains are the tasks")
+    p.add_argument("--out", help="output folder (default: runs/<recipe name>-meta)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--meta-steps", type=int, default=100, help="outer steps, one domain each")
+    p.add_argument("--inner-steps", type=int, default=8, help="training steps on the domain per outer step")
+    p.add_argument("--meta-lr", type=float, default=1.0, help="the first outer step's share of the way (falls to 0)")
+    p.add_argument("--inner-lr", type=float, help="default: the recipe's learning_rate")
+    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    p.add_argument("--no-register", action="store_true", help="only write the output folder")
+    p.set_defaults(func=_cmd_meta_train)
 
     p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")
     p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
