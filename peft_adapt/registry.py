@@ -30,6 +30,7 @@ from .faults import crash_point as _crash_point
 from .formats import (
     MANIFEST,
     PICKLE_WEIGHTS,
+    SIGNATURE_FILE,
     Manifest,
     adapter_files_to_copy,
     adapter_fit_problems,
@@ -393,7 +394,7 @@ class Registry:
         try:
             for src in sources:
                 if src.name in PICKLE_WEIGHTS:
-                    if allow_pickle and not any(folder.glob("*.safetensors")):
+                    if allow_pickle and not any(f.name != SIGNATURE_FILE for f in folder.glob("*.safetensors")):
                         convert_pickle_to_safetensors(src, staging / "adapter_model.safetensors")
                     continue
                 shutil.copyfile(src, staging / src.name, follow_symlinks=False)
