@@ -251,13 +251,14 @@ class Router:
         far = float(torch.quantile(nearest, FAR_QUANTILE)) * FAR_MARGIN if len(samples) else math.inf
         return shrinkage, temperature, far
 
-    def distances(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """[rows, domains] squared distances, scaled to the signatures' row length: the mean of n tokens varies
-        about as 1/n, so a row shorter than the signatures' strays further for the same domain."""
-        distances = self.discriminant.distances(features)
-        if lengths is not None:
-            distances = distances * (lengths.double() / self.tokens).clamp(max=1.0).unsqueeze(1)
-        return distances
+    def far_scale(self, lengths: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """Per row, what its distance is multiplied by before the far test: a mean of fewer tokens strays further
+        from its own domain (on the quickstart domains, 34 of 300 held-out rows cut to 16 tokens were beyond the
+        unscaled threshold, none at sqrt(n / the signatures' length)). The posterior reads the unscaled distances:
+        scaled, it was far less confident than it was right (0.52 mean confidence at 97% accuracy, 32 tokens)."""
+        if lengths is None:
+            return torch.ones(rows, dtype=torch.float64)
+        return (lengths.double() / self.tokens).clamp(max=1.0).sqrt()
 
     def route(self, features: torch.Tensor, lengths: torch.Tensor | None = None, threshold: float = 0.5,
               top_k: int = 2, fallback: str = "mix", has_base: bool = True) -> list[Route]:
@@ -265,13 +266,14 @@ class Router:
         or 'nearest'."""
         if fallback not in ("mix", "base", "nearest"):
             raise UserInputError(f"routing fallback {fallback!r}: use mix, base or nearest")
-        distances = self.distances(features, lengths)
+        distances = self.discriminant.distances(features)
         posteriors = (-distances / (2 * self.temperature)).softmax(-1)
+        scales = self.far_scale(lengths, distances.shape[0])
         routes = []
-        for d, p in zip(distances, posteriors):
+        for d, p, scale in zip(distances, posteriors, scales):
             best = int(p.argmax())
             nearest, confidence, distance = self.names[best], float(p[best]), float(d.min())
-            if distance > self.far_distance:
+            if distance * float(scale) > self.far_distance:
                 routes.append(Route(None if has_base else nearest, confidence, nearest, far=True, distance=distance))
             elif confidence >= threshold or fallback == "nearest" or len(self.names) == 1:
                 routes.append(Route(nearest, confidence, nearest, distance=distance))
