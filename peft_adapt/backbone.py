@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserInputError
 from .fingerprint import base_fingerprint
-from .heads import MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
+from .heads import CRFTokenClassifier, MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
 from .model_files import QUANTIZATIONS, BaseSpec, Quantization, resolve_model_path  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +75,7 @@ def load_backbone(
     task: str = "causal_lm",
     num_labels: int | None = None,
     pooling: str = "auto",
+    crf_tags: list[str] | None = None,
 ) -> Backbone:
     """Load the base for `task`, quantized as `spec` says: `causal_lm`, `classification` (encoder + a
     fresh head pooling as `pooling` says) or `encoder` (the bare encoder, for serving heads of its own)."""
@@ -114,6 +115,8 @@ def load_backbone(
             if task == "classification":
                 chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
                 model = SequenceClassifier(model, num_labels, chosen)
+            elif task == "token_classification" and crf_tags:
+                model = CRFTokenClassifier(model, crf_tags)
             elif task == "token_classification":
                 model = TokenClassifier(model, num_labels, "mean")
             elif task == "masked_lm":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import UserInputError
 
@@ -42,6 +42,13 @@ class TaskSpec(BaseModel):
     text_field: str = Field("text", description="the field that holds the text")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="carved from train when a domain has no eval file; 0: none")
     mask_probability: float = Field(0.15, gt=0, lt=1, description="masked_lm: the share of tokens masked and predicted")
+    crf: bool = Field(False, description="token_classification: a CRF output layer (BIO enforced, Viterbi decoding)")
+
+    @model_validator(mode="after")
+    def _crf_tags_words(self):
+        if self.crf and self.type != "token_classification":
+            raise ValueError(f"task.crf is an output layer over word tags; task {self.type} has none: remove crf")
+        return self
 
 
 # ---------------------------------------------------------------- reading

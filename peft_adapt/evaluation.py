@@ -106,7 +106,8 @@ def evaluate_token_classification(model, features: list[dict], pad_token_id: int
     for start in range(0, len(features), batch_size):
         chunk = features[start : start + batch_size]
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad_token_id).items()}
-        best = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
+        # with the labels a CRF head knows the word starts and decodes them (Viterbi); a softmax head ignores them
+        best = model(**batch).logits.argmax(-1).tolist()
         for f, row in zip(chunk, best):
             words = ["O"] * f["n_words"]
             for position, word in enumerate(f["word_ids"]):

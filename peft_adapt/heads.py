@@ -135,6 +135,39 @@ class TokenClassifier(SequenceClassifier):
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=pooled)
 
 
+class CRFTokenClassifier(TokenClassifier):
+    """The token classifier's head as emissions under a CRF over the words' tags (crf.py): with labels it returns
+    the sequences' negative log-likelihood (per labelled word, as the softmax head's loss is) and, in eval mode,
+    logits whose argmax at each word start is the Viterbi tag, so every argmax reader scores the CRF's decoding.
+    Without labels the word starts are unknown: the logits are the emissions."""
+
+    def __init__(self, encoder: nn.Module, tags: list[str], pooling: str = "mean", dropout: float = 0.1):
+        from .crf import CRF
+
+        super().__init__(encoder, len(tags), pooling, dropout)
+        self.crf = CRF(tags).to(self.device)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False,
+                num_items_in_batch=None, **kwargs):
+        from .crf import words_of
+
+        out = super().forward(input_ids, attention_mask, None, past_key_values, return_pooled, None, **kwargs)
+        if labels is None:
+            return out
+        starts = labels != -100
+        rows = starts.any(1)  # a row whose words were all cut off has nothing to score
+        emissions, mask = words_of(out.logits[rows], starts[rows])
+        tags, _ = words_of(labels[rows], starts[rows])
+        loss = self.crf.neg_log_likelihood(emissions, tags, mask).sum() / (num_items_in_batch or mask.sum())
+        logits = out.logits
+        if not self.training:
+            logits = logits.detach().clone()
+            for row, path in zip(rows.nonzero().flatten().tolist(), self.crf.decode(emissions, mask)):
+                positions = starts[row].nonzero().flatten()
+                logits[row, positions, torch.tensor(path, device=logits.device)] += 1e4
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
 class MaskedLMHead(nn.Module):
     """BERT's prediction head: a dense layer, GELU and LayerNorm, then the input embeddings (tied, frozen) and a
     bias over the vocabulary. Trained in full with the adapter; the dense layer starts as the identity."""

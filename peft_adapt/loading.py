@@ -88,7 +88,9 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
     if backbone is None:
         base = manifest.base.model_copy(update={"device": device} | ({"quantization": quantization} if quantization else {}))
         labels = manifest.labels
-        backbone = load_backbone(base, manifest.task, len(labels) if labels else None, manifest.pooling or "auto")
+        crf = (manifest.recipe or {}).get("task", {}).get("crf")
+        backbone = load_backbone(base, manifest.task, len(labels) if labels else None, manifest.pooling or "auto",
+                                 labels if crf else None)
     check_base_fits(manifest, backbone, source, force)
     if manifest.stack_on:
         from .registry import Registry

@@ -73,6 +73,8 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
 
     model = backbone.model
     heads = {"causal_lm": [], "masked_lm": ["mlm_head"]}.get(recipe.task.type, ["classifier"])
+    if recipe.task.crf:  # the transitions train (and are saved) with the head
+        heads = heads + ["crf"]
     if recipe.base.quantization != "none":
         disable_cpu_repacking(model)
     if recipe.adapter is None:
@@ -243,7 +245,8 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     examples = read_domain(recipe.task, train_path, eval_path, test_path, t.seed, t.max_train_rows, t.max_eval_rows,
                            t.shots)
     num_labels = len(examples.labels.names) if examples.labels else None
-    backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling)
+    backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling,
+                             examples.labels.names if recipe.task.crf else None)
     data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
     # the domain's signature for routing, read from the base before anything adapts it
     signature = _signature(backbone, examples) if recipe.adapter is not None else None
