@@ -201,7 +201,7 @@ def route_accuracy(runtime, texts: list[str], truth: list[str], names: dict) -> 
             "far": sum(r.far for r in routes)}
 
 
-def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: bool) -> None:
+def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: bool, quality_rows: int) -> None:
     import torch
 
     from peft_adapt.routing import ROUTE_TOKENS
@@ -217,10 +217,13 @@ def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: b
     prompts = [tok.decode(r[:PROMPT_TOKENS]) for r in rows]
     ours_rows = route_accuracy(runtime, texts, truth, names)
     ours_prompts = route_accuracy(runtime, prompts, truth, names)
-    # quality: perplexity of the held-out rows, per row with its own adapter (no padding), summed over rows
-    routes = runtime.route([r.tolist() for r in rows])
+    # quality: perplexity of the first `quality_rows` held-out rows of each domain, per row with its own adapter (no
+    # padding), summed over rows
+    keep = [i for i, d in enumerate(truth) if truth[: i + 1].count(d) <= quality_rows]
+    q_rows, q_truth = [rows[i] for i in keep], [truth[i] for i in keep]
+    routes = runtime.route([r.tolist() for r in q_rows])
     totals = {k: [0.0, 0] for k in ("base", "oracle", "ours", "arrow")}
-    for ids, route, domain in zip(rows, routes, truth):
+    for ids, route, domain in zip(q_rows, routes, q_truth):
         for key, adapter in (("base", None), ("oracle", names[domain]), ("ours", route.serve_as)):
             nll, count = _row_nll(runtime.logits([ids.tolist()], adapters=adapter)[0], ids)
             totals[key][0] += nll
@@ -231,24 +234,27 @@ def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: b
         arrow = ArrowBaseline("smollm2-135m", folders)
         order = list(domains)
         arrow_choice = []
-        for ids in rows:
+        for ids in q_rows:
             choice, nll, count = arrow.choose_and_score(ids)
             arrow_choice.append(order[choice])
             totals["arrow"][0] += nll
             totals["arrow"][1] += count
         arrow_prompts = []
-        for ids in rows:
+        for ids in q_rows:
             choice, _, _ = arrow.choose_and_score(ids[:PROMPT_TOKENS])
             arrow_prompts.append(order[choice])
     perplexity = {k: float(torch.tensor(n / max(c, 1)).exp()) for k, (n, c) in totals.items() if c}
     emit(set=set_name, metric="routing_accuracy", input="rows", ours=ours_rows["accuracy"],
          ours_mean_confidence=ours_rows["mean_confidence"], ours_far=ours_rows["far"],
-         arrow=None if arrow_choice is None else sum(a == t for a, t in zip(arrow_choice, truth)) / len(truth),
          rows=len(texts), domains=list(domains))
     emit(set=set_name, metric="routing_accuracy", input=f"first {PROMPT_TOKENS} tokens", ours=ours_prompts["accuracy"],
-         ours_mean_confidence=ours_prompts["mean_confidence"], ours_far=ours_prompts["far"],
-         arrow=None if arrow_choice is None else sum(a == t for a, t in zip(arrow_prompts, truth)) / len(truth))
-    emit(set=set_name, metric="perplexity", **perplexity,
+         ours_mean_confidence=ours_prompts["mean_confidence"], ours_far=ours_prompts["far"])
+    if arrow_choice is not None:  # Arrow routes inside the forward: measured on the quality rows only
+        emit(set=set_name, metric="routing_accuracy", input="quality rows", rows=len(q_truth),
+             ours=sum(r.nearest == names[t] for r, t in zip(routes, q_truth)) / len(q_truth),
+             arrow=sum(a == t for a, t in zip(arrow_choice, q_truth)) / len(q_truth),
+             arrow_first_32_tokens=sum(a == t for a, t in zip(arrow_prompts, q_truth)) / len(q_truth))
+    emit(set=set_name, metric="perplexity", rows=len(q_truth), **perplexity,
          ours_vs_oracle=perplexity["ours"] / perplexity["oracle"] - 1,
          arrow_vs_oracle=perplexity["arrow"] / perplexity["oracle"] - 1 if "arrow" in perplexity else None)
     # cost: one request routed against the same request naming its adapter; a batch of 16 likewise
@@ -268,7 +274,7 @@ def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: b
          batch_overhead=timings["batch_auto"] / timings["batch_given"] - 1,
          threads=torch.get_num_threads())
     if arrow_too:
-        sample = rows[:: max(1, len(rows) // 16)][:16]
+        sample = q_rows[:: max(1, len(q_rows) // 16)][:16]
         forward = _interleaved({
             "ours_auto": lambda: [runtime.logits([r.tolist()], adapters="auto") for r in sample],
             "arrow": lambda: arrow.forward(sample),
@@ -325,6 +331,7 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--held-out", type=int, default=100, help="held-out rows a domain")
     parser.add_argument("--no-arrow", action="store_true")
+    parser.add_argument("--quality-rows", type=int, default=30, help="held-out rows a domain scored for perplexity")
     parser.add_argument("--work", help="keep the adapters here (default: a temporary folder)")
     args = parser.parse_args()
     root = data_root()
@@ -348,7 +355,7 @@ def main() -> None:
             if set_name == "amazon":
                 run_amazon(domains, names, registry)
             else:
-                run_causal(set_name, domains, names, registry, not args.no_arrow)
+                run_causal(set_name, domains, names, registry, not args.no_arrow, args.quality_rows)
 
 
 if __name__ == "__main__":
