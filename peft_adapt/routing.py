@@ -323,8 +323,20 @@ def mix_weights(name: str) -> dict[str, float]:
 AUTO = "auto"  # `auto`: every signed adapter of the base and task; `auto:TAG`; `auto:a,b,c`
 
 
+MAX_NAMED = 64  # adapters a named router lists
+
+
 def is_auto(name) -> bool:
     return isinstance(name, str) and (name == AUTO or name.startswith(AUTO + ":"))
+
+
+def canonical(selector: str) -> str:
+    """One spelling per router (`auto:b,a` is `auto:a,b`): selectors come from requests, and each new spelling would
+    build a router again."""
+    head, _, rest = selector.partition(":")
+    if "," not in rest:
+        return selector
+    return f"{head}:" + ",".join(sorted({ref.strip() for ref in rest.split(",") if ref.strip()}))
 
 
 def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[str, object]]:
@@ -336,6 +348,8 @@ def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[
     _, _, rest = selector.partition(":")
     if rest and "," in rest:
         refs = [ref.strip() for ref in rest.split(",") if ref.strip()]
+        if len(refs) > MAX_NAMED:
+            raise UserInputError(f"a router names at most {MAX_NAMED} adapters; use a tag (auto:TAG) for more")
         entries = [(ref, registry.get(ref)) for ref in refs]
         named = True
     else:

@@ -231,3 +231,12 @@ def test_an_ambiguous_input_gets_a_calibrated_top_k_mix():
     routes = router.route(torch.cat(fresh), fallback="nearest")
     accuracy = sum(r.nearest == d for r, d in zip(routes, ["a"] * 500 + ["b"] * 500)) / 1000
     assert abs(sum(r.confidence for r in routes) / 1000 - accuracy) < 0.03
+
+
+def test_one_router_per_set_of_adapters_however_a_request_spells_it(routed, tiny_llama):
+    registry, causal, _ = routed
+    runtime = AdapterRuntime(str(tiny_llama), task="causal_lm", quantization="none", registry=registry)
+    a, b = causal["fruit"], causal["tools"]
+    assert runtime.router(f"auto:{a},{b}") is runtime.router(f"auto:{b}, {a},{b}")
+    with pytest.raises(UserInputError, match="at most 64 adapters"):
+        runtime.router("auto:" + ",".join(f"x{i}" for i in range(65)))

@@ -31,8 +31,8 @@ from ..formats import MANIFEST, folder_kind, read_manifest
 from ..heads import pool_hidden
 from ..loading import check_adapter, check_fits_base
 from ..methods import AdapterWeights, method, method_of_folder
-from ..routing import (AUTO, MIX_PREFIX, ROUTE_TOKENS, Route, Router, features_of_rows, is_auto, members, mix_weights,
-                       read_signature, row_lengths, token_rows)
+from ..routing import (AUTO, MIX_PREFIX, ROUTE_TOKENS, Route, Router, canonical, features_of_rows, is_auto, members,
+                       mix_weights, read_signature, row_lengths, token_rows)
 from ..stacking import check_part, is_stack, stack_parts
 from .batch import AdapterBatch
 from .decoding import Sampling, decode
@@ -338,6 +338,7 @@ class AdapterRuntime:
         """The router `selector` names (`auto`, `auto:TAG`, `auto:a,b`), built from the registry's signatures of
         this base and task; rebuilt when the registry changes."""
         changes = self.registry.changes()
+        selector = canonical(selector)
         with self._lock:
             cached = self._routers.get(selector)
             if cached is not None and cached[0] == changes:
