@@ -45,7 +45,7 @@ def initialise_from(model, ref: str, registry, method_name: str, task: str, fing
     saved = load_file(str(folder / ADAPTER_WEIGHTS))
     fresh = get_peft_model_state_dict(model)
     same_head = labels is not None and manifest.labels == labels
-    heads = {k for k in fresh if ".classifier." in f".{k}" or k.startswith("classifier")}
+    heads = {k for k in fresh if ".classifier." in f".{k}"}
     wanted = {k for k in fresh if k not in heads or same_head}
     missing = sorted(wanted - saved.keys())
     misfits = [f"{k}: {list(saved[k].shape)} here {list(fresh[k].shape)}" for k in sorted(wanted & saved.keys())

@@ -119,8 +119,7 @@ async def route_inputs(state: ServerState, inputs: list, adapter: str | None) ->
     chosen = [r.serve_as for r in routes]
     headers = {"x-peft-adapt-adapter": ",".join(c or "base" for c in chosen),
                "x-peft-adapt-route-confidence": ",".join(f"{r.confidence:.4f}" for r in routes)}
-    single = chosen[0] if len(set(chosen)) == 1 else None
-    return chosen, headers, (single or "base") if len(set(chosen)) == 1 else None
+    return chosen, headers, (chosen[0] or "base") if len(set(chosen)) == 1 else None
 
 
 @router.post("/v1/completions")
