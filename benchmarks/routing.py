@@ -26,28 +26,16 @@ import argparse
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mixed_batch import _interleaved  # noqa: E402  (benchmarks/ is on the path when a script runs)
+
 PROMPT_TOKENS = 32
 SETS = ("quickstart", "domain_text", "amazon")
-
-
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per function: a warm-up each, then `repeats` rounds that run each once in turn."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _jsonl(path: Path) -> list[dict]:
