@@ -20,7 +20,6 @@ so at layer 0 (the embeddings, the default) routing costs one embedding lookup.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,7 +247,7 @@ class Router:
                 best = (nll, shrinkage, temperature, distances)
         _, shrinkage, temperature, distances = best
         nearest = distances.min(1).values
-        far = float(torch.quantile(nearest, FAR_QUANTILE)) * FAR_MARGIN if len(samples) else math.inf
+        far = float(torch.quantile(nearest, FAR_QUANTILE)) * FAR_MARGIN
         return shrinkage, temperature, far
 
     def far_scale(self, lengths: torch.Tensor | None, rows: int) -> torch.Tensor:
