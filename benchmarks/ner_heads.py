@@ -3,6 +3,7 @@
 
     python benchmarks/ner_heads.py --rows 2000 --epochs 1 --test-rows 1000   # CPU: minutes
     python benchmarks/ner_heads.py --full                                     # the full recipe, 2 epochs (a GPU)
+    python benchmarks/ner_heads.py --heads full_fine_tune --epochs 1          # one head
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "conll2003_ner.yaml"
+FULL = ["adapter=null", "freeze=none", "base.quantization=none", "training.learning_rate=5e-5"]
 
 
 def main() -> None:
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, help="test sentences (default: all 3,453)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--full", action="store_true", help="also full fine-tuning (unquantized, lr 5e-5)")
+    parser.add_argument("--heads", help="only these, comma-separated (softmax, crf, full_fine_tune)")
     args = parser.parse_args()
     common = [f"training.epochs={args.epochs}", "training.checkpoint_steps=null"]
     if args.rows:
@@ -35,8 +38,10 @@ def main() -> None:
         common.append(f"training.max_eval_rows={args.test_rows}")
     heads = {"softmax": [], "crf": ["task.crf=true"]}
     if args.full:
-        heads["full_fine_tune"] = ["adapter=null", "freeze=none", "base.quantization=none",
-                                   "training.learning_rate=5e-5"]
+        heads["full_fine_tune"] = FULL
+    if args.heads:
+        heads["full_fine_tune"] = heads.get("full_fine_tune") or FULL
+        heads = {h: heads[h] for h in args.heads.split(",")}
     with tempfile.TemporaryDirectory() as out:
         for head, overrides in heads.items():
             recipe = load_recipe(RECIPE, common + overrides)

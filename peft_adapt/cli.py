@@ -24,8 +24,8 @@ def _cmd_train(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
     if args.num_processes > 1 and world().size == 1:
         return _launch_workers(args, out)
-    registry = None if args.no_register else Registry(args.registry)
-    train_recipe(recipe, out, args.domain, registry=registry, stack_registry=Registry(args.registry),
+    registry = None if args.no_register else open_registry(args)
+    train_recipe(recipe, out, args.domain, registry=registry, stack_registry=open_registry(args),
                  parallel_domains=args.parallel_domains,
                  resume=args.resume, report=lambda line: print(line, flush=True))
     return 0
@@ -39,7 +39,7 @@ def _cmd_meta_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name or Path(args.recipe).stem}-meta"
     settings = MetaSettings(args.meta_steps, args.inner_steps, args.meta_lr, args.inner_lr)
-    result = meta_train(recipe, out, settings, None if args.no_register else Registry(args.registry))
+    result = meta_train(recipe, out, settings, None if args.no_register else open_registry(args))
     print(result_line(result), flush=True)
     return 0
 
@@ -85,14 +85,14 @@ def _headline(metrics: dict) -> str:
 
 
 def _cmd_registry(args) -> int:
-    registry = Registry(args.registry)
+    registry = open_registry(args)
     action = args.action
     if action == "list":
         entries = registry.list(domain=args.domain, method=args.method, base=args.base, tag=args.tag)
         if args.json:
             print(json.dumps([e.to_json() for e in entries], indent=None))
         elif not entries:
-            print(f"no adapters in {registry.root}")
+            print(f"no adapters in {registry.where}")
         else:
             _print_table(
                 [{"name": e.name, "version": e.version, "domain": e.domain, "method": e.method,
@@ -156,7 +156,7 @@ def _cmd_eval(args) -> int:
 
     records: list | None = [] if args.out else None
     try:
-        folder, source = Registry(args.registry).locate(args.adapter)
+        folder, source = open_registry(args).locate(args.adapter)
     except UserInputError:
         if not args.base_only:
             raise
@@ -171,7 +171,7 @@ def _cmd_eval(args) -> int:
         metrics = evaluate_file(folder, args.data, quantization=args.quantization, device=args.device,
                                 batch_size=args.batch_size, max_rows=args.max_rows, force=args.force,
                                 base_only=args.base_only, records=records, source=source,
-                                registry=Registry(args.registry))
+                                registry=open_registry(args))
     subject = {"base_of" if folder is not None and args.base_only else "base" if folder is None else "adapter": source}
     print(json.dumps(subject | {"data": str(args.data), **metrics}))
     if args.out:
@@ -205,7 +205,7 @@ def _runtime_for(args, task: str):
 
     from .routing import is_auto
 
-    registry = Registry(args.registry)
+    registry = open_registry(args)
     named = [n for n in _adapter_names(args) if n not in ("", "base", "none")]
     base, quantization = args.base, args.quantization
     if base is None and (not named or is_auto(named[0])) and (named or args.command == "route"):
@@ -363,7 +363,7 @@ def _cmd_merge(args) -> int:
     from .merge import combine_adapters
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    entry = combine_adapters(Registry(args.registry), args.adapters, args.method, args.name, weights=weights,
+    entry = combine_adapters(open_registry(args), args.adapters, args.method, args.name, weights=weights,
                              density=args.density, seed=args.seed, rank=args.rank)
     merge = entry.manifest.merge
     print(f"registered {entry.ref}: {args.method} of {', '.join(merge['parents'])} (weights {merge['weights']}, "
@@ -374,7 +374,7 @@ def _cmd_merge(args) -> int:
 def _cmd_export(args) -> int:
     from .merge import export_adapter_folder, export_model
 
-    registry = Registry(args.registry)
+    registry = open_registry(args)
     if args.adapter_only:
         for warning in export_adapter_folder(registry, args.adapter, args.out, pad_rank=args.pad_rank):
             print(f"warning: {warning}", file=sys.stderr)
@@ -405,7 +405,7 @@ def _cmd_serve(args) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
-    serve(args.base, args.quantization, args.registry, args.adapters.split(",") if args.adapters else None,
+    serve(args.base, args.quantization, open_registry(args), args.adapters.split(",") if args.adapters else None,
           args.host, args.port, args.task, args.max_adapters, settings)
     return 0
 
@@ -418,7 +418,7 @@ def _cmd_quickstart(args) -> int:
         out=args.out, domains=tuple(args.domains.split(",")), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, eval_blocks=args.eval_blocks, model=args.model,
         quantization=args.quantization, rank=args.rank, learning_rate=args.learning_rate,
-        registry=None if args.no_register else Registry(args.registry),
+        registry=None if args.no_register else open_registry(args),
     )
     print(format_report(report))
     print(f"report: {Path(args.out) / 'report.json'}  heatmap: {Path(args.out) / 'perplexity_heatmap.png'}")
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set base.quantization=none; VALUE null removes it")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.add_argument("--no-register", action="store_true", help="only write the output folders")
     p.add_argument("--num-processes", type=int, default=1,
                    help="train in N processes: data parallel per domain (accelerate; gloo on the CPU)")
@@ -456,12 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-steps", type=int, default=8, help="training steps on the domain per outer step")
     p.add_argument("--meta-lr", type=float, default=1.0, help="the first outer step's share of the way (falls to 0)")
     p.add_argument("--inner-lr", type=float, help="default: the recipe's learning_rate")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.add_argument("--no-register", action="store_true", help="only write the output folder")
     p.set_defaults(func=_cmd_meta_train)
 
     p = sub.add_parser("registry", help="list, show, tag, remove, import, export and verify registered adapters")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("list", help="registered adapters, by name, then version (newest last)")
     for flag in ("--domain", "--method", "--base", "--tag"):
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], help="default: the one it was trained under")
     a.add_argument("--device", default="auto")
     for action in actions.choices.values():  # --registry after the verb too, as generate, classify and serve take it
-        action.add_argument("--registry", default=argparse.SUPPRESS, help="registry root")
+        add_registry_arguments(action, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_registry)
 
     p = sub.add_parser("eval", help="evaluate an adapter (registry ref or folder) on a data file")
@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the adapter's base (or the named base model) without any adapter: causal LM perplexity")
     p.add_argument("--max-length", type=int, default=256, help="with --base-only on a base model: tokens per example")
     p.add_argument("--out", help="write one JSON line per example (prediction, gold, probabilities or loss)")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], help="load the base this way instead")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--base", help="base model (default: the base of the registry's adapters of --task)")
             p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"])
             p.add_argument("--device", default="auto")
-            p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+            add_registry_arguments(p)
             p.add_argument("--json", action="store_true", help="one JSON object per line")
             p.set_defaults(func=func, adapter=None, adapters=None, mix=None)
             continue
@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", help="base model (default: the one the first adapter was trained on)")
         p.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"])
         p.add_argument("--device", default="auto")
-        p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+        add_registry_arguments(p)
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         if command == "generate":
             p.add_argument("--max-new-tokens", type=int, default=64)
@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="for DARE's random drop")
     p.add_argument("--rank", type=int, help="rank of the result (default: see README)")
     p.add_argument("--name", required=True, help="name of the new adapter")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("export", help="fold an adapter into its base and save a standalone model")
@@ -596,14 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-tokens", type=int, default=1024)
     p.add_argument("--adapter-only", action="store_true", help="export the adapter folder for peft / vLLM instead")
     p.add_argument("--pad-rank", action="store_true", help="with --adapter-only: pad the rank to one vLLM accepts")
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, every adapter, batched across adapters")
     p.add_argument("--base", required=True, help="base model: alias, folder or hub id")
     p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
     p.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification"])
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.add_argument("--adapters", help="comma-separated adapters to load (and pin) at start")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -633,13 +633,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--registry", help="registry root (default: $PEFT_ADAPT_HOME or ~/.peft_adapt)")
+    add_registry_arguments(p)
     p.add_argument("--no-register", action="store_true", help="do not register the adapters as quickstart-<domain>")
     p.set_defaults(func=_cmd_quickstart)
     for command in sub.choices.values():
         command.add_argument("--threads", type=_threads_arg, default=None,
                              help="CPU threads per process (default: auto, the cores shared by the processes)")
     return parser
+
+
+def add_registry_arguments(parser, default=None) -> None:
+    parser.add_argument("--registry", default=default,
+                        help="a registry folder (default: $PEFT_ADAPT_REGISTRY, $PEFT_ADAPT_HOME or ~/.peft_adapt), a "
+                             "postgresql:// URL (a team's shared registry, with --store) or a registry config YAML")
+    parser.add_argument("--store", default=default, help="with a postgresql:// registry: where its files live "
+                                                         "(s3://bucket/prefix; default: $PEFT_ADAPT_STORE)")
+
+
+def open_registry(args) -> Registry:
+    return Registry(getattr(args, "registry", None), store=getattr(args, "store", None))
 
 
 def _threads_arg(value: str):

@@ -1,14 +1,20 @@
-"""Where adapters live: a SQLite index (WAL) and one folder per adapter version.
+"""Where adapters live. Two backends behind one API, chosen by where the registry is:
+
+embedded (the default, a folder): a SQLite index (WAL) and one folder per adapter version.
 
     <root>/registry.db                 the index: names, versions, tags, a summary of each manifest
     <root>/adapters/<name>/<version>/  the adapter folder (peft files + manifest.json), never edited
     <root>/.staging/                   folders being written
 
-A version is written into a staging folder, fsynced, then, inside one write transaction, renamed into
-place and indexed. A crash at any point leaves either the old state or the new one: a folder renamed
-into place whose transaction never committed is an orphan that no reader can reach, and the next
-writer of that name removes it. Readers only follow the index, so they never see half an adapter.
-Several processes may write at once: SQLite's write lock orders them.
+shared (a team's): the same index in PostgreSQL (`postgresql://...`) and the files in object storage
+(`s3://bucket/prefix`, content-addressed: object_store.py), fetched into a local cache on use.
+
+A version is written into a staging folder, fsynced, then, inside one write transaction, published (renamed
+into place, or its manifest uploaded after its files) and indexed. A crash at any point leaves either the old
+state or the new one: what was published by a transaction that never committed is an orphan no reader can
+reach (the next writer of that name replaces a folder; `gc` removes blobs). Readers only follow the index, so
+they never see half an adapter. Several processes (on several machines, for the shared backend) may write at
+once: the index's write lock orders them (registry_index.py).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserInputError
 from .faults import crash_point as _crash_point
@@ -49,24 +57,50 @@ from .formats import (
     write_manifest,
 )
 from .model_files import BaseSpec
+from .registry_index import PostgresIndex, SQLiteIndex, is_postgres_url
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT NOT NULL, version INTEGER NOT NULL, domain TEXT, method TEXT, task TEXT,
-    base_model TEXT, fingerprint TEXT, quantization TEXT, created TEXT, metrics TEXT, path TEXT NOT NULL,
-    PRIMARY KEY (name, version));
-CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, version INTEGER NOT NULL,
-    PRIMARY KEY (name, tag));
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('changes', 0);
-"""
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TAG_UPSERT = ("INSERT INTO tags (name, tag, version) VALUES (?, ?, ?) "
+              "ON CONFLICT (name, tag) DO UPDATE SET version = excluded.version")
 
 
 def default_root() -> Path:
     return Path(os.environ.get("PEFT_ADAPT_HOME", Path.home() / ".peft_adapt"))
+
+
+def default_cache() -> Path:
+    """Where a shared registry's versions are fetched to: $PEFT_ADAPT_CACHE, or ~/.cache/peft_adapt."""
+    return Path(os.environ.get("PEFT_ADAPT_CACHE", Path.home() / ".cache" / "peft_adapt"))
+
+
+def registry_location(location=None, store: str | None = None, cache=None) -> tuple[str | Path, str | None, Path | None]:
+    """(index, store, cache) from what the user gave: a folder, a postgresql:// URL, or a YAML file naming
+    `index`, `store` and `cache`; what is left out comes from $PEFT_ADAPT_REGISTRY / $PEFT_ADAPT_STORE /
+    $PEFT_ADAPT_CACHE, then the embedded default."""
+    location = location if location not in (None, "") else os.environ.get("PEFT_ADAPT_REGISTRY") or None
+    store = store or os.environ.get("PEFT_ADAPT_STORE") or None
+    if isinstance(location, (str, Path)) and str(location).endswith((".yaml", ".yml")):
+        import yaml
+
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"registry config {path} does not exist; it names `index:` (a folder or a "
+                                 f"postgresql:// URL), `store:` (s3://bucket/prefix) and optionally `cache:`")
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        unknown = set(config) - {"index", "store", "cache"} if isinstance(config, dict) else {"(not a mapping)"}
+        if unknown or "index" not in config:
+            raise UserInputError(f"registry config {path}: expected the keys index, store, cache; "
+                                 f"{'found ' + ', '.join(sorted(map(str, unknown))) if unknown else 'index is missing'}")
+        location, store, cache = config["index"], store or config.get("store"), cache or config.get("cache")
+    if location is None:
+        location = default_root()
+    if not is_postgres_url(str(location)):
+        location = Path(location).expanduser()
+    elif store is None:
+        raise UserInputError("a PostgreSQL registry keeps its adapter files in object storage: give --store "
+                             "s3://bucket/prefix (or set PEFT_ADAPT_STORE, or name `store:` in a registry config file)")
+    return location, store, Path(cache).expanduser() if cache else None
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -97,12 +131,18 @@ class AdapterEntry:
     quantization: str | None
     created: str | None
     metrics: dict
-    path: Path
+    location: str  # a folder, or (shared backend) the sha256 of the version's manifest in the store
     tags: list[str] = field(default_factory=list)
+    fetch: Callable[["AdapterEntry"], Path] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @cached_property
+    def path(self) -> Path:
+        """The version's folder: in a shared registry, fetched into the local cache and checked on first use."""
+        return self.fetch(self) if self.fetch else Path(self.location)
 
     @property
     def manifest(self) -> Manifest:
@@ -113,7 +153,7 @@ class AdapterEntry:
             "name": self.name, "version": self.version, "domain": self.domain, "method": self.method,
             "task": self.task, "base": self.base_model, "fingerprint": self.fingerprint,
             "quantization": self.quantization, "created": self.created, "metrics": self.metrics,
-            "tags": self.tags, "path": str(self.path),
+            "tags": self.tags, "path": self.location if self.fetch else str(self.path),
         }
 
 
@@ -134,48 +174,48 @@ def _summary_metrics(metrics: dict) -> dict:
 
 
 class Registry:
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else default_root()
-        self.db_path = self.root / "registry.db"
-        # a registry on a read-only mount (or without write permission) is read, never written: no folders are
-        # made and the journal mode is left as its writer set it
-        self.read_only = self.root.is_dir() and not (os.access(self.root, os.W_OK) and
-                                                     (not self.db_path.exists() or os.access(self.db_path, os.W_OK)))
-        if self.read_only:
-            if not self.db_path.is_file():
+    def __init__(self, root: str | Path | None = None, store: str | None = None, cache: str | Path | None = None):
+        """`root`: a folder (embedded), a postgresql:// URL or a registry config file (see registry_location);
+        `store`: where a shared registry keeps its files (s3://bucket/prefix); `cache`: where they are fetched to."""
+        location, store, cache = registry_location(root, store, cache)
+        self.objects = None
+        if is_postgres_url(str(location)):
+            self.root = cache or default_cache()  # holds only the staging folders and the cache
+            self.index = PostgresIndex(str(location))
+            self.read_only = False
+        else:
+            self.root = Path(location)
+            db_path = self.root / "registry.db"
+            # a registry on a read-only mount (or without write permission) is read, never written: no folders are
+            # made and the journal mode is left as its writer set it
+            self.read_only = self.root.is_dir() and not (os.access(self.root, os.W_OK) and
+                                                         (not db_path.exists() or os.access(db_path, os.W_OK)))
+            if self.read_only and not db_path.is_file():
                 raise UserInputError(f"{self.root} is read-only and holds no registry (no registry.db)")
+            self.index = SQLiteIndex(db_path, self.read_only)
+        self.where = self.index.where + (f" (files in {store})" if store else "")
+        if self.read_only:
             return
         with self._writing("open the registry"):
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "adapters").mkdir(exist_ok=True)
             (self.root / ".staging").mkdir(exist_ok=True)
-            with self._connect() as db:
-                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not {"names", "adapters", "tags", "meta"} <= tables:  # opening an existing registry writes nothing
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.executescript(SCHEMA)
+            if store:
+                from .object_store import ObjectStore
+
+                self.objects = ObjectStore(store, self.root / "cache")
+            else:
+                (self.root / "adapters").mkdir(exist_ok=True)
+            self.index.create()
+
+    @property
+    def shared(self) -> bool:
+        """True when the files live in object storage (fetched on use), not in folders under `root`."""
+        return self.objects is not None
 
     # ------------------------------------------------------------ plumbing
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.read_only:
-            return _ClosingConnection(self._connect_read_only())
-        db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=60000")
-        return _ClosingConnection(db)
-
-    def _connect_read_only(self) -> sqlite3.Connection:
-        """Read-only: `mode=ro` reads a live WAL database; where its -shm file cannot be made (a read-only mount
-        of a registry nobody writes), `immutable=1` reads the file as it is."""
-        uri = self.db_path.resolve().as_uri()
-        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
-        try:
-            db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
-            return db
-        except sqlite3.OperationalError:
-            db.close()
-        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+    def _connect(self):
+        return self.index.connect()
 
     def _require_writable(self, what: str) -> None:
         if self.read_only:
@@ -202,18 +242,11 @@ class Registry:
 
     @contextmanager
     def _write(self):
-        """One write transaction; SQLite's lock makes concurrent writers take turns. Every write bumps the change
+        """One write transaction; the index's lock makes concurrent writers take turns. Every write bumps the change
         counter, which is how other processes (a server) notice that a name may now mean another version."""
         self._require_writable("change the registry")
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("UPDATE meta SET value = value + 1 WHERE key = 'changes'")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self.index.transaction() as db:
+            yield db
 
     def changes(self) -> int:
         """A counter that moves with every write to the index, by any process: one cheap read to tell whether
@@ -228,8 +261,12 @@ class Registry:
         return AdapterEntry(
             name=name, version=version, domain=row[2], method=row[3], task=row[4], base_model=row[5],
             fingerprint=row[6], quantization=row[7], created=row[8], metrics=json.loads(row[9] or "{}"),
-            path=self.root / row[10], tags=tags,
+            location=row[10] if self.objects else str(self.root / row[10]), tags=tags,
+            fetch=self._fetch if self.objects else None,
         )
+
+    def _fetch(self, entry: AdapterEntry) -> Path:
+        return self.objects.fetch(entry.location, entry.ref)
 
     _COLUMNS = "name, version, domain, method, task, base_model, fingerprint, quantization, created, metrics, path"
 
@@ -273,7 +310,7 @@ class Registry:
         versions = [v for (v,) in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
         if not versions:
             names = [n for (n,) in db.execute("SELECT DISTINCT name FROM adapters ORDER BY name LIMIT 20")]
-            return f"no adapter named {name!r} in the registry {self.root}; it has: {', '.join(names) or 'nothing yet'}"
+            return f"no adapter named {name!r} in the registry {self.where}; it has: {', '.join(names) or 'nothing yet'}"
         tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE name=? ORDER BY tag", (name,))]
         kind = "version" if selector.isdigit() else "tag"
         return (f"adapter {name!r} has no {kind} {selector!r}; versions: {', '.join(map(str, versions))}; "
@@ -406,25 +443,32 @@ class Registry:
 
     def _commit(self, staging: Path, manifest: Manifest, name: str, domain: str | None, tags) -> AdapterEntry:
         try:
+            if self.objects:  # every file but the manifest is in the store before the transaction begins
+                self.objects.put_files(staging)
             with self._write() as db:
                 row = db.execute("SELECT last_version FROM names WHERE name=?", (name,)).fetchone()
                 version = (row[0] if row else 0) + 1
                 manifest = manifest.model_copy(update={"name": name, "domain": domain, "version": version,
                                                        "files": file_checksums(staging)})
                 write_manifest(staging, manifest)
-                target = self.root / "adapters" / name / str(version)
-                # a folder already there is an orphan, renamed into place by a writer that died before committing:
-                # `publish` replaces it, and nothing reaches the new folder until the transaction commits
-                publish(staging, target)
-                db.execute("INSERT OR REPLACE INTO names (name, last_version) VALUES (?, ?)", (name, version))
+                if self.objects:
+                    location = self.objects.put_file(staging / MANIFEST)
+                else:
+                    target = self.root / "adapters" / name / str(version)
+                    # a folder already there is an orphan, renamed into place by a writer that died before
+                    # committing: `publish` replaces it, and nothing reaches the new folder until the commit
+                    publish(staging, target)
+                    location = str(target.relative_to(self.root))
+                db.execute("INSERT INTO names (name, last_version) VALUES (?, ?) "
+                           "ON CONFLICT (name) DO UPDATE SET last_version = excluded.last_version", (name, version))
                 db.execute(
                     f"INSERT INTO adapters ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (name, version, domain, manifest.method, manifest.task, manifest.base_model,
                      manifest.base_fingerprint.get("id"), manifest.quantization, manifest.created,
-                     json.dumps(_summary_metrics(manifest.metrics)), str(target.relative_to(self.root))),
+                     json.dumps(_summary_metrics(manifest.metrics)), location),
                 )
                 for t in tags:
-                    db.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, t, version))
+                    db.execute(TAG_UPSERT, (name, t, version))
                 _crash_point("before_commit")
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
@@ -461,7 +505,7 @@ class Registry:
         self._check_tag(tag)
         entry = self.get(ref)
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (entry.name, tag, entry.version))
+            db.execute(TAG_UPSERT, (entry.name, tag, entry.version))
         return self.get(entry.ref)
 
     def untag(self, name: str, tag: str) -> None:
@@ -480,7 +524,9 @@ class Registry:
             for e in entries:
                 db.execute("DELETE FROM adapters WHERE name=? AND version=?", (e.name, e.version))
                 db.execute("DELETE FROM tags WHERE name=? AND version=?", (e.name, e.version))
-        for e in entries:  # after the commit: a crash here leaves only unreachable folders
+        # after the commit: a crash here leaves only unreachable folders. Blobs stay: another version may share
+        # them, and `gc` removes the ones no version uses
+        for e in entries if not self.objects else ():
             trash = self.root / ".staging" / f"trash-{uuid.uuid4().hex}"
             try:
                 os.rename(e.path, trash)
@@ -515,8 +561,10 @@ class Registry:
     # ------------------------------------------------------------ checking and export
 
     def verify(self) -> VerifyReport:
-        """Recompute every checksum; list folders no index entry reaches (left by crashes)."""
+        """Recompute every checksum; list folders (or blobs) no index entry reaches (left by crashes)."""
         entries = self.list()
+        if self.objects:
+            return self._verify_objects(entries)
         problems = []
         for e in entries:
             if not e.path.is_dir():
@@ -540,9 +588,31 @@ class Registry:
         orphans += [str(p) for p in sorted(staging.iterdir())] if staging.is_dir() else []
         return VerifyReport(len(entries), problems, orphans)
 
+    def _verify_objects(self, entries: list[AdapterEntry]) -> VerifyReport:
+        """Every blob of every version re-read from the store and re-hashed; unreferenced blobs are orphans."""
+        problems, used = [], set()
+        for e in entries:
+            found, blobs = self.objects.version_problems(e.location, e.ref)
+            problems += found
+            used |= blobs
+            if not found:
+                manifest = self.objects.manifest_of(e.location, e.ref)
+                if manifest.version != e.version or manifest.name != e.name:
+                    problems.append(f"{e.ref}: manifest says {manifest.name}@{manifest.version}")
+        orphans = [path for path, _ in self.objects.unreferenced(used)]
+        return VerifyReport(len(entries), problems, orphans)
+
     def collect_garbage(self, min_age_seconds: float = 3600) -> list[str]:
-        """Delete orphan folders older than `min_age_seconds` (younger ones may belong to a live writer)."""
+        """Delete orphan folders (or blobs) older than `min_age_seconds` (younger ones may belong to a live writer)."""
         self._require_writable("collect garbage")
+        if self.objects:
+            used = set()
+            for e in self.list():
+                used |= self.objects.version_problems(e.location, e.ref)[1]
+            old = [path for path, age in self.objects.unreferenced(used) if age >= min_age_seconds]
+            for path in old:
+                self.objects.remove_blob(path)
+            return old
         removed = []
         now = time.time()
         for path in map(Path, self.verify().orphans):
@@ -587,16 +657,3 @@ def _check_same_base(folder: Path, manifest: Manifest, fingerprint: dict, base: 
         f"{base!r} (fingerprint {fingerprint['id']}): they differ in " + "; ".join(diffs[:3])
         + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") + ". Import it with --base naming that model"
     )
-
-
-class _ClosingConnection:
-    """sqlite3.Connection as a context manager that closes (the stdlib one only ends a transaction)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self._db
-
-    def __exit__(self, *exc) -> None:
-        self._db.close()

@@ -120,3 +120,48 @@ def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
     out = tmp_path_factory.mktemp("trained")
     result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "none", max_steps=3)), "docs", out)
     return result.out_dir
+
+
+@pytest.fixture(scope="session")
+def team_servers(tmp_path_factory):
+    """A real PostgreSQL server and a real S3-compatible server (moto), started once for the session."""
+    import s3fs
+    from team_servers import BUCKET, S3_ENV, start_postgres, start_s3
+
+    postgres = start_postgres(tmp_path_factory.mktemp("pg"))
+    proc, endpoint = start_s3()
+    env = S3_ENV | {"AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # s3fs (botocore) reads the endpoint and credentials from here, as the AWS tools do
+    s3fs.S3FileSystem().mkdir(BUCKET)
+    yield postgres, env
+    proc.terminate()
+    proc.wait(timeout=30)
+    postgres.cleanup()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def team(request, tmp_path, monkeypatch):
+    """An empty shared registry: a fresh PostgreSQL database and a fresh prefix in the S3 bucket."""
+    import uuid
+
+    from team_servers import BUCKET, Backend, new_database
+
+    postgres, env = request.getfixturevalue("team_servers")
+    monkeypatch.setenv("PEFT_ADAPT_CACHE", str(tmp_path / "cache"))  # the CLI's cache, as the other tests open it
+    return Backend("shared", new_database(postgres), f"s3://{BUCKET}/{uuid.uuid4().hex}", str(tmp_path / "cache"), env)
+
+
+@pytest.fixture(params=["embedded", "shared"])
+def backend(request, tmp_path):
+    """The registry under test: embedded (SQLite + folders) or shared (PostgreSQL + S3), empty."""
+    from team_servers import Backend
+
+    if request.param == "embedded":
+        return Backend("embedded", str(tmp_path / "reg"))
+    return request.getfixturevalue("team")

@@ -56,7 +56,7 @@ def test_no_layer_outside_methods_compares_a_method_name_or_peft_type():
 
 
 def test_storage_imports_neither_model_loading_nor_methods():
-    for name in ("registry.py", "formats.py", "model_files.py", "fingerprint.py"):
+    for name in ("registry.py", "registry_index.py", "object_store.py", "formats.py", "model_files.py", "fingerprint.py"):
         imported = _imports(PACKAGE / name)
         # (torch is imported lazily by formats.py to convert allowed pickle weights: reading tensors, not models)
         for forbidden in ("peft_adapt.loading", "peft_adapt.backbone", "peft_adapt.methods", "peft_adapt.runtime",

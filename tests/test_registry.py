@@ -29,8 +29,13 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 def _snapshot(registry: Registry) -> tuple:
-    """Everything a user could observe: the index and every byte under adapters/."""
+    """Everything a user could observe: the index and every stored byte (under adapters/, or every blob)."""
     entries = [(e.ref, tuple(e.tags)) for e in registry.list()]
+    if registry.shared:
+        fs = registry.objects.fs
+        fs.invalidate_cache()
+        files = {p: hashlib.sha256(fs.cat_file(p)).hexdigest() for p in sorted(fs.find(registry.objects.prefix))}
+        return entries, files
     files = {str(p.relative_to(registry.root)): hashlib.sha256(p.read_bytes()).hexdigest()
              for p in sorted((registry.root / "adapters").rglob("*")) if p.is_file()}
     return entries, files
@@ -44,8 +49,8 @@ def _logits(model, ids) -> torch.Tensor:
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
 
 
-def test_round_trip_is_bit_identical(tmp_path, trained_adapter):
-    registry = Registry(tmp_path / "reg")
+def test_round_trip_is_bit_identical(tmp_path, trained_adapter, backend):
+    registry = backend.open()
     entry = registry.add(trained_adapter, tags=["prod"])
     assert (entry.name, entry.version, entry.tags) == ("t-docs", 1, ["prod"])
     exported = registry.export("t-docs@prod", tmp_path / "exported")
@@ -63,10 +68,10 @@ def test_round_trip_is_bit_identical(tmp_path, trained_adapter):
     assert torch.equal(_logits(load_registered(registry, "t-docs").model, IDS), _logits(load_trained(trained_adapter).model, IDS))
 
 
-def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter):
+def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter, backend):
     from types import SimpleNamespace
 
-    registry = Registry(tmp_path / "reg")
+    registry = backend.open()
     registry.add(SimpleNamespace(out_dir=trained_adapter))  # a TrainResult names its folder as out_dir
     registry.add(trained_adapter, tags=["candidate"])
     registry.add(trained_adapter, name="other", domain="news")
@@ -87,22 +92,21 @@ def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter)
 WRITER = """
 import sys
 from peft_adapt.registry import Registry
-registry = Registry(sys.argv[1])
-for _ in range(int(sys.argv[3])):
-    print(registry.add(sys.argv[2], name="shared").ref, flush=True)
+registry = Registry()  # where: from the environment, as a team's machines would set it
+for _ in range(int(sys.argv[2])):
+    print(registry.add(sys.argv[1], name="shared").ref, flush=True)
 """
 
 
-def test_four_processes_adding_25_each_end_with_100_entries(tmp_path, trained_adapter):
-    root = tmp_path / "reg"
-    Registry(root)
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(trained_adapter), "25"],
+def test_four_processes_adding_25_each_end_with_100_entries(tmp_path, trained_adapter, backend):
+    backend.open()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(trained_adapter), "25"], env=backend.env,
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=300)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     refs = [ref for out in outputs for ref in out]
     assert len(refs) == len(set(refs)) == 100
-    registry = Registry(root)
+    registry = backend.open()
     assert sorted(e.version for e in registry.list()) == list(range(1, 101))
     assert {e.ref for e in registry.list()} == set(refs)
     assert registry.verify().ok
@@ -111,10 +115,10 @@ def test_four_processes_adding_25_each_end_with_100_entries(tmp_path, trained_ad
 LOOPING_WRITER = """
 import sys
 from peft_adapt.registry import Registry
-registry = Registry(sys.argv[1])
+registry = Registry()
 print("ready", flush=True)
 while True:
-    registry.add(sys.argv[2], name="crashy")
+    registry.add(sys.argv[1], name="crashy")
 """
 
 
@@ -125,15 +129,16 @@ def _assert_intact(registry: Registry, before: dict[str, dict]) -> None:
         assert _tree_digest(registry.get(ref).path) == digest, ref
 
 
-@pytest.mark.parametrize("step", ["staged", "before_rename", "after_rename", "before_commit"])
-def test_a_writer_killed_at_each_step_leaves_the_old_state(tmp_path, trained_adapter, step):
-    root = tmp_path / "reg"
-    registry = Registry(root)
+@pytest.mark.parametrize("step", ["staged", "uploaded", "before_rename", "after_rename", "before_commit"])
+def test_a_writer_killed_at_each_step_leaves_the_old_state(tmp_path, trained_adapter, step, backend):
+    if step in (("before_rename", "after_rename") if backend.kind == "shared" else ("uploaded",)):
+        pytest.skip(f"the {backend.kind} backend has no step {step!r}")
+    registry = backend.open()
     registry.add(trained_adapter, name="crashy")
     before = {e.ref: _tree_digest(e.path) for e in registry.list()}
-    env = os.environ | {"PEFT_ADAPT_CRASH_AT": step}
-    code = "import sys; from peft_adapt.registry import Registry; Registry(sys.argv[1]).add(sys.argv[2], name='crashy')"
-    proc = subprocess.run([sys.executable, "-c", code, str(root), str(trained_adapter)], env=env)
+    env = backend.env | {"PEFT_ADAPT_CRASH_AT": step}
+    code = "import sys; from peft_adapt.registry import Registry; Registry().add(sys.argv[1], name='crashy')"
+    proc = subprocess.run([sys.executable, "-c", code, str(trained_adapter)], env=env)
     assert proc.returncode == -signal.SIGKILL
     assert [e.ref for e in registry.list()] == ["crashy@1"]
     _assert_intact(registry, before)
@@ -141,13 +146,12 @@ def test_a_writer_killed_at_each_step_leaves_the_old_state(tmp_path, trained_ada
     assert registry.verify().ok
 
 
-def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, trained_adapter):
-    root = tmp_path / "reg"
-    registry = Registry(root)
+def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, trained_adapter, backend):
+    registry = backend.open()
     rng = random.Random(0)
-    for trial in range(24):
+    for trial in range(20):
         before = {e.ref: _tree_digest(e.path) for e in registry.list()}
-        proc = subprocess.Popen([sys.executable, "-c", LOOPING_WRITER, str(root), str(trained_adapter)],
+        proc = subprocess.Popen([sys.executable, "-c", LOOPING_WRITER, str(trained_adapter)], env=backend.env,
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.3))
@@ -258,15 +262,14 @@ def _broken(kind: str, trained_adapter: Path, tmp_path: Path) -> Path:
     ("no_config", "missing adapter_config.json"),
     ("pickle", r"pickle \(adapter_model.bin\).*allow_pickle"),
 ])
-def test_bad_adapter_folders_are_refused_and_change_nothing(tmp_path, trained_adapter, capsys, kind, says):
-    root = tmp_path / "reg"
-    registry = Registry(root)
+def test_bad_adapter_folders_are_refused_and_change_nothing(tmp_path, trained_adapter, capsys, kind, says, backend):
+    registry = backend.open()
     registry.add(trained_adapter)
     before = _snapshot(registry)
     folder = _broken(kind, trained_adapter, tmp_path)
     with pytest.raises(UserInputError, match=says):
         registry.add(folder)
-    code = main(["registry", "--registry", str(root), "add", str(folder)])
+    code = main(["registry", *backend.cli, "add", str(folder)])
     assert code == 2 and "error:" in capsys.readouterr().err
     assert _snapshot(registry) == before
     assert registry.verify().ok and not registry.verify().orphans
@@ -292,13 +295,12 @@ def test_unsafe_names_are_refused(tmp_path, trained_adapter, capsys, name):
     assert _snapshot(registry) == before
 
 
-def test_unknown_version_or_tag_is_named_with_what_exists(tmp_path, trained_adapter, capsys):
-    root = tmp_path / "reg"
-    registry = Registry(root)
+def test_unknown_version_or_tag_is_named_with_what_exists(tmp_path, trained_adapter, capsys, backend):
+    registry = backend.open()
     registry.add(trained_adapter, tags=["prod"])
     with pytest.raises(UserInputError, match=r"no version '7'; versions: 1; tags: prod"):
         registry.get("t-docs@7")
-    assert main(["registry", "--registry", str(root), "show", "t-docs@beta"]) == 2
+    assert main(["registry", *backend.cli, "show", "t-docs@beta"]) == 2
     assert "no tag 'beta'" in capsys.readouterr().err
 
 
@@ -321,17 +323,23 @@ def test_import_of_a_plain_peft_adapter_checks_it_fits_the_base(tmp_path, tiny_l
     assert _snapshot(registry) == before
 
 
-def test_verify_finds_a_file_changed_inside_the_registry(tmp_path, trained_adapter, capsys):
-    root = tmp_path / "reg"
-    registry = Registry(root)
+def test_verify_finds_a_file_changed_inside_the_registry(tmp_path, trained_adapter, capsys, backend):
+    registry = backend.open()
     entry = registry.add(trained_adapter)
-    weights = entry.path / "adapter_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
+    if registry.shared:  # the stored copy changes (in the bucket): the cache fetched from it cannot be trusted either
+        blob = registry.objects.blob(entry.manifest.files["adapter_model.safetensors"])
+        data = bytearray(registry.objects.fs.cat_file(blob))
+        data[-1] ^= 0x01
+        registry.objects.fs.pipe_file(blob, bytes(data))
+        registry = backend.open(cache=str(tmp_path / "another-machine"))
+    else:
+        weights = entry.path / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        weights.write_bytes(bytes(data))
     report = registry.verify()
-    assert not report.ok and "t-docs@1" in report.problems[0] and "does not match" in report.problems[0]
-    assert main(["registry", "--registry", str(root), "verify"]) == 1
+    assert not report.ok and "t-docs@1" in report.problems[0] and ("does not match" in report.problems[0])
+    assert main(["registry", *backend.cli, "verify"]) == 1
     with pytest.raises(UserInputError, match="checksum mismatch, refusing to load"):
         load_registered(registry, "t-docs")
 
@@ -595,10 +603,9 @@ def test_import_and_add_copy_only_the_adapters_own_plain_files(tmp_path, trained
     assert registry.list() == [] and registry.verify().ok and not registry.verify().orphans
 
 
-def test_untag_removes_the_tag_and_keeps_the_version(tmp_path, trained_adapter, capsys):
-    root = tmp_path / "reg"
-    Registry(root).add(trained_adapter, tags=["prod"])
-    assert main(["registry", "--registry", str(root), "untag", "t-docs", "prod"]) == 0
-    assert Registry(root).get("t-docs@1").tags == []
-    assert main(["registry", "--registry", str(root), "untag", "t-docs", "prod"]) == 2
+def test_untag_removes_the_tag_and_keeps_the_version(tmp_path, trained_adapter, capsys, backend):
+    backend.open().add(trained_adapter, tags=["prod"])
+    assert main(["registry", *backend.cli, "untag", "t-docs", "prod"]) == 0
+    assert backend.open().get("t-docs@1").tags == []
+    assert main(["registry", *backend.cli, "untag", "t-docs", "prod"]) == 2
     assert "has no tag 'prod'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from ..errors import UserInputError
 from .schemas import ServerSettings
 
 
-def serve(base: str, quantization: str = "nf4", registry_root: str | None = None, adapters: list[str] | None = None,
+def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: list[str] | None = None,
           host: str = "127.0.0.1", port: int = 8000, task: str = "auto", max_adapters: int | None = None,
           settings: ServerSettings | None = None) -> None:
     import uvicorn
@@ -18,7 +18,7 @@ def serve(base: str, quantization: str = "nf4", registry_root: str | None = None
     from .app import create_app
 
     settings = settings or ServerSettings(base_name=base)
-    registry = Registry(registry_root)
+    registry = registry_root if isinstance(registry_root, Registry) else Registry(registry_root)
     for name in adapters or []:  # only checked folders are served: a folder needs the manifest training wrote
         if is_folder_ref(name) and not (Path(name).expanduser() / "manifest.json").is_file():
             raise UserInputError(f"{name}: a folder without manifest.json cannot be served unchecked; register it "
