@@ -125,24 +125,10 @@ def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
 @pytest.fixture(scope="session")
 def team_servers(tmp_path_factory):
     """A real PostgreSQL server and a real S3-compatible server (moto), started once for the session."""
-    import s3fs
-    from team_servers import BUCKET, S3_ENV, start_postgres, start_s3
+    from peft_adapt.local_servers import local_team_servers
 
-    postgres = start_postgres(tmp_path_factory.mktemp("pg"))
-    proc, endpoint = start_s3()
-    env = S3_ENV | {"AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # s3fs (botocore) reads the endpoint and credentials from here, as the AWS tools do
-    s3fs.S3FileSystem().mkdir(BUCKET)
-    yield postgres, env
-    proc.terminate()
-    proc.wait(timeout=30)
-    postgres.cleanup()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with local_team_servers(tmp_path_factory.mktemp("servers")) as servers:
+        yield servers
 
 
 @pytest.fixture
@@ -150,7 +136,8 @@ def team(request, tmp_path, monkeypatch):
     """An empty shared registry: a fresh PostgreSQL database and a fresh prefix in the S3 bucket."""
     import uuid
 
-    from team_servers import BUCKET, Backend, new_database
+    from peft_adapt.local_servers import BUCKET, new_database
+    from team_servers import Backend
 
     postgres, env = request.getfixturevalue("team_servers")
     monkeypatch.setenv("PEFT_ADAPT_CACHE", str(tmp_path / "cache"))  # the CLI's cache, as the other tests open it
