@@ -405,8 +405,21 @@ def _cmd_serve(args) -> int:
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
-    serve(args.base, args.quantization, open_registry(args), args.adapters.split(",") if args.adapters else None,
-          args.host, args.port, args.task, args.max_adapters, settings)
+    adapters = args.adapters.split(",") if args.adapters else None
+    if args.ray:  # replicas run in other processes, in another working directory: they get absolute paths
+        from .registry import is_folder_ref, registry_location
+        from .server.ray_serve import serve_on_ray
+
+        root, store, cache = registry_location(args.registry, args.store)
+        registry_args = {"root": str(root.resolve()) if isinstance(root, Path) else root, "store": store,
+                         "cache": str(cache.resolve()) if cache else None}
+        adapters = [str(Path(a).expanduser().resolve()) if is_folder_ref(a) else a for a in adapters or []]
+        base = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
+        serve_on_ray(base, args.quantization, registry_args, adapters, args.host, args.port, args.task,
+                     args.max_adapters, settings, args.replicas, args.ray_address)
+        return 0
+    serve(args.base, args.quantization, open_registry(args), adapters, args.host, args.port, args.task,
+          args.max_adapters, settings)
     return 0
 
 
@@ -616,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--ray", action="store_true", help="serve as replicas on Ray Serve, each request routed to a "
+                                                      "replica holding its adapter (pip install 'peft-adapt[ray]')")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: server replicas, one base each")
+    p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="every request's output independent of what it is batched with (each row runs alone)")
     p.set_defaults(func=_cmd_serve)
