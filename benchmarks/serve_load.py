@@ -7,6 +7,13 @@ adapter switch per request: the baseline). Prints one JSON line per server with 
 tokens/s, p50/p99 latency and failures, then the ratio line.
 
     python benchmarks/serve_load.py [--model smollm2-135m] [--clients 16] [--requests 4] [--adapters 4]
+
+With --ray: `serve --ray` with 2 replicas against 1 (both on a local Ray cluster the command starts, adapters not
+preloaded: Ray's multiplexing places them), tokens/s ratio, and the share of requests answered by a replica that
+had already served their adapter (the header x-peft-adapt-replica names it). On one machine's CPU cores the two
+replicas share the cores: the ratio measures Ray's overhead, not the speed-up replicas on separate machines give.
+
+    python benchmarks/serve_load.py --ray --adapters 8 [--clients 16] [--requests 4]
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def _start(model: str, quantization: str, registry: Path, extra: list[str]) -> t
                              quantization, "--registry", str(registry), "--port", str(port), "--api-key", KEY, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1200):
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
@@ -58,7 +65,7 @@ def _start(model: str, quantization: str, registry: Path, extra: list[str]) -> t
 async def _load(url: str, clients: int, requests: int, adapters: list[str], max_tokens: int, seed: int) -> dict:
     import httpx
 
-    latencies, failures, tokens = [], 0, 0
+    latencies, failures, tokens, served = [], 0, 0, []
     rng = random.Random(seed)
     plan = [[(rng.choice(adapters), rng.choice(PROMPTS)) for _ in range(requests)] for _ in range(clients)]
 
@@ -70,6 +77,7 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
                 r = await http.post(f"{url}/v1/completions", json={"model": adapter, "prompt": prompt,
                                                                     "max_tokens": max_tokens, "temperature": 0})
                 latencies.append(time.perf_counter() - started)
+                served.append((adapter, r.headers.get("x-peft-adapt-replica")))
                 if r.status_code != 200:
                     failures += 1
                 else:
@@ -79,7 +87,12 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
     await asyncio.gather(*(client(jobs) for jobs in plan))
     wall = time.perf_counter() - started
     ordered = sorted(latencies)
-    return {"requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
+    seen, hits = set(), 0
+    for adapter, replica in served:  # in the order the answers came back
+        hits += (adapter, replica) in seen
+        seen.add((adapter, replica))
+    return {"held_adapter_share": hits / len(served), "replicas_used": len({r for _, r in served}),
+            "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
             "p50_latency_s": statistics.median(ordered), "p99_latency_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
             "failed_requests": failures, "requests": len(latencies), "wall_s": wall}
 
@@ -99,6 +112,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--ray", action="store_true", help="serve --ray: 2 replicas against 1")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -116,10 +130,15 @@ def main() -> None:
         del model, base
         names = [f"adapter{i}" for i in range(args.adapters)]
         results = {}
-        for label, extra in (("batched", ["--max-batch", "64", "--batch-window-ms", "10"]),
-                             ("batched_invariant", ["--max-batch", "64", "--batch-window-ms", "10", "--batch-invariant"]),
-                             ("one_at_a_time", ["--max-batch", "1", "--batch-window-ms", "0"])):
-            proc, url = _start(args.model, args.quantization, registry.root, extra + ["--adapters", ",".join(names)])
+        servers = (("batched", ["--max-batch", "64", "--batch-window-ms", "10"]),
+                   ("batched_invariant", ["--max-batch", "64", "--batch-window-ms", "10", "--batch-invariant"]),
+                   ("one_at_a_time", ["--max-batch", "1", "--batch-window-ms", "0"]))
+        if args.ray:
+            servers = tuple((f"ray_{n}_replicas", ["--ray", "--replicas", str(n), "--max-batch", "64",
+                                                  "--batch-window-ms", "10"]) for n in (2, 1))
+        for label, extra in servers:
+            preload = [] if args.ray else ["--adapters", ",".join(names)]
+            proc, url = _start(args.model, args.quantization, registry.root, extra + preload)
             try:
                 results[label] = asyncio.run(_load(url, args.clients, args.requests, names, args.max_tokens, seed=0))
             finally:
@@ -128,6 +147,14 @@ def main() -> None:
             print(json.dumps({"name": "serve_load", "server": label, "model": args.model, "quantization": args.quantization,
                               "clients": args.clients, "requests_per_client": args.requests, "adapters": args.adapters,
                               "max_tokens": args.max_tokens, **results[label], "device": device}), flush=True)
+        if args.ray:
+            two, one = results["ray_2_replicas"], results["ray_1_replicas"]
+            print(json.dumps({"name": "ray_two_against_one_replica", "value": two["tokens_per_s"],
+                              "baseline": one["tokens_per_s"], "ratio": two["tokens_per_s"] / one["tokens_per_s"],
+                              "held_adapter_share": two["held_adapter_share"], "replicas_used": two["replicas_used"],
+                              "note": "both on this machine's cores: overhead, not speed-up", "device": device}),
+                  flush=True)
+            return
         ours, base_line = results["batched"], results["one_at_a_time"]
         print(json.dumps({"name": "serve_load_throughput_ratio", "value": ours["requests_per_s"],
                           "baseline": base_line["requests_per_s"], "ratio": ours["requests_per_s"] / base_line["requests_per_s"],

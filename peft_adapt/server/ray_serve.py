@@ -15,6 +15,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -142,6 +144,9 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
     app = build_app(base, quantization, registry_args, list(adapters or []), task, max_adapters, settings, replicas,
                     threads)
     log.info("serving %s on Ray: %d replicas, settings %s", base, replicas, asdict(settings))
+    # SIGTERM (a service manager, a test) ends the command the way Ctrl-C does: the finally below runs, and the
+    # cluster this command started stops with it instead of outliving it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve.run(app, name="peft-adapt", route_prefix="/", blocking=True)
     finally:
