@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -23,9 +24,10 @@ from pathlib import Path
 from .errors import UserInputError
 from .faults import crash_point
 from .builtin_models import sha256_file
-from .formats import MANIFEST, read_manifest, verify_checksums
+from .formats import MANIFEST, is_adapter_file, read_manifest, verify_checksums
 
 BLOBS = "blobs"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _sha256(data: bytes) -> str:
@@ -78,6 +80,8 @@ class ObjectStore:
 
     def fetch(self, manifest_sha: str, ref: str) -> Path:
         """The version's folder in the cache, fetched if absent or if the cached copy no longer matches."""
+        if not SHA256.fullmatch(manifest_sha or ""):  # it names a folder here: never a path from the index
+            raise UserInputError(f"{ref}: the index names its files {manifest_sha!r}, not a sha256; run `registry verify`")
         folder = self.cache / manifest_sha
         if folder.is_dir():
             if not self._cache_problems(folder, manifest_sha):
@@ -100,7 +104,7 @@ class ObjectStore:
         data = self._read_blob(manifest_sha, ref, MANIFEST)
         (into / MANIFEST).write_bytes(data)
         for name, sha in read_manifest(into).files.items():
-            if "/" in name or name.startswith("."):
+            if not is_adapter_file(name) or name == MANIFEST or "/" in name or "\\" in name or name.startswith("."):
                 raise UserInputError(f"{ref}: its manifest names a file {name!r} no adapter folder holds")
             (into / name).write_bytes(self._read_blob(sha, ref, name))
 

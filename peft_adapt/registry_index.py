@@ -153,9 +153,10 @@ class PostgresIndex:
         conn = self._connection()
         try:
             yield _Postgres(conn)
-        except self._psycopg.OperationalError:
+        except self._psycopg.OperationalError as exc:
             conn.close()  # a broken connection is not kept for the next call
-            raise
+            raise UserInputError(f"the registry database {self.where} failed: {str(exc).strip()}; nothing was "
+                                 f"changed by this command's unfinished write. Check the server and try again") from None
 
     @contextmanager
     def transaction(self, bump: bool = True):
@@ -164,6 +165,3 @@ class PostgresIndex:
                 if bump:
                     db.execute(BUMP)  # the row lock every writer queues on, as at BEGIN IMMEDIATE
                 yield db
-
-    def errors(self) -> tuple[type[BaseException], ...]:
-        return (self._psycopg.OperationalError,)

@@ -103,3 +103,15 @@ def test_a_config_file_names_the_shared_registry_and_bad_locations_are_explained
     bad.write_text("index: x\nbucket: y\n")
     with pytest.raises(UserInputError, match="found bucket"):
         Registry(str(bad))
+
+
+def test_an_index_row_never_names_a_path_outside_the_cache(tmp_path, trained_adapter, team):
+    import psycopg
+
+    registry = team.open()
+    registry.add(trained_adapter)
+    with psycopg.connect(team.location, autocommit=True) as conn:  # a damaged (or hostile) index row
+        conn.execute("UPDATE adapters SET path = '../../outside' WHERE name = 't-docs'")
+    with pytest.raises(UserInputError, match="not a sha256"):
+        registry.get("t-docs").path
+    assert not (tmp_path / "outside").exists()
