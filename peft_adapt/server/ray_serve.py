@@ -135,6 +135,11 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
 
     task = _task_of(base) if task == "auto" else task
     cores = available_cores()
+    # Serve gives its HTTP proxy 5 s to answer a readiness check; a busy few-core machine (the proxy imports
+    # uvicorn while replicas load their base) misses that, and Serve then kills the proxy before it ever ran
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address)
     else:
