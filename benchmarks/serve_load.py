@@ -53,6 +53,8 @@ def _start(model: str, quantization: str, registry: Path, extra: list[str]) -> t
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}): {' '.join(proc.args)}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
