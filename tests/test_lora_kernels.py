@@ -54,3 +54,26 @@ def test_kernels_equal_the_reference_for_every_mix_of_slots_and_ranks(dtype, tol
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cases"] == 27
     assert result["worst_relative"] < tolerance, result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_kernels_equal_the_reference_on_cuda_at_serving_shapes(dtype, tolerance):
+    import torch
+    from torch import nn
+
+    from peft_adapt.methods.lora import StackedLora
+    from peft_adapt.runtime.batch import AdapterBatch
+
+    torch.manual_seed(0)
+    stack = StackedLora(nn.Linear(4096, 4096), capacity=33, dtype=getattr(torch, dtype), device="cuda")
+    for slot in range(1, 33):
+        stack.write(slot, (torch.randn(16, 4096, device="cuda") / 64, torch.randn(4096, 16, device="cuda") / 4, 2.0))
+    for tokens in (1, 128):  # decode, and prefill segments
+        batch = AdapterBatch.build(list(range(1, 33)), {s: ("lora", 16) for s in range(1, 33)}, "cuda")
+        x = torch.randn(32, tokens, 4096, device="cuda").to(getattr(torch, dtype))
+        os.environ["PEFT_ADAPT_KERNELS"] = "off"
+        reference = stack.apply(x, batch).float()
+        os.environ["PEFT_ADAPT_KERNELS"] = "auto"
+        fused = stack.apply(x, batch).float()
+        assert float((fused - reference).abs().max() / reference.abs().max()) < tolerance
