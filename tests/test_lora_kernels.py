@@ -58,7 +58,7 @@ def test_kernels_equal_the_reference_for_every_mix_of_slots_and_ranks(dtype, tol
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 2e-2)])
-def test_kernels_equal_the_reference_on_cuda_at_serving_shapes(dtype, tolerance):
+def test_kernels_equal_the_reference_on_cuda_at_serving_shapes(dtype, tolerance, monkeypatch):
     import torch
     from torch import nn
 
@@ -72,8 +72,8 @@ def test_kernels_equal_the_reference_on_cuda_at_serving_shapes(dtype, tolerance)
     for tokens in (1, 128):  # decode, and prefill segments
         batch = AdapterBatch.build(list(range(1, 33)), {s: ("lora", 16) for s in range(1, 33)}, "cuda")
         x = torch.randn(32, tokens, 4096, device="cuda").to(getattr(torch, dtype))
-        os.environ["PEFT_ADAPT_KERNELS"] = "off"
+        monkeypatch.setenv("PEFT_ADAPT_KERNELS", "off")
         reference = stack.apply(x, batch).float()
-        os.environ["PEFT_ADAPT_KERNELS"] = "auto"
+        monkeypatch.setenv("PEFT_ADAPT_KERNELS", "auto")
         fused = stack.apply(x, batch).float()
         assert float((fused - reference).abs().max() / reference.abs().max()) < tolerance
