@@ -153,7 +153,29 @@ def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n
         dataloader_num_workers=0,
         save_only_model=False,  # optimizer, scheduler and RNG state too: `train --resume` continues exactly
         ddp_find_unused_parameters=False,  # adapters and heads are all used in every forward
+        use_liger_kernel=_use_liger(t.kernels, backbone),
     )
+
+
+LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite")
+
+
+def _use_liger(choice: str, backbone: Backbone) -> bool:
+    """liger-kernel's fused layers (Triton, CUDA) for the Llama-family bases it patches; transformers applies them."""
+    if choice == "none":
+        return False
+    model_type = getattr(backbone.model.config, "model_type", None)
+    applies = backbone.device.type == "cuda" and model_type in LIGER_MODEL_TYPES
+    try:
+        import liger_kernel  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    if choice == "liger" and not (applies and installed):
+        why = ("liger-kernel is not installed (pip install liger-kernel)" if not installed else
+               f"it needs CUDA and a Llama-family base (this is {model_type} on {backbone.device.type})")
+        raise UserInputError(f"training.kernels: liger cannot be used: {why}; use kernels: auto or none")
+    return applies and installed
 
 
 def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[str] | None = None):

@@ -287,3 +287,14 @@ def test_chat_data_trains_a_causal_lm_adapter(tmp_path, tiny_llama):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(UserInputError, match=r"bad.jsonl: row 1: no assistant message"):
         train_domain(parse_recipe(causal_recipe(tiny_llama, bad)), "docs", tmp_path / "bad")
+
+
+def test_liger_kernels_are_used_only_where_they_apply(tiny_llama):
+    from peft_adapt.backbone import BaseSpec, load_backbone
+    from peft_adapt.errors import UserInputError
+    from peft_adapt.train import _use_liger
+
+    backbone = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none"))
+    assert _use_liger("auto", backbone) is False and _use_liger("none", backbone) is False  # the CPU: plain PyTorch
+    with pytest.raises(UserInputError, match="training.kernels: liger cannot be used: .*(CUDA|not installed)"):
+        _use_liger("liger", backbone)
