@@ -140,6 +140,9 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at niceness 15: the replicas are the server here, and beside any other work on the
+    # machine they would starve (measured: replicas still loading their base after 6 minutes beside two trainings)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address)
     else:
