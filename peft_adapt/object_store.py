@@ -164,6 +164,16 @@ class ObjectStore:
             problems.append(f"{ref}: its manifest has no version")
         return problems, {manifest_sha, *manifest.files.values()}
 
+    def blobs_of(self, manifest_sha: str, ref: str) -> set[str]:
+        """The blobs a version uses, read from its manifest alone (what `gc` must keep)."""
+        scratch = self.cache / ".staging" / f"gc-{uuid.uuid4().hex}"
+        scratch.mkdir(parents=True)
+        try:
+            (scratch / MANIFEST).write_bytes(self._read_blob(manifest_sha, ref, MANIFEST))
+            return {manifest_sha, *read_manifest(scratch).files.values()}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
     def manifest_of(self, manifest_sha: str, ref: str):
         return read_manifest(self.fetch(manifest_sha, ref))
 

@@ -608,7 +608,7 @@ class Registry:
         if self.objects:
             used = set()
             for e in self.list():
-                used |= self.objects.version_problems(e.location, e.ref)[1]
+                used |= self.objects.blobs_of(e.location, e.ref)  # a version whose manifest is unreadable: gc stops
             old = [path for path, age in self.objects.unreferenced(used) if age >= min_age_seconds]
             for path in old:
                 self.objects.remove_blob(path)
