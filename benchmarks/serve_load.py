@@ -10,7 +10,8 @@ tokens/s, p50/p99 latency and failures, then the ratio line.
 
 With --ray: `serve --ray` with 2 replicas against 1 (both on a local Ray cluster the command starts, adapters not
 preloaded: Ray's multiplexing places them), tokens/s ratio, and the share of requests answered by a replica that
-had already served their adapter (the header x-peft-adapt-replica names it). On one machine's CPU cores the two
+had already served their adapter (the header x-peft-adapt-replica names it), of all requests (each adapter's first
+request cannot be: at most 1 - adapters/requests) and of the requests after each adapter's first. On one machine's CPU cores the two
 replicas share the cores: the ratio measures Ray's overhead, not the speed-up replicas on separate machines give.
 
     python benchmarks/serve_load.py --ray --adapters 8 [--clients 16] [--requests 4]
@@ -89,11 +90,14 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
     await asyncio.gather(*(client(jobs) for jobs in plan))
     wall = time.perf_counter() - started
     ordered = sorted(latencies)
-    seen, hits = set(), 0
+    seen, hits, first = set(), 0, set()
     for adapter, replica in served:  # in the order the answers came back
         hits += (adapter, replica) in seen
         seen.add((adapter, replica))
-    return {"held_adapter_share": hits / len(served), "replicas_used": len({r for _, r in served}),
+        first.add(adapter)
+    # every adapter's first request must load it somewhere: with A adapters and N requests, hits <= N - A
+    return {"held_adapter_share": hits / len(served), "held_after_first_share": hits / (len(served) - len(first)),
+            "replicas_used": len({r for _, r in served}),
             "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
             "p50_latency_s": statistics.median(ordered), "p99_latency_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
             "failed_requests": failures, "requests": len(latencies), "wall_s": wall}
@@ -153,7 +157,9 @@ def main() -> None:
             two, one = results["ray_2_replicas"], results["ray_1_replicas"]
             print(json.dumps({"name": "ray_two_against_one_replica", "value": two["tokens_per_s"],
                               "baseline": one["tokens_per_s"], "ratio": two["tokens_per_s"] / one["tokens_per_s"],
-                              "held_adapter_share": two["held_adapter_share"], "replicas_used": two["replicas_used"],
+                              "held_adapter_share": two["held_adapter_share"],
+                              "held_after_first_share": two["held_after_first_share"],
+                              "replicas_used": two["replicas_used"],
                               "note": "both on this machine's cores: overhead, not speed-up", "device": device}),
                   flush=True)
             return
