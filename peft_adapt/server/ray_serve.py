@@ -60,13 +60,14 @@ def build_app(base: str, quantization: str, registry_args: dict, adapters: list[
             from ..registry import Registry
             from ..runtime import AdapterRuntime
             from .app import create_app
+            from .serve import check_served_folders
 
             registry = Registry(**registry_args)
             self.runtime = AdapterRuntime(base, task=task, quantization=quantization, registry=registry,
                                           max_adapters=max_adapters, batch_invariant=settings.batch_invariant)
             for name in adapters:
                 self.runtime.load(name, pin=True)
-            self.app = create_app(self.runtime, registry, settings, set())
+            self.app = create_app(self.runtime, registry, settings, check_served_folders(adapters, base))
             self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://replica",
                                             timeout=None)
             self.name = serve.get_replica_context().replica_id.unique_id
@@ -131,6 +132,9 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
         raise UserInputError("serving on Ray needs Ray Serve: pip install 'peft-adapt[ray]'") from None
     if replicas < 1:
         raise UserInputError(f"--replicas {replicas}: give 1 or more")
+    from .serve import check_served_folders
+
+    check_served_folders(adapters, base)  # before a cluster starts: a bad folder is the user's to hear at once
     from .serve import _task_of
 
     task = _task_of(base) if task == "auto" else task

@@ -13,21 +13,17 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
           settings: ServerSettings | None = None) -> None:
     import uvicorn
 
-    from ..registry import Registry, is_folder_ref
+    from ..registry import Registry
     from ..runtime import AdapterRuntime
     from .app import create_app
 
     settings = settings or ServerSettings(base_name=base)
     registry = registry_root if isinstance(registry_root, Registry) else Registry(registry_root)
-    for name in adapters or []:  # only checked folders are served: a folder needs the manifest training wrote
-        if is_folder_ref(name) and not (Path(name).expanduser() / "manifest.json").is_file():
-            raise UserInputError(f"{name}: a folder without manifest.json cannot be served unchecked; register it "
-                                 f"first (peft-adapt registry import {name} --base {base})")
+    from_folders = check_served_folders(adapters, base)
     runtime = AdapterRuntime(base, task=_task_of(base) if task == "auto" else task, quantization=quantization,
                              registry=registry, max_adapters=max_adapters, batch_invariant=settings.batch_invariant)
     for name in adapters or []:
         runtime.load(name, pin=True)
-    from_folders = {name for name in adapters or [] if is_folder_ref(name)}
     app = create_app(runtime, registry, settings, from_folders)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -41,3 +37,15 @@ def _task_of(base: str) -> str:
     config = AutoConfig.from_pretrained(resolve_model_path(base))
     architectures = " ".join(config.architectures or [])
     return "causal_lm" if "CausalLM" in architectures or "LMHead" in architectures else "classification"
+
+
+def check_served_folders(adapters: list[str] | None, base: str) -> set[str]:
+    """The adapters named as folders, each with the manifest training wrote: nothing unchecked is served."""
+    from ..registry import is_folder_ref
+
+    folders = {name for name in adapters or [] if is_folder_ref(name)}
+    for name in folders:
+        if not (Path(name).expanduser() / "manifest.json").is_file():
+            raise UserInputError(f"{name}: a folder without manifest.json cannot be served unchecked; register it "
+                                 f"first (peft-adapt registry import {name} --base {base})")
+    return folders
