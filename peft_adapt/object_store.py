@@ -109,6 +109,8 @@ class ObjectStore:
             (into / name).write_bytes(self._read_blob(sha, ref, name))
 
     def _read_blob(self, sha: str, ref: str, name: str) -> bytes:
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):  # a blob name, never a path into the store
+            raise UserInputError(f"{ref}: its {name} is recorded as {sha!r}, not a sha256; run `registry verify`")
         try:
             data = self.fs.cat_file(self.blob(sha))
         except FileNotFoundError:
