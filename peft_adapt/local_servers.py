@@ -22,6 +22,7 @@ def start_postgres(data_dir: Path):
     """A PostgreSQL server on a Unix socket in `data_dir`; stopped with the returned handle's cleanup()."""
     import pgserver
 
+    Path(data_dir).parent.mkdir(parents=True, exist_ok=True)
     return pgserver.get_server(data_dir, cleanup_mode="stop")
 
 

@@ -42,7 +42,9 @@ class ObjectStore:
             raise UserInputError("a shared store needs fsspec (and s3fs for s3://): pip install 'peft-adapt[team]'"
                                  ) from None
         try:
-            self.fs, prefix = fsspec.core.url_to_fs(url)
+            # no listings cache: other machines write the store, and a cached listing of `blobs/a1/` made s3fs
+            # answer "missing" for a blob committed since (it looks a file's size up in its parent's listing)
+            self.fs, prefix = fsspec.core.url_to_fs(url, use_listings_cache=False)
         except (ImportError, ValueError) as exc:
             raise UserInputError(f"store {url!r}: {exc}. Use s3://bucket/prefix (pip install 'peft-adapt[team]') "
                                  f"or a folder path") from None
@@ -182,7 +184,6 @@ class ObjectStore:
     def unreferenced(self, used: set[str]) -> list[tuple[str, float]]:
         """(path, age in seconds) of every blob no version uses: what crashed or removed writers left."""
         root = f"{self.prefix}/{BLOBS}"
-        self.fs.invalidate_cache()  # listings are cached per process; other machines wrote since
         if not self.fs.exists(root):
             return []
         now = time.time()
