@@ -62,7 +62,8 @@ def _complete(url: str, model: str, prompt: str, **extra) -> httpx.Response:
 
 def test_four_adapters_over_two_replicas_are_answered_right_and_routed_by_adapter(ray_served):
     url, runtime = ray_served
-    replicas = collections.defaultdict(list)
+    served = collections.defaultdict(set)  # adapter -> the replicas that have answered for it
+    landed = []
     for round_ in range(3):
         for a in range(4):
             for p in range(2):
@@ -70,11 +71,18 @@ def test_four_adapters_over_two_replicas_are_answered_right_and_routed_by_adapte
                 assert response.status_code == 200, response.text
                 expected = runtime.generate([PROMPTS[p]], adapters=f"ad{a}", max_new_tokens=6)[0]
                 assert response.json()["choices"][0]["text"] == expected, (a, p)
-                replicas[f"ad{a}"].append(response.headers["x-peft-adapt-replica"])
-    # after its first request, every request for an adapter lands on a replica that already holds it
-    held = {a: collections.Counter(r[1:]) for a, r in replicas.items()}
-    assert all(len(c) == 1 for c in held.values()), held
-    assert len({r for rs in replicas.values() for r in rs}) == 2, "both replicas should serve"
+                replica = response.headers["x-peft-adapt-replica"]
+                if round_:  # after the first round every adapter is held somewhere
+                    landed.append((f"ad{a}", replica in served[f"ad{a}"]))
+                served[f"ad{a}"].add(replica)
+            if round_ == 0:
+                # Ray learns which replica holds what from the replicas' reports (pushed every 0.1 s, relayed by its
+                # controller); a request for an adapter no replica holds goes to the replica holding fewest. Waiting
+                # for the report makes the first round follow that rule (2 adapters on each replica)
+                time.sleep(1)
+    # every later request lands on a replica that already holds its adapter
+    assert [adapter for adapter, held in landed if not held] == [], dict(served)
+    assert len(set().union(*served.values())) == 2, "both replicas should serve"
 
 
 def test_the_door_and_the_stream_hold_on_ray(ray_served):
