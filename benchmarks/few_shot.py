@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=int, default=48)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--work", help="keep adapters here (default: a temporary folder)")
+    parser.add_argument("--inits", default=",".join(INITS), help="initialisations to train (default: all)")
     args = parser.parse_args()
     ks = [int(k) for k in (args.ks or ("8,32" if args.quick else "8,32,128")).split(",")]
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -94,6 +95,7 @@ def main() -> None:
             emit(fold=held, metric="initialisations_seconds", value=time.perf_counter() - started)
             starts = {"fresh": None, "meta": f"meta{held}-meta", "pooled": f"pooled{held}-pooled",
                       "merge": f"merge-{held}"}
+            starts = {init: ref for init, ref in starts.items() if init in args.inits.split(",")}
             for k in ks:
                 for seed in seeds:
                     for init, ref in starts.items():
