@@ -13,6 +13,7 @@ checks it again each time it is used: a cache is a copy, and the index's checksu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -28,10 +29,7 @@ from .formats import MANIFEST, is_adapter_file, read_manifest, verify_checksums
 
 BLOBS = "blobs"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+CHUNK = 8 << 20  # bytes read from the store at a time
 
 
 class ObjectStore:
@@ -103,25 +101,31 @@ class ObjectStore:
         return folder
 
     def _download(self, manifest_sha: str, into: Path, ref: str) -> None:
-        data = self._read_blob(manifest_sha, ref, MANIFEST)
-        (into / MANIFEST).write_bytes(data)
+        self._read_blob(manifest_sha, ref, MANIFEST, into / MANIFEST)
         for name, sha in read_manifest(into).files.items():
             if not is_adapter_file(name) or name == MANIFEST or "/" in name or "\\" in name or name.startswith("."):
                 raise UserInputError(f"{ref}: its manifest names a file {name!r} no adapter folder holds")
-            (into / name).write_bytes(self._read_blob(sha, ref, name))
+            self._read_blob(sha, ref, name, into / name)
 
-    def _read_blob(self, sha: str, ref: str, name: str) -> bytes:
+    def _read_blob(self, sha: str, ref: str, name: str, into: Path | None = None) -> None:
+        """Stream one blob (into a file if given), hashing as it comes: a blob of any size costs one chunk of
+        memory, and nothing read is trusted until its hash matches its name."""
         if not isinstance(sha, str) or not SHA256.fullmatch(sha):  # a blob name, never a path into the store
             raise UserInputError(f"{ref}: its {name} is recorded as {sha!r}, not a sha256; run `registry verify`")
+        digest = hashlib.sha256()
         try:
-            data = self.fs.cat_file(self.blob(sha))
+            with self.fs.open(self.blob(sha), "rb") as source, \
+                    (open(into, "wb") if into is not None else contextlib.nullcontext()) as out:
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
         except FileNotFoundError:
             raise UserInputError(f"{ref}: {name} is missing from the store {self.url} (blob {sha[:12]}); "
                                  f"run `registry verify`") from None
-        if _sha256(data) != sha:
+        if digest.hexdigest() != sha:
             raise UserInputError(f"{ref}: checksum mismatch, refusing to load: {name} in the store {self.url} does "
                                  f"not match the index (blob {sha[:12]}); run `registry verify`")
-        return data
 
     def _cache_problems(self, folder: Path, manifest_sha: str) -> list[str]:
         manifest = folder / MANIFEST
@@ -145,17 +149,13 @@ class ObjectStore:
 
     def version_problems(self, manifest_sha: str, ref: str) -> tuple[list[str], set[str]]:
         """Every blob of a version re-read and re-hashed; (problems, the blobs it uses)."""
-        try:
-            data = self._read_blob(manifest_sha, ref, MANIFEST)
-        except UserInputError as exc:
-            return [str(exc)], {manifest_sha}
         scratch = self.cache / ".staging" / f"verify-{uuid.uuid4().hex}"
         scratch.mkdir(parents=True)
         try:
-            (scratch / MANIFEST).write_bytes(data)
+            self._read_blob(manifest_sha, ref, MANIFEST, scratch / MANIFEST)
             manifest = read_manifest(scratch)
         except UserInputError as exc:
-            return [f"{ref}: {exc}"], {manifest_sha}
+            return [str(exc) if str(exc).startswith(ref) else f"{ref}: {exc}"], {manifest_sha}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         problems = []
@@ -173,7 +173,7 @@ class ObjectStore:
         scratch = self.cache / ".staging" / f"gc-{uuid.uuid4().hex}"
         scratch.mkdir(parents=True)
         try:
-            (scratch / MANIFEST).write_bytes(self._read_blob(manifest_sha, ref, MANIFEST))
+            self._read_blob(manifest_sha, ref, MANIFEST, scratch / MANIFEST)
             return {manifest_sha, *read_manifest(scratch).files.values()}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -22,7 +22,11 @@ def _digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_two_machines_see_one_registry_and_each_checks_its_cache(tmp_path, trained_adapter, team):
+def test_two_machines_see_one_registry_and_each_checks_its_cache(tmp_path, trained_adapter, team, monkeypatch):
+    from peft_adapt import object_store
+
+    monkeypatch.setattr(object_store, "CHUNK", 4096)  # blobs stream in many pieces: the copy must still be exact
+    assert (trained_adapter / "adapter_model.safetensors").stat().st_size > 3 * object_store.CHUNK
     first = team.open(cache=str(tmp_path / "machine-a"))
     second = team.open(cache=str(tmp_path / "machine-b"))
     added = first.add(trained_adapter, tags=["prod"])
