@@ -152,10 +152,14 @@ class ObjectStore:
         scratch = self.cache / ".staging" / f"verify-{uuid.uuid4().hex}"
         scratch.mkdir(parents=True)
         try:
-            self._read_blob(manifest_sha, ref, MANIFEST, scratch / MANIFEST)
-            manifest = read_manifest(scratch)
-        except UserInputError as exc:
-            return [str(exc) if str(exc).startswith(ref) else f"{ref}: {exc}"], {manifest_sha}
+            try:
+                self._read_blob(manifest_sha, ref, MANIFEST, scratch / MANIFEST)
+            except UserInputError as exc:  # missing or changed: the message names the version already
+                return [str(exc)], {manifest_sha}
+            try:
+                manifest = read_manifest(scratch)
+            except UserInputError as exc:
+                return [f"{ref}: {exc}"], {manifest_sha}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         problems = []
