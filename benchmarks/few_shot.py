@@ -108,7 +108,8 @@ def main() -> None:
                         accuracy = result.metrics["test"]["accuracy"]
                         results.setdefault((k, init), []).append(accuracy)
                         emit(fold=held, k=k, seed=seed, init=init, accuracy=accuracy, steps=args.steps,
-                             train_seconds=result.metrics["train_seconds"], in_domain=own[held], source_rows=rows or "all")
+                             train_seconds=result.metrics["train_seconds"], in_domain=own[held],
+                             source_rows=rows or "all")
         for (k, init), values in sorted(results.items()):
             emit(summary=True, k=k, init=init, mean=statistics.mean(values),
                  spread=statistics.pstdev(values) if len(values) > 1 else 0.0, runs=len(values),
