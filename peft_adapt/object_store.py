@@ -13,8 +13,6 @@ checks it again each time it is used: a cache is a copy, and the index's checksu
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -29,7 +27,6 @@ from .formats import MANIFEST, is_adapter_file, read_manifest, verify_checksums
 
 BLOBS = "blobs"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-CHUNK = 8 << 20  # bytes read from the store at a time
 
 
 class ObjectStore:
@@ -107,23 +104,19 @@ class ObjectStore:
                 raise UserInputError(f"{ref}: its manifest names a file {name!r} no adapter folder holds")
             self._read_blob(sha, ref, name, into / name)
 
-    def _read_blob(self, sha: str, ref: str, name: str, into: Path | None = None) -> None:
-        """Stream one blob (into a file if given), hashing as it comes: a blob of any size costs one chunk of
-        memory, and nothing read is trusted until its hash matches its name."""
+    def _read_blob(self, sha: str, ref: str, name: str, into: Path) -> None:
+        """Download one blob into a file and check it. fsspec streams it to disk (on S3 one GET, large blobs in
+        parallel parts), so a blob of any size costs no more memory than a chunk; nothing read is trusted until
+        its hash matches its name."""
         if not isinstance(sha, str) or not SHA256.fullmatch(sha):  # a blob name, never a path into the store
             raise UserInputError(f"{ref}: its {name} is recorded as {sha!r}, not a sha256; run `registry verify`")
-        digest = hashlib.sha256()
         try:
-            with self.fs.open(self.blob(sha), "rb") as source, \
-                    (open(into, "wb") if into is not None else contextlib.nullcontext()) as out:
-                while chunk := source.read(CHUNK):
-                    digest.update(chunk)
-                    if out is not None:
-                        out.write(chunk)
+            self.fs.get_file(self.blob(sha), str(into))
         except FileNotFoundError:
             raise UserInputError(f"{ref}: {name} is missing from the store {self.url} (blob {sha[:12]}); "
                                  f"run `registry verify`") from None
-        if digest.hexdigest() != sha:
+        if sha256_file(into) != sha:
+            into.unlink()
             raise UserInputError(f"{ref}: checksum mismatch, refusing to load: {name} in the store {self.url} does "
                                  f"not match the index (blob {sha[:12]}); run `registry verify`")
 
@@ -160,14 +153,14 @@ class ObjectStore:
                 manifest = read_manifest(scratch)
             except UserInputError as exc:
                 return [f"{ref}: {exc}"], {manifest_sha}
+            problems = []
+            for name, sha in manifest.files.items():
+                try:
+                    self._read_blob(sha, ref, name, scratch / "blob")
+                except UserInputError as exc:
+                    problems.append(str(exc))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        problems = []
-        for name, sha in manifest.files.items():
-            try:
-                self._read_blob(sha, ref, name)
-            except UserInputError as exc:
-                problems.append(str(exc))
         if manifest.version is None:
             problems.append(f"{ref}: its manifest has no version")
         return problems, {manifest_sha, *manifest.files.values()}
