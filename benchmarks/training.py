@@ -5,8 +5,8 @@ The plain script is what a user writes by hand: BitsAndBytesConfig nf4, prepare_
 get_peft_model (LoRA r16 on every linear layer), the text tokenized and packed into blocks with datasets,
 Trainer. Both train the same number of steps on the same blocks; tokens/s counts trained tokens over the
 training loop's wall time (model loading excluded on both sides; ours also scores one held-out row at the end,
-inside its timed loop: against us). Peak memory is CUDA's allocator peak (on the
-CPU there is no per-run figure: the process's peak only grows, so none is printed).
+inside its timed loop: against us). Peak memory is CUDA's allocator peak over each run, model loading included
+(on the CPU there is no per-run figure: the process's peak only grows, so none is printed).
 
     python benchmarks/training.py                                  # smollm2-135m nf4, 12 steps x 3 repeats
     python benchmarks/training.py --model PATH --steps 50          # on a GPU: a larger Llama-family base
@@ -62,8 +62,6 @@ def plain_peft_trainer(model: str, rows: list[str], args, out: Path) -> dict:
                                report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
                                bf16=torch.cuda.is_available(), dataloader_num_workers=0),
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
@@ -115,6 +113,9 @@ def main() -> None:
         for repeat in range(args.repeats):  # interleaved: each repeat runs every variant once, in turn
             for variant in variants:
                 out = Path(work) / f"{variant}-{repeat}"
+                if torch.cuda.is_available():  # each run's own peak, loading included, never an earlier run's
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 if variant == "plain":
                     result = plain_peft_trainer(args.model, rows, args, out)
                 else:
