@@ -11,8 +11,9 @@ tokens/s, p50/p99 latency and failures, then the ratio line.
 With --ray: `serve --ray` with 2 replicas against 1 (both on a local Ray cluster the command starts, adapters not
 preloaded: Ray's multiplexing places them), tokens/s ratio, and the share of requests answered by a replica that
 had already served their adapter (the header x-peft-adapt-replica names it), of all requests (each adapter's first
-request cannot be: at most 1 - adapters/requests) and of the requests after each adapter's first. On one machine's CPU cores the two
-replicas share the cores: the ratio measures Ray's overhead, not the speed-up replicas on separate machines give.
+request cannot be: at most 1 - adapters/requests) and of the requests after each adapter's first. On one machine's
+CPU cores the two replicas share the cores: the ratio measures Ray's overhead, not the speed-up replicas on
+separate machines give.
 
     python benchmarks/serve_load.py --ray --adapters 8 [--clients 16] [--requests 4]
 """
@@ -96,7 +97,8 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
         seen.add((adapter, replica))
         first.add(adapter)
     # every adapter's first request must load it somewhere: with A adapters and N requests, hits <= N - A
-    return {"held_adapter_share": hits / len(served), "held_after_first_share": hits / (len(served) - len(first)),
+    later = len(served) - len(first)
+    return {"held_adapter_share": hits / len(served), "held_after_first_share": hits / later if later else None,
             "replicas_used": len({r for _, r in served}),
             "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
             "p50_latency_s": statistics.median(ordered), "p99_latency_s": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
