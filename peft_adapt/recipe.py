@@ -57,8 +57,8 @@ class TrainingSpec(BaseModel):
     threads: int | Literal["auto"] = Field("auto", description="CPU threads per process; auto: the cores shared by the processes")
     report_to: list[str] = Field([], description="experiment trackers, e.g. [tensorboard]; logs in <out>/logs/<domain>")
     kernels: Literal["auto", "liger", "none"] = Field(
-        "auto", description="liger: liger-kernel's fused RMSNorm, RoPE, SwiGLU and cross-entropy (Llama-family bases, "
-                            "CUDA); auto: liger where it applies and is installed; none: plain PyTorch")
+        "auto", description="liger: liger-kernel's fused RMSNorm, RoPE, SwiGLU and cross-entropy (CUDA, the model "
+                            "types liger patches); auto: liger where it applies and is installed; none: plain PyTorch")
 
     @field_validator("threads")
     @classmethod

@@ -157,25 +157,22 @@ def _training_arguments(recipe: Recipe, backbone: Backbone, checkpoints: Path, n
     )
 
 
-LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite")
-
-
 def _use_liger(choice: str, backbone: Backbone) -> bool:
-    """liger-kernel's fused layers (Triton, CUDA) for the Llama-family bases it patches; transformers applies them."""
+    """liger-kernel's fused layers (Triton, CUDA) for the model types it patches (its own table says which);
+    transformers applies them."""
     if choice == "none":
         return False
     model_type = getattr(backbone.model.config, "model_type", None)
-    applies = backbone.device.type == "cuda" and model_type in LIGER_MODEL_TYPES
     try:
-        import liger_kernel  # noqa: F401
-        installed = True
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN as patched
     except ImportError:
-        installed = False
-    if choice == "liger" and not (applies and installed):
-        why = ("liger-kernel is not installed (pip install liger-kernel)" if not installed else
-               f"it needs CUDA and a Llama-family base (this is {model_type} on {backbone.device.type})")
+        patched = None
+    applies = patched is not None and backbone.device.type == "cuda" and model_type in patched
+    if choice == "liger" and not applies:
+        why = ("liger-kernel is not installed (pip install liger-kernel)" if patched is None else
+               f"it needs CUDA and a model type liger patches (this is {model_type} on {backbone.device.type})")
         raise UserInputError(f"training.kernels: liger cannot be used: {why}; use kernels: auto or none")
-    return applies and installed
+    return applies
 
 
 def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[str] | None = None):
