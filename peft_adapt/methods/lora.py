@@ -127,14 +127,12 @@ class StackedLora(StackComponent):
             return (xc @ self.A[batch.single, :r].T) @ self.B[batch.single, :, :r].T
         if x.shape[0] != batch.slots.shape[0]:
             raise RuntimeError(f"batch of {x.shape[0]} rows but {batch.slots.shape[0]} adapter slots")
-        if use_kernels(x):  # read each row's factors in place (Triton) instead of gathering copies of them
-            x3 = xc.reshape(x.shape[0], -1, self.in_features)
-            delta = x3.new_zeros(x3.shape[0], x3.shape[1], self.out_features)
-            lora_delta_into(delta, x3, self.A, self.B, batch.slots, r)
-            return delta.view(*x.shape[:-1], self.out_features)
-        a, b = gathered(self.A[:, :r], batch), gathered(self.B[:, :, :r], batch)  # [batch, r, in], [batch, out, r]
         x3 = xc.reshape(x.shape[0], -1, self.in_features)
-        delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+        if use_kernels(x):  # read each row's factors in place (Triton) instead of gathering copies of them
+            delta = lora_delta_into(x3.new_zeros(*x3.shape[:2], self.out_features), x3, self.A, self.B, batch.slots, r)
+        else:
+            a, b = gathered(self.A[:, :r], batch), gathered(self.B[:, :, :r], batch)  # [batch, r, in], [batch, out, r]
+            delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
         return delta.view(*x.shape[:-1], self.out_features)
 
 

@@ -1,6 +1,6 @@
 """Triton kernels for a mixed batch's LoRA deltas, reading each row's factors in place from the stacks.
 
-The PyTorch path (`LoraStack.apply`) gathers every row's A and B (`index_select`: a copy of both factors per row)
+The PyTorch path (`StackedLora.apply`) gathers every row's A and B (`index_select`: a copy of both factors per row)
 before two `bmm`s. These kernels index the stacks by slot instead (as Punica's BGMV/SGMV and vLLM's LoRA ops do):
 
     shrink:  h[i, t, :r]  = x[i, t, :] @ A[slot[i], :r, :]^T

@@ -132,11 +132,9 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
         raise UserInputError("serving on Ray needs Ray Serve: pip install 'peft-adapt[ray]'") from None
     if replicas < 1:
         raise UserInputError(f"--replicas {replicas}: give 1 or more")
-    from .serve import check_served_folders
+    from .serve import _task_of, check_served_folders
 
     check_served_folders(adapters, base)  # before a cluster starts: a bad folder is the user's to hear at once
-    from .serve import _task_of
-
     task = _task_of(base) if task == "auto" else task
     cores = available_cores()
     # Serve gives its HTTP proxy 5 s to answer a readiness check; a busy few-core machine (the proxy imports
