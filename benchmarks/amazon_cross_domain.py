@@ -52,10 +52,10 @@ def main() -> None:
     import torch
 
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, read_rows, tokenize
-    from peft_adapt.evaluation import evaluate_task
-    from peft_adapt.plots import plot_heatmap
-    from peft_adapt.recipe import data_root, parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.evaluation import evaluate_task
+    from peft_adapt.training.plots import plot_heatmap
+    from peft_adapt.training.recipe import data_root, parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 pairs, 800 rows a domain, max length 96")
@@ -112,7 +112,7 @@ def main() -> None:
             if self_training:
                 spec["domain_adaptation"]["self_training"] = SELF_TRAINING
             if objective == "generate":
-                spec["domain_adaptation"]["generator"] = GENERATOR | (GENERATOR_QUICK if args.quick else {})
+                spec["domain_adaptation"]["generate"] = GENERATOR | (GENERATOR_QUICK if args.quick else {})
         return parse_recipe(spec)
 
     def pseudo_label_report(result, target: str) -> dict | None:

@@ -55,7 +55,7 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
 def _random_model(path: Path, hidden: int, layers: int) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peft_adapt.backbone import resolve_model_path
+    from peft_adapt.models.backbone import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
@@ -81,7 +81,7 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from peft_adapt.backbone import BaseSpec, disable_cpu_repacking, load_backbone
+    from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
     from peft_adapt.runtime import AdapterRuntime
 
     rank, targets = SHAPES[shape]

@@ -32,7 +32,7 @@ def mentions(tags: list[str]) -> list[tuple[int, int, str]]:
 
 
 def main() -> None:
-    from peft_adapt.recipe import data_root
+    from peft_adapt.training.recipe import data_root
 
     root = data_root() / "conll2003"
     read = lambda name: [json.loads(line) for line in open(root / name, encoding="utf-8")]  # noqa: E731

@@ -36,7 +36,7 @@ def _ms(start: float) -> float:
 
 
 def main() -> None:
-    from peft_adapt.registry import Registry
+    from peft_adapt.registry.store import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,100,1000")
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--shared", action="store_true", help="also the shared backend (PostgreSQL + S3), ratios")
     args = parser.parse_args()
     if args.shared:
-        from peft_adapt.local_servers import BUCKET, local_team_servers, new_database
+        from peft_adapt.testing.local_servers import BUCKET, local_team_servers, new_database
 
         with tempfile.TemporaryDirectory(prefix="bench_servers_") as servers_dir:
             with local_team_servers(Path(servers_dir)) as (postgres, _):
@@ -60,11 +60,11 @@ def run(args, open_shared) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peft_adapt.backbone import BaseSpec, load_backbone
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
     from peft_adapt.formats import build_manifest, verify_checksums, write_manifest
-    from peft_adapt.loading import check_base_fits
-    from peft_adapt.registry import Registry
-    from peft_adapt.testing import build_tiny_model
+    from peft_adapt.runtime.loading import check_base_fits
+    from peft_adapt.registry.store import Registry
+    from peft_adapt.testing.tiny_models import build_tiny_model
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_registry_"))

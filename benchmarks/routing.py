@@ -51,8 +51,8 @@ def _split(texts: list[str], held: int, seed: int = 0) -> tuple[list[str], list[
 
 
 def quickstart_domains(held: int) -> dict[str, tuple[list[str], list[str]]]:
-    from peft_adapt.corpora import CORPORA, documents, is_held_out
-    from peft_adapt.quickstart import _pieces
+    from peft_adapt.data.corpora import CORPORA, documents, is_held_out
+    from peft_adapt.cli.quickstart import _pieces
 
     out = {}
     for corpus in CORPORA:
@@ -65,7 +65,7 @@ def quickstart_domains(held: int) -> dict[str, tuple[list[str], list[str]]]:
 
 
 def domain_text_domains(root: Path, held: int) -> dict[str, tuple[list[str], list[str]]]:
-    from peft_adapt.quickstart import _pieces
+    from peft_adapt.cli.quickstart import _pieces
 
     out = {}
     for domain in ("medical", "legal", "news", "code"):
@@ -88,8 +88,8 @@ def amazon_domains(root: Path, held: int) -> dict[str, tuple[list[dict], list[di
 
 def train_adapters(set_name: str, domains: dict, work: Path, registry, quick: bool) -> dict[str, str]:
     """One adapter per domain, registered (and signed, as training signs every adapter); returns domain -> name."""
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     names = {}
     for domain, (train, _) in domains.items():
@@ -136,8 +136,8 @@ class ArrowBaseline:
     def __init__(self, base: str, folders: list[Path]):
         from peft import ArrowConfig, create_arrow_model
 
-        from peft_adapt.backbone import load_backbone
-        from peft_adapt.model_files import BaseSpec
+        from peft_adapt.models.backbone import load_backbone
+        from peft_adapt.models.model_files import BaseSpec
 
         backbone = load_backbone(BaseSpec(model=base, quantization="nf4"), "causal_lm")
         self.model = create_arrow_model(backbone.model, [str(f) for f in folders],
@@ -192,7 +192,7 @@ def route_accuracy(runtime, texts: list[str], truth: list[str], names: dict) -> 
 def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: bool, quality_rows: int) -> None:
     import torch
 
-    from peft_adapt.routing import ROUTE_TOKENS
+    from peft_adapt.routing.router import ROUTE_TOKENS
     from peft_adapt.runtime import AdapterRuntime
 
     runtime = AdapterRuntime("smollm2-135m", task="causal_lm", quantization="nf4", registry=registry)
@@ -311,8 +311,8 @@ def run_amazon(domains: dict, names: dict, registry) -> None:
 
 
 def main() -> None:
-    from peft_adapt.recipe import data_root
-    from peft_adapt.registry import Registry
+    from peft_adapt.training.recipe import data_root
+    from peft_adapt.registry.store import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small adapters (20 steps; Amazon 800 rows)")

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def texts(limit: int) -> list[str]:
-    from peft_adapt.recipe import data_root
+    from peft_adapt.training.recipe import data_root
 
     path = data_root() / "domain_text" / "news.jsonl"
     return [json.loads(line)["text"] for line in open(path, encoding="utf-8")][:limit]
@@ -40,7 +40,7 @@ def plain_peft_trainer(model: str, rows: list[str], args, out: Path) -> dict:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
                               Trainer, TrainingArguments)
 
-    from peft_adapt.backbone import resolve_model_path
+    from peft_adapt.models.backbone import resolve_model_path
 
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -72,8 +72,8 @@ def plain_peft_trainer(model: str, rows: list[str], args, out: Path) -> dict:
 def ours(model: str, data_file: Path, args, out: Path, kernels: str) -> dict:
     import torch
 
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     recipe = parse_recipe({
         "name": "bench", "base": {"model": model, "quantization": "nf4"},
@@ -93,7 +93,7 @@ def ours(model: str, data_file: Path, args, out: Path, kernels: str) -> dict:
 def main() -> None:
     import torch
 
-    from peft_adapt.threads import configure_threads
+    from peft_adapt.training.threads import configure_threads
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")

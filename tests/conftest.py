@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def shared_data_dir() -> Path | None:
-    from peft_adapt.recipe import data_root
+    from peft_adapt.training.recipe import data_root
 
     root = data_root()
     return root if root.is_dir() else None
@@ -41,14 +41,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from peft_adapt.testing import build_tiny_model
+    from peft_adapt.testing.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    from peft_adapt.testing import build_tiny_model
+    from peft_adapt.testing.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bert", "bert")
 
@@ -114,8 +114,8 @@ def _isolated_registry(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
     """A LoRA adapter folder trained for a few steps on the tiny Llama (unquantized), as `peft-adapt train` writes it."""
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     out = tmp_path_factory.mktemp("trained")
     result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "none", max_steps=3)), "docs", out)
@@ -125,7 +125,7 @@ def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
 @pytest.fixture(scope="session")
 def team_servers(tmp_path_factory):
     """A real PostgreSQL server and a real S3-compatible server (moto), started once for the session."""
-    from peft_adapt.local_servers import local_team_servers
+    from peft_adapt.testing.local_servers import local_team_servers
 
     with local_team_servers(tmp_path_factory.mktemp("servers")) as servers:
         yield servers
@@ -136,7 +136,7 @@ def team(request, tmp_path, monkeypatch):
     """An empty shared registry: a fresh PostgreSQL database and a fresh prefix in the S3 bucket."""
     import uuid
 
-    from peft_adapt.local_servers import BUCKET, new_database
+    from peft_adapt.testing.local_servers import BUCKET, new_database
     from team_servers import Backend
 
     postgres, env = request.getfixturevalue("team_servers")

@@ -10,14 +10,14 @@ import torch
 from conftest import classification_recipe, write_jsonl
 from safetensors.torch import load_file
 
-from peft_adapt.adda import AddaPhase
+from peft_adapt.adaptation.adda import AddaPhase
 from peft_adapt.data import pad_batch
 from peft_adapt.errors import UserInputError
 from peft_adapt.formats import verify_checksums
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.registry import Registry
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.train import train_domain, train_recipe
+from peft_adapt.training.domain import train_domain, train_recipe
 
 
 def _target(tmp_path):
@@ -60,7 +60,7 @@ def test_adda_trains_a_target_adapter_and_leaves_the_source_alone(tmp_path, tiny
 
 
 def test_the_two_players_losses_move_in_opposite_directions(tmp_path, tiny_bert, sentiment_file):
-    from peft_adapt.adda import source_features
+    from peft_adapt.adaptation.adda import source_features
 
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=4)), "sentiment",
                           tmp_path)
@@ -103,7 +103,7 @@ def test_the_source_anchor_keeps_the_target_adapter_classifying_the_source(tmp_p
     same batches, the anchored target adapter keeps a lower source loss than Tzeng's unanchored one."""
     import copy
 
-    from peft_adapt.adda import source_features
+    from peft_adapt.adaptation.adda import source_features
 
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=8)), "sentiment",
                           tmp_path)

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from peft_adapt.backbone import BaseSpec, load_backbone, resolve_model_path
-from peft_adapt.builtin_models import BUILTIN_MODELS, verify_sha256
+from peft_adapt.models.backbone import BaseSpec, load_backbone, resolve_model_path
+from peft_adapt.models.builtin_models import BUILTIN_MODELS, verify_sha256
 from peft_adapt.errors import UserInputError
-from peft_adapt.fingerprint import base_fingerprint, fingerprint_differences
-from peft_adapt.testing import build_tiny_model
+from peft_adapt.models.fingerprint import base_fingerprint, fingerprint_differences
+from peft_adapt.testing.tiny_models import build_tiny_model
 
 
 def test_name_that_resolves_nowhere_says_what_was_tried():

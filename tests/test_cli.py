@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
-from peft_adapt.cli import main
+from peft_adapt.cli.main import main
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:

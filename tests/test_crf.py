@@ -9,10 +9,10 @@ import torch
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from peft_adapt.crf import CRF, FORBIDDEN
-from peft_adapt.evaluation import evaluate_file
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.train import train_domain
+from peft_adapt.models.crf import CRF, FORBIDDEN
+from peft_adapt.training.evaluation import evaluate_file
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.training.domain import train_domain
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

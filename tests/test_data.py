@@ -130,7 +130,7 @@ def test_causal_lm_rows_need_text_or_prompt_and_completion(tmp_path):
 
 
 def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
-    from peft_adapt.recipe import load_recipe
+    from peft_adapt.training.recipe import load_recipe
 
     data = tmp_path / "latin1.jsonl"
     data.write_bytes('{"text": "fine"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))

@@ -9,14 +9,14 @@ import httpx
 import pytest
 from conftest import classification_recipe, write_jsonl
 
-from peft_adapt.cli import main
-from peft_adapt.registry import Registry
+from peft_adapt.cli.main import main
+from peft_adapt.registry.store import Registry
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_bert, sentiment_file) -> Registry:
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     root = tmp_path_factory.mktemp("day-one")
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=10)), "sentiment", root)

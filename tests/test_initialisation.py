@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 
 from peft_adapt.data import TaskSpec, read_domain
 from peft_adapt.errors import UserInputError
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.registry import Registry
-from peft_adapt.testing import build_tiny_model
-from peft_adapt.train import train_domain
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.registry.store import Registry
+from peft_adapt.testing.tiny_models import build_tiny_model
+from peft_adapt.training.domain import train_domain
 
 
 def test_shots_draws_exactly_k_rows_per_class_with_the_seed(tmp_path):

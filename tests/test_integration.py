@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_adapters_beat_the_base_on_their_own_domain(tmp_path, monkeypatch):
-    from peft_adapt.quickstart import run_quickstart
+    from peft_adapt.cli.quickstart import run_quickstart
 
     monkeypatch.chdir(tmp_path.parent)  # a relative output folder, as `peft-adapt quickstart` gets by default
     report = run_quickstart(out=tmp_path.name, domains=("code", "news"), steps=8, batch_size=4, max_length=128,
@@ -25,8 +25,8 @@ def test_quickstart_adapters_beat_the_base_on_their_own_domain(tmp_path, monkeyp
 
 
 def test_minilm_lora_on_nf4_learns_amazon_sentiment(tmp_path, shared_data):
-    from peft_adapt.recipe import load_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import load_recipe
+    from peft_adapt.training.domain import train_domain
     from conftest import PROJECT
 
     recipe = load_recipe(PROJECT / "recipes" / "amazon_sentiment.yaml", [
@@ -42,8 +42,8 @@ def test_minilm_lora_on_nf4_learns_amazon_sentiment(tmp_path, shared_data):
 def test_qlora_training_on_cuda_in_bf16(tmp_path, tiny_llama, docs_file):
     from conftest import causal_recipe
 
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     recipe = parse_recipe(causal_recipe(tiny_llama, docs_file, "nf4", max_steps=20) | {})
     result = train_domain(recipe, "docs", tmp_path)

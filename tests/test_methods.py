@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe
 
-from peft_adapt.backbone import BaseSpec, load_backbone
+from peft_adapt.models.backbone import BaseSpec, load_backbone
 from peft_adapt.errors import UserInputError
 from peft_adapt.merge import combine_adapters, export_model
 from peft_adapt.methods.bottleneck import BottleneckSpec, find_sites, inject_bottleneck
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.loading import load_registered
-from peft_adapt.registry import Registry
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.runtime.loading import load_registered
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.testing import build_tiny_model
-from peft_adapt.train import train_domain
+from peft_adapt.testing.tiny_models import build_tiny_model
+from peft_adapt.training.domain import train_domain
 
 TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import os\nimport sys"]
 METHOD_SPECS = {
@@ -83,7 +83,7 @@ def test_classifiers_train_with_every_method(tmp_path, tiny_bert, sentiment_file
     result = train_domain(parse_recipe(data), "sentiment", tmp_path)
     first, last = _first_and_last_loss(result)
     assert last < first - 0.1, (first, last)
-    from peft_adapt.loading import load_trained
+    from peft_adapt.runtime.loading import load_trained
 
     loaded = load_trained(result.out_dir)  # a fresh load predicts what the trained model predicted
     enc = loaded.backbone.tokenizer(["good great", "awful poor"], return_tensors="pt", padding=True)

@@ -10,11 +10,12 @@ import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
 from peft_adapt.data import IGNORE_INDEX, Example, tokenize_token_classification
-from peft_adapt.metrics import entity_metrics, entity_spans
-from peft_adapt.objectives import coral_loss, dann_lambda, mmd_loss, read_target_texts, reverse_gradient
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.self_training import round_starts, select_pseudo_labels
-from peft_adapt.train import train_domain
+from peft_adapt.training.metrics import entity_metrics, entity_spans
+from peft_adapt.adaptation.features import read_target_texts
+from peft_adapt.adaptation.losses import coral_loss, dann_lambda, mmd_loss, reverse_gradient
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.adaptation.self_training import round_starts, select_pseudo_labels
+from peft_adapt.training.domain import train_domain
 
 
 def test_gradient_reversal_flips_and_scales_gradients_exactly():
@@ -158,21 +159,21 @@ def test_an_objective_trains_a_causal_lm_too(tmp_path, tiny_llama, docs_file):
 
 
 def test_dann_trains_its_domain_classifier(tmp_path, tiny_bert, sentiment_file, monkeypatch):
-    from peft_adapt import adaptation
+    from peft_adapt.training import adapting
 
     seen = {}
-    original = adaptation.DomainAdaptationTrainer.create_optimizer
+    original = adapting.DomainAdaptationTrainer.create_optimizer
 
     def spy(self, *args, **kwargs):
         optimizer = original(self, *args, **kwargs)
-        seen["trainer"], seen["before"] = self, [p.detach().clone() for p in self.domain_classifier.parameters()]
+        seen["trainer"], seen["before"] = self, [p.detach().clone() for p in self.alignment.classifier.parameters()]
         return optimizer
 
-    monkeypatch.setattr(adaptation.DomainAdaptationTrainer, "create_optimizer", spy)
+    monkeypatch.setattr(adapting.DomainAdaptationTrainer, "create_optimizer", spy)
     data = classification_recipe(tiny_bert, sentiment_file, max_steps=5)
     data["domain_adaptation"] = {"method": "dann", "target": str(_target(tmp_path, "t.jsonl", "none"))}
     train_domain(parse_recipe(data), "sentiment", tmp_path)
-    after = list(seen["trainer"].domain_classifier.parameters())
+    after = list(seen["trainer"].alignment.classifier.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, seen["before"]))
 
 
@@ -231,7 +232,7 @@ def test_token_classification_trains_and_scores_entities(tmp_path, tiny_bert, se
 
 
 def test_dann_confusion_trains_the_classifier_and_the_features_each_on_its_own_term():
-    from peft_adapt.objectives import DomainClassifier, dann_confusion_loss
+    from peft_adapt.adaptation.losses import DomainClassifier, dann_confusion_loss
 
     torch.manual_seed(0)
     classifier = DomainClassifier(8, 16)

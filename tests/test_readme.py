@@ -9,9 +9,9 @@ import pytest
 import yaml
 from conftest import PROJECT
 
-from peft_adapt.cli import build_parser
-from peft_adapt.recipe import parse_recipe, recipe_reference
-from peft_adapt.registry import check_name
+from peft_adapt.cli.main import build_parser
+from peft_adapt.training.recipe import parse_recipe, recipe_reference
+from peft_adapt.registry.refs import parse_ref
 
 README = (PROJECT / "README.md").read_text(encoding="utf-8")
 
@@ -19,7 +19,7 @@ README = (PROJECT / "README.md").read_text(encoding="utf-8")
 def test_the_recipe_reference_is_the_codes_defaults():
     block = re.search(r"<!-- recipe-reference:begin -->\n```yaml\n(.*?)```\n<!-- recipe-reference:end -->", README, re.S)
     assert block, "the README lost its recipe reference markers"
-    assert block.group(1) == recipe_reference(), "regenerate it with: python -m peft_adapt.recipe"
+    assert block.group(1) == recipe_reference(), "regenerate it with: python -m peft_adapt.training.recipe"
     recipe = parse_recipe(yaml.safe_load(block.group(1)))  # and it is a recipe that validates as shown
     assert recipe.adapter.r == 16 and recipe.training.learning_rate == 2e-4
 
@@ -55,6 +55,5 @@ def test_every_readme_command_parses_and_names_valid_adapters(argv):
         pytest.fail(f"`peft-adapt {' '.join(argv)}` does not parse (exit {exc.code})")
     for key in ("name", "ref", "adapter"):
         value = getattr(args, key, None)
-        if isinstance(value, str) and not value.startswith(("runs/", "./", "/")):
-            for part in value.split("+") if key == "adapter" else [value]:  # a stack: domain+task
-                check_name(part.partition("@")[0])
+        if isinstance(value, str):
+            parse_ref(value)  # the one grammar: a name, name@v, a folder, a stack domain+task, auto...

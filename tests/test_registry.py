@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_adapt.backbone import BaseSpec, load_backbone
-from peft_adapt.cli import main
+from peft_adapt.models.backbone import BaseSpec, load_backbone
+from peft_adapt.cli.main import main
 from peft_adapt.errors import UserInputError
-from peft_adapt.loading import load_registered
-from peft_adapt.registry import Registry
-from peft_adapt.testing import build_tiny_model
+from peft_adapt.runtime.loading import load_registered
+from peft_adapt.registry.store import Registry
+from peft_adapt.testing.tiny_models import build_tiny_model
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -63,7 +63,7 @@ def test_round_trip_is_bit_identical(tmp_path, trained_adapter, backend):
     assert {k: v for k, v in registered.items() if k != "version"} == {k: v for k, v in original.items() if k != "version"}
     assert registered["version"] == 1
     # and what it computes is what the training folder computes
-    from peft_adapt.loading import load_trained
+    from peft_adapt.runtime.loading import load_trained
 
     assert torch.equal(_logits(load_registered(registry, "t-docs").model, IDS), _logits(load_trained(trained_adapter).model, IDS))
 
@@ -91,7 +91,7 @@ def test_get_by_name_version_and_tag_and_list_filters(tmp_path, trained_adapter,
 
 WRITER = """
 import sys
-from peft_adapt.registry import Registry
+from peft_adapt import Registry
 registry = Registry()  # where: from the environment, as a team's machines would set it
 for _ in range(int(sys.argv[2])):
     print(registry.add(sys.argv[1], name="shared").ref, flush=True)
@@ -114,7 +114,7 @@ def test_four_processes_adding_25_each_end_with_100_entries(tmp_path, trained_ad
 
 LOOPING_WRITER = """
 import sys
-from peft_adapt.registry import Registry
+from peft_adapt import Registry
 registry = Registry()
 print("ready", flush=True)
 while True:
@@ -137,7 +137,7 @@ def test_a_writer_killed_at_each_step_leaves_the_old_state(tmp_path, trained_ada
     registry.add(trained_adapter, name="crashy")
     before = {e.ref: _tree_digest(e.path) for e in registry.list()}
     env = backend.env | {"PEFT_ADAPT_CRASH_AT": step}
-    code = "import sys; from peft_adapt.registry import Registry; Registry().add(sys.argv[1], name='crashy')"
+    code = "import sys; from peft_adapt import Registry; Registry().add(sys.argv[1], name='crashy')"
     proc = subprocess.run([sys.executable, "-c", code, str(trained_adapter)], env=env)
     assert proc.returncode == -signal.SIGKILL
     assert [e.ref for e in registry.list()] == ["crashy@1"]
@@ -160,7 +160,7 @@ def test_writers_killed_at_random_points_never_corrupt_the_registry(tmp_path, tr
         _assert_intact(registry, before)
     assert registry.list(), "the writers should have landed some adapters"
     # every surviving adapter still loads and computes what the original folder computes
-    from peft_adapt.loading import load_trained
+    from peft_adapt.runtime.loading import load_trained
 
     reference = _logits(load_trained(trained_adapter).model, IDS)
     for entry in registry.list()[:3] + registry.list()[-2:]:
@@ -205,7 +205,7 @@ def test_wrong_base_guard_stays_quiet_for_the_same_base_in_another_quantization(
     nf4 = load_backbone(BaseSpec(model=str(tiny_llama), quantization="nf4"))
     import logging
 
-    with caplog.at_level(logging.INFO, logger="peft_adapt.loading"):
+    with caplog.at_level(logging.INFO, logger="peft_adapt.runtime.loading"):
         loaded = load_registered(registry, "t-docs", backbone=nf4)
     assert "trained on a none base and runs on a nf4 base" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -279,7 +279,7 @@ def test_pickle_adapter_is_accepted_when_allowed_and_stored_as_safetensors(tmp_p
     registry = Registry(tmp_path / "reg")
     entry = registry.add(_broken("pickle", trained_adapter, tmp_path), allow_pickle=True)
     assert sorted(p.name for p in entry.path.glob("adapter_model.*")) == ["adapter_model.safetensors"]
-    from peft_adapt.loading import load_trained
+    from peft_adapt.runtime.loading import load_trained
 
     assert torch.equal(_logits(load_registered(registry, entry.ref).model, IDS), _logits(load_trained(trained_adapter).model, IDS))
 
@@ -383,9 +383,9 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
                                                                           sentiment_file, task, method, capsys):
     from conftest import causal_recipe, classification_recipe
 
-    from peft_adapt.loading import load_trained
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.runtime.loading import load_trained
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)
@@ -419,9 +419,9 @@ def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tin
     """README.md's snippet, run as written (no peft_adapt import), computes the logits peft_adapt computes."""
     from conftest import causal_recipe, classification_recipe
 
-    from peft_adapt.loading import load_trained
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.runtime.loading import load_trained
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)
@@ -449,7 +449,7 @@ def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tin
 
 
 def test_builtin_bases_are_named_by_their_hub_id_for_plain_tools():
-    from peft_adapt.builtin_models import portable_name
+    from peft_adapt.models.builtin_models import portable_name
 
     assert portable_name("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
     assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -463,7 +463,7 @@ READ_ONLY_SCRIPT = r"""
 import json, os, subprocess, sys, time
 import httpx
 from peft_adapt.cli import main
-from peft_adapt.registry import Registry
+from peft_adapt import Registry
 root, base = sys.argv[1], sys.argv[2]
 registry = Registry(root)
 print("listed", [e.ref for e in registry.list()], registry.read_only, flush=True)
@@ -510,7 +510,7 @@ def test_a_read_only_registry_is_listed_verified_and_served_and_refuses_writes(t
 DISK_FULL_SCRIPT = r"""
 import os, shutil, sys
 from peft_adapt.cli import main
-from peft_adapt.registry import Registry
+from peft_adapt import Registry
 disk, adapter = sys.argv[1], sys.argv[2]
 registry = Registry(os.path.join(disk, "reg"))
 registry.add(adapter)

@@ -12,14 +12,14 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
-from peft_adapt.cli import main
+from peft_adapt.cli.main import main
 from peft_adapt.errors import UserInputError
 from peft_adapt.formats import read_manifest
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.registry import Registry
-from peft_adapt.routing import SIGNATURE, mix_name, read_signature
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.registry.store import Registry
+from peft_adapt.routing.router import SIGNATURE, mix_name, read_signature
 from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.train import train_domain
+from peft_adapt.training.domain import train_domain
 
 DOMAINS = {
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum".split(),
@@ -212,7 +212,7 @@ def test_the_server_routes_model_auto(routed, tiny_llama, tiny_bert):
 
 
 def test_an_ambiguous_input_gets_a_calibrated_top_k_mix():
-    from peft_adapt.routing import Router, Signature
+    from peft_adapt.routing.router import Router, Signature
 
     generator = torch.Generator().manual_seed(0)
     shift = torch.zeros(16)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peft_adapt.errors import UserInputError
-from peft_adapt.registry import Registry
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
 
 TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import os\nimport sys\nprint(os.getcwd())"]
@@ -216,7 +216,7 @@ def test_loading_after_inference_on_nf4_equals_a_fresh_load(tiny_llama, adapters
 
 
 def test_adapters_that_do_not_fit_are_refused(tmp_path, tiny_llama, adapters, registry_with_adapters):
-    from peft_adapt.testing import build_tiny_model
+    from peft_adapt.testing.tiny_models import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", "llama", seed=7)
     rt = AdapterRuntime(str(other), quantization="none", registry=registry_with_adapters)
@@ -233,9 +233,9 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path, tiny_llama, adapters, re
 def test_classification_runtime_serves_per_row_heads(tmp_path, tiny_bert, sentiment_file):
     from conftest import classification_recipe, write_jsonl
 
-    from peft_adapt.loading import load_trained
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.runtime.loading import load_trained
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     three = write_jsonl(tmp_path / "three.jsonl", [{"text": f"{w} {w} thing", "label_name": w}
                                                     for w in ["red", "green", "blue"] * 12])
@@ -264,7 +264,7 @@ def test_classification_runtime_serves_per_row_heads(tmp_path, tiny_bert, sentim
 def test_generate_cli_uses_one_adapter_per_prompt(tmp_path, tiny_llama, adapters, capsys):
     import json as _json
 
-    from peft_adapt.cli import main
+    from peft_adapt.cli.main import main
 
     root = tmp_path / "reg"
     registry = Registry(root)
@@ -287,9 +287,9 @@ def test_classifiers_mix_at_load_time_and_weights_1_0_give_the_first(tmp_path, t
 
     from conftest import classification_recipe
 
-    from peft_adapt.cli import main
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.cli.main import main
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     registry = Registry(tmp_path / "reg")
     for seed, name in ((0, "first"), (1, "second")):

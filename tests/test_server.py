@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_runtime import make_lora
 
-from peft_adapt.registry import Registry
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
 
 KEY, ADMIN = "test-key", "admin-key"
@@ -200,8 +200,8 @@ def test_a_full_queue_answers_429(tmp_path, tiny_llama):
 def test_classification_server(tmp_path, tiny_bert, tiny_llama, sentiment_file):
     from conftest import classification_recipe
 
-    from peft_adapt.recipe import parse_recipe
-    from peft_adapt.train import train_domain
+    from peft_adapt.training.recipe import parse_recipe
+    from peft_adapt.training.domain import train_domain
 
     registry = Registry(tmp_path / "reg")
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=10)), "sentiment", tmp_path)

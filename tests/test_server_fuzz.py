@@ -16,7 +16,7 @@ import pytest
 from test_runtime import make_lora
 from test_server import ADMIN, KEY, _start
 
-from peft_adapt.registry import Registry
+from peft_adapt.registry.store import Registry
 
 REQUESTS = int(os.environ.get("PEFT_ADAPT_FUZZ_REQUESTS", "600"))
 

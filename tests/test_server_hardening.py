@@ -15,7 +15,7 @@ import pytest
 from test_runtime import make_lora
 from test_server import ADMIN, KEY, _auth, _error, _start
 
-from peft_adapt.registry import Registry
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
 
 PROMPT = "def add(a, b):"

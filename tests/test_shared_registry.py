@@ -13,9 +13,9 @@ import sys
 import pytest
 import yaml
 
-from peft_adapt.cli import main
+from peft_adapt.cli.main import main
 from peft_adapt.errors import UserInputError
-from peft_adapt.registry import Registry
+from peft_adapt.registry.store import Registry
 
 
 def _digest(folder) -> dict[str, str]:
@@ -49,7 +49,7 @@ def test_a_crash_after_upload_leaves_blobs_for_gc_and_nothing_visible(tmp_path, 
     registry = team.open()
     registry.add(trained_adapter, name="kept")
     before = _digest(registry.get("kept").path)
-    code = "import sys; from peft_adapt.registry import Registry; Registry().add(sys.argv[1], name='lost')"
+    code = "import sys; from peft_adapt import Registry; Registry().add(sys.argv[1], name='lost')"
     changed = trained_adapter.parent / "changed"
     changed.mkdir()
     for p in trained_adapter.iterdir():  # a different README: one blob only this version would use

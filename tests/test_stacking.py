@@ -12,15 +12,15 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt.data import TaskSpec, read_eval_file, tokenize
 from peft_adapt.errors import UserInputError
-from peft_adapt.evaluation import predict_probabilities
+from peft_adapt.training.evaluation import predict_probabilities
 from peft_adapt.formats import read_manifest, write_manifest
-from peft_adapt.loading import load_registered
+from peft_adapt.runtime.loading import load_registered
 from peft_adapt.methods import method_of_folder
 from peft_adapt.methods.lora import LORA
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.registry import Registry
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.registry.store import Registry
 from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.train import train_domain
+from peft_adapt.training.domain import train_domain
 
 TEXTS = ["good great fine nice", "awful broken sad poor", "lovely good", "bad bad awful"]
 
@@ -124,7 +124,7 @@ def test_a_stack_is_the_sum_of_its_parts_and_swapping_the_domain_changes_only_th
 
 
 def test_stacks_across_bases_or_methods_are_refused(tmp_path, stacks, tiny_bert, sentiment_file):
-    from peft_adapt.testing import build_tiny_model
+    from peft_adapt.testing.tiny_models import build_tiny_model
 
     registry, stacked, _ = stacks
     other = build_tiny_model(tmp_path / "other-bert", "bert", seed=1)

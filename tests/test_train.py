@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
-from peft_adapt.backbone import BaseSpec, disable_cpu_repacking, load_backbone
+from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
 from peft_adapt.errors import UserInputError
-from peft_adapt.evaluation import evaluate_task
-from peft_adapt.recipe import parse_recipe
-from peft_adapt.train import train_domain
+from peft_adapt.training.evaluation import evaluate_task
+from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.training.domain import train_domain
 
 
 def _loss_before_and_after(result) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def test_training_writes_adapter_manifest_metrics_and_curves(tmp_path, tiny_bert
         assert key in manifest, key
     assert manifest["labels"] == ["negative", "positive"]
     assert manifest["base"]["quantization"] == "nf4" and "quantization" not in manifest  # the base, stored once
-    from peft_adapt.builtin_models import sha256_file
+    from peft_adapt.models.builtin_models import sha256_file
 
     # every file travels checksummed: the weights, the config that says how to read them, the reports
     assert manifest["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != "manifest.json"}
@@ -290,9 +290,9 @@ def test_chat_data_trains_a_causal_lm_adapter(tmp_path, tiny_llama):
 
 
 def test_liger_kernels_are_used_only_where_they_apply(tiny_llama):
-    from peft_adapt.backbone import BaseSpec, load_backbone
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
     from peft_adapt.errors import UserInputError
-    from peft_adapt.train import _use_liger
+    from peft_adapt.training.domain import _use_liger
 
     backbone = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none"))
     assert _use_liger("auto", backbone) is False and _use_liger("none", backbone) is False  # the CPU: plain PyTorch

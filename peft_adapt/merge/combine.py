@@ -74,7 +74,7 @@ def combine_adapters(registry, refs: list[str], how: str, name: str, weights: li
                      density: float = 1.0, seed: int = 0, rank: int | None = None, domain: str | None = None):
     """Merge registry adapters `refs` into a new adapter registered as `name`; returns its entry."""
     from ..methods import TABLE
-    from ..registry import check_name
+    from ..registry.refs import check_name
 
     check_name(name)
     if len(refs) < 1:

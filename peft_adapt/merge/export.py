@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
 from ..errors import UserInputError
 from ..formats import file_checksums, staged_folder, write_json
-from ..methods import AdapterWeights, TABLE, method
-from ..registry import check_export_target
+from ..methods import TABLE, AdapterWeights, method
+from ..models.backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
+from ..registry.store import check_export_target
 from .fidelity import compare_logits, probe_token_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +73,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
                  max_shard_size: str = "2GB", measure: bool = True) -> dict:
     """Fold adapter `ref` into its base, save a standalone model in `out`, and report its fidelity
     (`measure=False` skips the measurement and writes no fidelity.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from ..runtime import AdapterRuntime
 

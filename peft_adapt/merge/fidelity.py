@@ -24,7 +24,7 @@ def compare_logits(found: torch.Tensor, expected: torch.Tensor) -> dict:
 
 def _probe_texts(manifest, probe: str | Path | None) -> list[str]:
     from ..data import read_rows
-    from ..recipe import Recipe
+    from ..training.recipe import Recipe
 
     if probe is not None:
         rows = read_rows(Path(probe))

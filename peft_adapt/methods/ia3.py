@@ -87,6 +87,8 @@ class IA3(PeftTrainedMethod):
         from peft import IA3Config, get_peft_model
         from peft.utils.constants import (
             TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        )
+        from peft.utils.constants import (
             TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
         )
 

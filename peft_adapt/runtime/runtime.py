@@ -21,25 +21,33 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from ..backbone import BaseSpec, load_backbone
 from ..errors import UserInputError
 from ..formats import MANIFEST, folder_kind, read_manifest
-from ..heads import pool_hidden
-from ..loading import check_adapter, check_fits_base
 from ..methods import AdapterWeights, method, method_of_folder
-from ..routing import (AUTO, MIX_PREFIX, ROUTE_TOKENS, Route, Router, canonical, features_of_rows, is_auto, members,
-                       mix_weights, read_signature, row_lengths, token_rows)
-from ..stacking import check_part, is_stack, stack_parts
+from ..models.backbone import BaseSpec, load_backbone
+from ..models.heads import pool_hidden
+from ..registry.refs import AUTO, Auto, Base, Mix, Stack, check_name, parse_ref, resolve
+from ..routing.router import (
+    ROUTE_TOKENS,
+    Route,
+    Router,
+    features_of_rows,
+    is_auto,
+    members,
+    read_signature,
+    row_lengths,
+    token_rows,
+)
 from .batch import AdapterBatch
 from .decoding import Sampling, decode
+from .loading import check_adapter, check_fits_base
 from .residency import Residency, ResidentAdapter
 from .sites import AdaptedSite, BatchContext
+from .stacks import check_part
 
-BASE_NAMES = (None, "base", "")  # a row that names one of these runs the base model alone
 TASKS = ("causal_lm", "classification")
 
 
@@ -76,7 +84,7 @@ class AdapterRuntime:
     @property
     def registry(self):
         if self._registry is None:
-            from ..registry import Registry
+            from ..registry.store import Registry
 
             self._registry = Registry()
         return self._registry
@@ -85,7 +93,15 @@ class AdapterRuntime:
              force: bool = False) -> ResidentAdapter:
         """Make `name` resident: a registry ref or adapter folder, or with `weights` a linear combination
         {ref: coefficient} of LoRA adapters under the new name `name`. Loading again refreshes it."""
-        return self._load(name, weights, pin, force, keep=set())
+        return self._load(name if weights else self._key(name), weights, pin, force, keep=set())
+
+    def _key(self, name) -> str | None:
+        """The one spelling a resident adapter is keyed by (`books@latest` is `books`, `auto:b,a` is `auto:a,b`);
+        None for the base. A name already resident (weights loaded under a name of the caller's) is its own key."""
+        if name is None or name in self.residency:
+            return name
+        ref = parse_ref(name)
+        return None if isinstance(ref, Base) else str(ref)
 
     def load_weights(self, name: str, weights: AdapterWeights, pin: bool = False) -> ResidentAdapter:
         """Make weights already in memory resident under `name` (not reloadable after eviction)."""
@@ -94,17 +110,18 @@ class AdapterRuntime:
 
     def _load(self, name: str, weights: dict[str, float] | None, pin: bool, force: bool, keep: set[str]) -> ResidentAdapter:
         with self._lock:
-            if name in BASE_NAMES:
-                raise UserInputError(f"{name!r} names the base model; give the adapter another name")
+            ref = parse_ref(name) if not weights else None
+            if name is None or isinstance(ref, (Base, Auto)):
+                raise UserInputError(f"{name!r} names the base model or a router; give the adapter another name")
             started = time.perf_counter()
-            if weights is None and name.startswith(MIX_PREFIX):  # a routed mix names its parts
-                weights = mix_weights(name)
+            if isinstance(ref, Mix):  # a routed mix names its parts
+                weights = ref.as_dict()
             if weights:
                 adapter_weights, meta = self._mix(name, weights, force)
-            elif is_stack(name):
-                adapter_weights, meta = self._stack(name, force)
+            elif isinstance(ref, Stack):
+                adapter_weights, meta = self._stack(ref, force)
             else:
-                adapter_weights, meta = self._read(name, force)
+                adapter_weights, meta = self._read(ref, force)
             adapter = self._install(name, adapter_weights, meta, pin, weights, keep)
             self.residency.load_seconds += time.perf_counter() - started
             return adapter
@@ -112,9 +129,7 @@ class AdapterRuntime:
     def _mix(self, name: str, weights: dict[str, float], force: bool) -> tuple[AdapterWeights, dict]:
         """sum_i w_i * adapter_i of adapters of one method as one adapter (LoRA exactly; others by averaging their
         tensors); classifiers mix their heads the same way (weights normalised): one label map and pooling."""
-        from ..registry import check_name
-
-        if not name.startswith(MIX_PREFIX):
+        if not isinstance(parse_ref(name), Mix):
             check_name(name)
         read = [(self._read(ref, force), float(w)) for ref, w in weights.items()]
         metas = [meta for (_, meta), _ in read]
@@ -131,16 +146,16 @@ class AdapterRuntime:
         source = " + ".join(f"{w:g}*{ref}" for ref, w in weights.items())
         return combined, metas[0] | {"source": source, "version": None}
 
-    def _stack(self, name: str, force: bool) -> tuple[AdapterWeights, dict]:
+    def _stack(self, stack: Stack, force: bool) -> tuple[AdapterWeights, dict]:
         """`domain+task` (bottom first): the parts' deltas summed as one adapter in one slot, served with the top
         part's head and label map. Each part is checked against this base like any adapter, so a stack never mixes
         bases."""
-        refs = stack_parts(name)
+        refs = stack.parts
         read = [self._read(ref, force, role="top" if i == len(refs) - 1 else "under") for i, ref in enumerate(refs)]
         first = read[0][0]
         combined = method(first.method).stack([weights for weights, _ in read])
         versions = tuple(meta.get("version") for _, meta in read)
-        return combined, read[-1][1] | {"source": name, "version": None if None in versions else versions}
+        return combined, read[-1][1] | {"source": str(stack), "version": None if None in versions else versions}
 
     def _install(self, name: str, weights: AdapterWeights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
         """Put an adapter's weights into a fresh slot (or, for a method that cannot be stacked, its group model),
@@ -173,17 +188,11 @@ class AdapterRuntime:
         self.residency.add(adapter)
         return adapter
 
-    def _read(self, ref: str, force: bool, role: str = "alone") -> tuple[AdapterWeights, dict]:
-        """The weights of a folder or registry ref, after checking they fit this base. `role`: served alone, or the
-        top (task) part of a stack, or a (domain) part under it."""
-        from ..registry import is_folder_ref
-
-        if is_folder_ref(ref):
-            folder, source = self.registry.locate(ref)
-            version = None
-        else:
-            entry = self.registry.get(ref)
-            folder, source, version = entry.path, entry.ref, entry.version
+    def _read(self, ref, force: bool, role: str = "alone") -> tuple[AdapterWeights, dict]:
+        """The weights of a folder or registry ref (parsed), after checking they fit this base. `role`: served alone,
+        or the top (task) part of a stack, or a (domain) part under it."""
+        located = resolve(ref, self.registry)
+        folder, source, version = located.folder, located.source, located.version
         manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
         if manifest is not None:
             check_adapter(folder, manifest, self.backbone, source, force)
@@ -282,14 +291,16 @@ class AdapterRuntime:
     def _version_now(self, name: str):
         """What the registry says `name` is now (a stack: each part's version), None if it names nothing."""
         try:
-            if is_stack(name):
-                return tuple(self.registry.get(ref).version for ref in stack_parts(name))
-            return self.registry.get(name).version
+            ref = parse_ref(name)
+            if isinstance(ref, Stack):
+                return tuple(self.registry.get(part).version for part in ref.parts)
+            return self.registry.get(ref).version
         except UserInputError:
             return None
 
     def unload(self, name: str) -> None:
         with self._lock:
+            name = self._key(name)
             if name not in self.residency:
                 raise UserInputError(f"adapter {name!r} is not resident; resident: {sorted(self.residency.adapters)}")
             self._evict(name, count=False)
@@ -297,6 +308,7 @@ class AdapterRuntime:
     def ensure_resident(self, name: str) -> ResidentAdapter:
         """Load `name` now if it is not resident (a miss); a resident one is left as it is."""
         with self._lock:
+            name = self._key(name)
             if name in self.residency:
                 return self.residency.adapters[name]
             self.residency.misses += 1
@@ -305,7 +317,7 @@ class AdapterRuntime:
     def pin(self, name: str, pinned: bool = True) -> None:
         """Pinned adapters are never evicted (loaded now if not resident)."""
         with self._lock:
-            self._resident(name).pinned = pinned
+            self._resident(self._key(name)).pinned = pinned
 
     # resident() and stats() read without the lock: a health check or metrics scrape never waits for a batch
     # (a generation holds the lock for its whole stream); a read racing a load may miss that one adapter
@@ -338,7 +350,7 @@ class AdapterRuntime:
         """The router `selector` names (`auto`, `auto:TAG`, `auto:a,b`), built from the registry's signatures of
         this base and task; rebuilt when the registry changes."""
         changes = self.registry.changes()
-        selector = canonical(selector)
+        selector = str(parse_ref(selector))
         with self._lock:
             cached = self._routers.get(selector)
             if cached is not None and cached[0] == changes:
@@ -375,7 +387,7 @@ class AdapterRuntime:
 
     def _routed(self, inputs, adapters) -> tuple[list, list[Route | None]]:
         """Per-row adapter names with every `auto` row routed (the route kept for the caller)."""
-        names = _per_row(adapters, len(inputs))
+        names = [self._key(n) for n in _per_row(adapters, len(inputs))]
         routes: list[Route | None] = [None] * len(names)
         for selector in {n for n in names if is_auto(n)}:
             rows = [i for i, n in enumerate(names) if n == selector]
@@ -388,9 +400,9 @@ class AdapterRuntime:
     def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
         """Each row's adapter (made resident), the rows that run stacked, and the rows of each adapter whose method
         runs as a group (not stacked)."""
-        names = _per_row(adapters, rows)
-        wanted = {n for n in names if n not in BASE_NAMES}
-        resident = [None if n in BASE_NAMES else self._resident(n, keep=wanted) for n in names]
+        names = [self._key(n) for n in _per_row(adapters, rows)]
+        wanted = {n for n in names if n is not None}
+        resident = [None if n is None else self._resident(n, keep=wanted) for n in names]
         stacked = [i for i, a in enumerate(resident) if a is None or a.group_model is None]
         grouped: dict[str, list[int]] = {}
         for i, a in enumerate(resident):

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import UserInputError
-from ..threads import available_cores
+from ..training.threads import available_cores
 
 log = logging.getLogger("peft_adapt.server")
 REPLICA_HEADER = "x-peft-adapt-replica"
@@ -57,7 +57,7 @@ def build_app(base: str, quantization: str, registry_args: dict, adapters: list[
         def __init__(self):
             import httpx
 
-            from ..registry import Registry
+            from ..registry.store import Registry
             from ..runtime import AdapterRuntime
             from .app import create_app
             from .serve import check_served_folders

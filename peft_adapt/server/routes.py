@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserInputError
 from ..faults import fault_point
-from ..registry import is_folder_ref
-from ..routing import is_auto
+from ..registry.refs import Auto, Base, Mix, Stack, parse_ref
+from ..registry.stacks import DOMAIN_TASKS
+from ..routing.router import is_auto
 from ..runtime.batcher import ClassifyJob
 from ..runtime.decoding import Sampling
-from ..stacking import DOMAIN_TASKS, STACK_SEPARATOR, stack_parts
 from .generation import as_api_error, chat_prompt, respond, routed, submit
 from .schemas import AdapterRequest, APIError, ChatRequest, ClassifyRequest, CompletionRequest, ServerSettings
 
@@ -46,28 +46,37 @@ class ServerState:
         return sorted(names | self.from_folders)
 
     def adapter_for(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base), as the registry says now. Requests name
-        registered adapters only: a path is never read from a request."""
-        if model in self.base_names:
+        """The adapter a request's `model` names, in its canonical spelling (None: the base), as the registry says
+        now. Requests name registered adapters only: a path is never read from a request."""
+        if model == self.settings.base_name:
             return None
-        if is_auto(model):  # routed per input in the batcher's thread (`routed`); the router checks its members
-            return model
         if model in self.from_folders and model in self.runtime.resident():
             return model
-        parts = stack_parts(model) if STACK_SEPARATOR in model else [model]  # `domain+task`: a stack, bottom first
+        try:
+            ref = parse_ref(model, folders=False)
+        except UserInputError:
+            raise self._not_found(model) from None
+        if isinstance(ref, Base):
+            return None
+        if isinstance(ref, Auto):  # routed per input in the batcher's thread (`routed`); the router checks its members
+            return str(ref)
+        if isinstance(ref, Mix):  # routes name mixes; requests name adapters
+            raise self._not_found(model)
+        parts = ref.parts if isinstance(ref, Stack) else (ref,)  # `domain+task`: a stack, bottom first
         for i, part in enumerate(parts):
             self._check_servable(part, top=i == len(parts) - 1, stacked=len(parts) > 1)
-        return model
+        return str(ref)
 
-    def _check_servable(self, ref: str, top: bool, stacked: bool) -> None:
+    def _not_found(self, model: str) -> APIError:
+        shown = ", ".join(sorted(self.base_names) + self.servable()[:30])
+        return APIError(404, f"the model {model[:200]!r} does not exist; available: {shown}", code="model_not_found",
+                        param="model")
+
+    def _check_servable(self, ref, top: bool, stacked: bool) -> None:
         try:
-            if is_folder_ref(ref):
-                raise UserInputError(ref)
             entry = self.registry.get(ref)
         except UserInputError:
-            shown = ", ".join(sorted(self.base_names) + self.servable()[:30])
-            raise APIError(404, f"the model {ref!r} does not exist; available: {shown}", code="model_not_found",
-                           param="model") from None
+            raise self._not_found(str(ref)) from None
         fingerprint = self.runtime.backbone.fingerprint["id"]
         tasks = (self.runtime.task,) if top else DOMAIN_TASKS.get(self.runtime.task, (self.runtime.task,))
         if entry.fingerprint != fingerprint or entry.task not in tasks:

@@ -13,7 +13,7 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
           settings: ServerSettings | None = None) -> None:
     import uvicorn
 
-    from ..registry import Registry
+    from ..registry.store import Registry
     from ..runtime import AdapterRuntime
     from .app import create_app
 
@@ -32,7 +32,7 @@ def _task_of(base: str) -> str:
     """causal_lm for a model with a language-modelling head, classification for a bare encoder."""
     from transformers import AutoConfig
 
-    from ..backbone import resolve_model_path
+    from ..models.backbone import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(base))
     architectures = " ".join(config.architectures or [])
@@ -41,7 +41,7 @@ def _task_of(base: str) -> str:
 
 def check_served_folders(adapters: list[str] | None, base: str) -> set[str]:
     """The adapters named as folders, each with the manifest training wrote: nothing unchecked is served."""
-    from ..registry import is_folder_ref
+    from ..registry.refs import is_folder_ref
 
     folders = {name for name in adapters or [] if is_folder_ref(name)}
     for name in folders:

@@ -1,0 +1,1 @@
+"""The `peft-adapt` command: a parser built from one small function per verb, each calling the library."""

@@ -1,0 +1,1 @@
+"""Base models: resolve a name, load it quantized or not, its fingerprint, task heads."""

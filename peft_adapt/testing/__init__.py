@@ -1,0 +1,1 @@
+"""Helpers for the tests (tiny models, local servers): used by tests and benchmarks, never by the library."""
