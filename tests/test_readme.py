@@ -1,4 +1,5 @@
-"""The README tells the truth: its recipe reference is the code's defaults, and every command in it parses."""
+"""The README and the docs tell the truth: the recipe reference is the code's defaults, every command in them parses,
+and the README stays a page a newcomer reads in five minutes."""
 
 from __future__ import annotations
 
@@ -14,21 +15,23 @@ from peft_adapt.training.recipe import parse_recipe, recipe_reference
 from peft_adapt.registry.refs import parse_ref
 
 README = (PROJECT / "README.md").read_text(encoding="utf-8")
+PAGES = [README] + [p.read_text(encoding="utf-8") for p in sorted((PROJECT / "docs").glob("*.md"))]
+REFERENCE = (PROJECT / "docs" / "recipes.md").read_text(encoding="utf-8")
 
 
 def test_the_recipe_reference_is_the_codes_defaults():
-    block = re.search(r"<!-- recipe-reference:begin -->\n```yaml\n(.*?)```\n<!-- recipe-reference:end -->", README, re.S)
-    assert block, "the README lost its recipe reference markers"
+    block = re.search(r"<!-- recipe-reference:begin -->\n```yaml\n(.*?)```\n<!-- recipe-reference:end -->", REFERENCE, re.S)
+    assert block, "docs/recipes.md lost its recipe reference markers"
     assert block.group(1) == recipe_reference(), "regenerate it with: python -m peft_adapt.training.recipe"
     recipe = parse_recipe(yaml.safe_load(block.group(1)))  # and it is a recipe that validates as shown
     assert recipe.adapter.r == 16 and recipe.training.learning_rate == 2e-4
 
 
 def _readme_commands() -> list[list[str]]:
-    """Every `peft-adapt ...` (or `-m peft_adapt.cli ...`) command in the README's bash blocks, as argv; a synopsis's
-    optional parts (`[--dtype bf16|fp16|fp32]`) are taken with their first choice."""
+    """Every `peft-adapt ...` (or `-m peft_adapt.cli ...`) command in the README's and the docs' bash blocks, as argv; a
+    synopsis's optional parts (`[--dtype bf16|fp16|fp32]`) are taken with their first choice."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in (b for page in PAGES for b in re.findall(r"```bash\n(.*?)```", page, re.S)):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(\S+)\|\S+", lambda m: m.group(1).split("|")[0], line.replace("[", "").replace("]", ""))
             words = shlex.split(line, comments=True)
@@ -40,6 +43,11 @@ def _readme_commands() -> list[list[str]]:
 
 
 COMMANDS = _readme_commands()
+
+
+def test_the_readme_is_a_page_a_newcomer_reads_in_five_minutes():
+    assert len(README.splitlines()) <= 200
+    assert "make quickstart" in README and "make test" in README
 
 
 def test_the_readme_has_commands_to_check():

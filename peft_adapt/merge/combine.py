@@ -87,7 +87,7 @@ def combine_adapters(registry, refs: list[str], how: str, name: str, weights: li
     _check_parents(entries, manifests)
     adapting = method(manifests[0].method)
     parents = [adapting.read(e.path) for e in entries]
-    if hasattr(adapting, "site_delta"):
+    if adapting.delta_merges:
         merged, report = merge_deltas(adapting, parents, weights, how, density, seed, rank)
     elif how != "linear":
         raise UserInputError(f"{adapting.name} adapters combine by linear averaging only (--method linear)")

@@ -189,7 +189,7 @@ def export_adapter_folder(registry, ref: str, out: str | Path, pad_rank: bool = 
     out = Path(out)
     check_export_target(out)
     adapting = method(entry.manifest.method) if entry.manifest.method in TABLE else None
-    if adapting is None or not hasattr(adapting, "vllm_folder"):
+    if adapting is None or not adapting.vllm_servable:
         raise UserInputError(f"{entry.ref} is a {entry.manifest.method} adapter; vLLM serves LoRA adapters")
     with staged_folder(out) as staging:
         warnings = adapting.vllm_folder(entry.path, staging, pad_rank)

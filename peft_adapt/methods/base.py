@@ -82,6 +82,8 @@ class AdapterMethod:
     stackable: ClassVar[bool] = False  # True: adapters of it stack (domain under task) by adding their deltas
     tasks: ClassVar[tuple[str, ...]] = ("causal_lm", "classification", "token_classification", "masked_lm")
     fold_reason: ClassVar[str | None] = None  # why it cannot be folded into base weights; None if it can
+    delta_merges: ClassVar[bool] = False  # True: each site is a weight delta (`site_delta`), so every merge method applies
+    vllm_servable: ClassVar[bool] = False  # True: `vllm_folder` writes a folder vLLM serves
 
     # ---- training
     def inject(self, model: nn.Module, spec, task: str, head_modules: list[str], model_type: str | None) -> nn.Module:
@@ -129,6 +131,24 @@ class AdapterMethod:
     def write(self, weights: AdapterWeights, folder: Path, template: dict) -> None:
         """Save weights (a merge's result) as a folder of this method's format; `template`: a parent's config."""
         raise NotImplementedError
+
+    # ---- merging by deltas, stacking under a task adapter, export for other servers
+    def site_delta(self, site: object) -> torch.Tensor:
+        """The weight delta [out, in] one site adds (methods with `delta_merges`)."""
+        raise UserInputError(f"{self.name} adapters are no weight deltas; they combine by linear averaging only")
+
+    def from_deltas(self, deltas: dict[str, torch.Tensor], rank: int, head: dict) -> tuple[AdapterWeights, dict]:
+        """Merged per-site deltas back as an adapter of this method, and what re-compressing them lost."""
+        raise UserInputError(f"{self.name} adapters are no weight deltas; they combine by linear averaging only")
+
+    def add_frozen(self, model: nn.Module, weights: AdapterWeights, prefix: str) -> None:
+        """Add these weights' deltas to their base layers' outputs (forward hooks), frozen: a domain adapter under a
+        task adapter being trained or evaluated (methods that are `stackable`)."""
+        raise UserInputError(f"{self.name} adapters cannot be stacked; only LoRA adapters stack (their deltas add)")
+
+    def vllm_folder(self, folder: Path, out: Path, pad_rank: bool) -> list[str]:
+        """Write `folder` as one vLLM serves (methods that are `vllm_servable`); returns warnings."""
+        raise UserInputError(f"vLLM serves LoRA adapters, not {self.name} ones")
 
 
 def weighted_average(parts: list[tuple[AdapterWeights, float]], what: str) -> AdapterWeights:

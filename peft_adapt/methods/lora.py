@@ -140,6 +140,8 @@ class Lora(PeftTrainedMethod):
     name = "lora"
     spec = LoraSpec
     stackable = True
+    delta_merges = True
+    vllm_servable = True
 
     def inject(self, model, spec: LoraSpec, task: str, head_modules: list[str], model_type: str | None):
         """Wrap `model` with fresh LoRA weights; the task's head (if any) is trained in full and saved."""
@@ -210,6 +212,15 @@ class Lora(PeftTrainedMethod):
             a, b, errors[path] = to_lora(delta, rank)
             sites[path] = (a, b, 1.0)
         return AdapterWeights(self.name, sites, head, extent=rank), errors
+
+    def add_frozen(self, model: nn.Module, weights: AdapterWeights, prefix: str) -> None:
+        """Each site's delta added to its base layer's output by a forward hook (peft's LoRA wraps the hooked layer,
+        so a task adapter trained on top adds its own delta after this one)."""
+        for path, (a, b, scale) in weights.sites.items():
+            layer = model.get_submodule(prefix + path)
+            layer = getattr(layer, "base_layer", layer)
+            device = next(layer.parameters()).device
+            layer.register_forward_hook(_adds_delta(a.float().to(device), (b.float() * scale).to(device)))
 
     def fold(self, state: dict[str, torch.Tensor], path: str, site) -> None:
         weight = state[f"{path}.weight"]
@@ -287,3 +298,11 @@ def _concatenated(parts: list[tuple[AdapterWeights, float]], head: dict) -> Adap
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA = Lora()
+
+
+def _adds_delta(a: torch.Tensor, b: torch.Tensor):
+    def hook(module, args, output):
+        x = args[0]
+        return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+
+    return hook

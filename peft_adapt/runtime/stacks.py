@@ -20,13 +20,14 @@ import torch
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_WEIGHTS, Manifest, read_manifest
+from ..methods import method, method_of_folder
+from ..models.fingerprint import fingerprint_differences
+from ..registry.refs import parse_ref, resolve
 from ..registry.stacks import DOMAIN_TASKS
 
 
 def check_part(source: str, manifest: Manifest, task: str, top: bool) -> None:
     """A stack's top part does the serving task; the parts under it are LoRA domain adapters of that base."""
-    from ..methods import method  # here, not at the top: the registry reads this module and stays off the methods
-
     if not method(manifest.method).stackable:
         raise UserInputError(f"{source} is a {manifest.method} adapter; only LoRA adapters stack (their deltas add)")
     allowed = (task,) if top else DOMAIN_TASKS.get(task, (task,))
@@ -37,36 +38,17 @@ def check_part(source: str, manifest: Manifest, task: str, top: bool) -> None:
 
 
 class StackedDomain:
-    """A frozen domain adapter whose delta is added to its base layers' outputs (forward hooks), for training or
-    evaluating a task adapter on top of it."""
+    """A frozen domain adapter whose delta is added to its base layers' outputs, for training or evaluating a task
+    adapter on top of it (the method adds it: `add_frozen`)."""
 
     def __init__(self, model: torch.nn.Module, folder: Path, prefix: str):
-        from ..methods import method_of_folder
-
-        weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if prefix else "")
-        for path, (a, b, scale) in weights.sites.items():
-            layer = model.get_submodule(prefix + path)
-            layer = getattr(layer, "base_layer", layer)
-            device = next(layer.parameters()).device
-            a = a.float().to(device)
-            b = (b.float() * scale).to(device)
-            layer.register_forward_hook(_adds_delta(a, b))
-
-
-def _adds_delta(a: torch.Tensor, b: torch.Tensor):
-    def hook(module, args, output):
-        x = args[0]
-        return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
-
-    return hook
+        adapting = method_of_folder(folder)
+        adapting.add_frozen(model, adapting.read(folder, strip_prefix="encoder." if prefix else ""), prefix)
 
 
 def resolve_domain(ref: str, registry, task: str, fingerprint: dict) -> tuple[Path, dict]:
     """The domain adapter a task adapter stacks on: its folder and the record its manifest keeps, after checking
     it is a LoRA domain adapter of the same base."""
-    from ..models.fingerprint import fingerprint_differences
-    from ..registry.refs import parse_ref, resolve
-
     located = resolve(parse_ref(ref), registry)
     folder, source, version = located.folder, located.source, located.version
     manifest = read_manifest(folder)
