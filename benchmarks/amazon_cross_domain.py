@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 pairs, 800 rows a domain, max length 96")
     parser.add_argument("--pairs", help="comma-separated source:target pairs (default: all 12, or 3 with --quick)")
     parser.add_argument("--methods", default="dann,coral,mmd,self_training",
-                        help="of dann, coral, mmd, adda, generate, self_training, OBJECTIVE+self_training, domain_stack")
+                        help="of dann, coral, mmd, entropy, adda, generate, self_training, OBJECTIVE+self_training, "
+                             "domain_stack")
     parser.add_argument("--rows", type=int, help="source and target rows per domain (default: all)")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--out", default=None, help="folder for the JSON table and the heatmap")

@@ -79,7 +79,7 @@ def main() -> None:
         write_manifest(template, build_manifest(template, base=spec, name="swap", domain="bench", method="lora",
                                                 task="causal_lm", base_fingerprint=runtime.backbone.fingerprint))
         registry.add(template, name="swap")
-        runtime._registry = registry
+        runtime.adapters._registry = registry
         ours, theirs = [], []
         for i in range(10):
             start = time.perf_counter()

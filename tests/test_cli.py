@@ -137,3 +137,21 @@ def test_eval_writes_each_classification_with_its_gold_label(tmp_path, tiny_bert
     assert accuracy == pytest.approx(json.loads(out)["accuracy"])
     code, _, err = _run(capsys, "eval", tmp_path / "runs" / "sentiment", held, "--base-only")
     assert code == 2 and "--base-only measures causal LM bases" in err
+
+
+def test_the_command_starts_without_torch_and_names_every_merge_method():
+    """The parser loads no model library (a verb imports what it runs), and `merge --method`'s help names exactly
+    the merge table's methods."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peft_adapt.cli.main import build_parser; p = build_parser(); "
+            "print('torch' in sys.modules or 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from peft_adapt.cli.main import build_parser
+    from peft_adapt.merge import METHODS
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    help_text = next(a.help for a in merge._actions if "--method" in a.option_strings)
+    assert set(METHODS) == {w.strip(" ,(") for w in help_text.split("(")[0].replace(" or ", ", ").split(",")}

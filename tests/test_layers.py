@@ -138,6 +138,24 @@ def test_no_import_circle_between_modules_or_folders():
     assert _cycles(folders) == []
 
 
+def test_a_function_local_import_of_the_package_says_why_it_is_lazy():
+    """Imports of the package's own modules sit at the top of a module, except where one keeps a heavy dependency
+    lazy (the CLI starts without torch; recipes do not load the runtime): those say so in a comment."""
+    unexplained = []
+    for path in _sources():
+        lines = path.read_text().splitlines()
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in function.body:
+                for inner in ast.walk(node):
+                    own = isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("peft_adapt"))
+                    said = own and any("lazy" in line for line in lines[inner.lineno - 2: inner.end_lineno])
+                    if own and not said:
+                        unexplained.append(f"{path.relative_to(PROJECT)}:{inner.lineno}")
+    assert sorted(set(unexplained)) == []
+
+
 def test_the_layer_check_finds_an_upward_import_and_a_circle():
     """The checks above can fail: an upward edge and a two-module circle planted in a copy of the graph are found."""
     graph = {k: set(v) for k, v in _graph().items()}
@@ -180,3 +198,20 @@ def test_merging_reads_weights_through_the_method_table_not_the_runtime():
         # the export's fidelity check runs the runtime: the reference "as served"; nothing else in merge/ does
         allowed = {"peft_adapt.runtime", "peft_adapt.runtime.AdapterRuntime"} if path.name == "export.py" else set()
         assert runtime <= allowed, (path.name, runtime)
+
+
+def test_an_independent_import_graph_agrees(tmp_path):
+    """import-linter builds its own graph (function-local imports included) and checks the same layers
+    (pyproject.toml's [tool.importlinter])."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.skip("import-linter is not installed (the dev extra has it)")
+    done = subprocess.run([lint, "--no-cache"], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 kept, 0 broken" in done.stdout

@@ -462,7 +462,7 @@ def test_builtin_bases_are_named_by_their_hub_id_for_plain_tools():
 READ_ONLY_SCRIPT = r"""
 import json, os, subprocess, sys, time
 import httpx
-from peft_adapt.cli import main
+from peft_adapt.cli.main import main
 from peft_adapt import Registry
 root, base = sys.argv[1], sys.argv[2]
 registry = Registry(root)
@@ -509,7 +509,7 @@ def test_a_read_only_registry_is_listed_verified_and_served_and_refuses_writes(t
 
 DISK_FULL_SCRIPT = r"""
 import os, shutil, sys
-from peft_adapt.cli import main
+from peft_adapt.cli.main import main
 from peft_adapt import Registry
 disk, adapter = sys.argv[1], sys.argv[2]
 registry = Registry(os.path.join(disk, "reg"))

@@ -105,10 +105,10 @@ def test_a_stack_serves_what_training_saw_and_eval_loads_it(stacks, tiny_bert):
 def test_a_stack_is_the_sum_of_its_parts_and_swapping_the_domain_changes_only_that_part(stacks, tiny_bert):
     registry, _, _ = stacks
     runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)
-    parts = {ref: runtime._read(ref, False, role)[0] for ref, role in
+    parts = {ref: runtime.adapters.read(ref, False, role)[0] for ref, role in
              (("dom-a", "under"), ("dom-b", "under"), ("task", "top"))}
     for domain in ("dom-a", "dom-b"):
-        stack = runtime._stack(f"{domain}+task", False)[0]
+        stack = runtime.adapters.stack(f"{domain}+task", False)[0]
         for path, site in stack.sites.items():
             expected = sum(LORA.site_delta(parts[p].sites[path]) for p in (domain, "task") if path in parts[p].sites)
             assert (LORA.site_delta(site) - expected).abs().max() < 1e-6

@@ -20,8 +20,9 @@ import torch
 
 from ..errors import UserInputError
 from ..formats import Manifest, build_manifest, read_adapter_config, write_manifest
-from ..methods import AdapterWeights, method
+from ..methods import TABLE, AdapterWeights, method
 from ..methods.base import average_heads
+from ..registry.refs import check_name
 from .methods import DELTA_METHODS
 
 METHODS = ("cat", "svd", *DELTA_METHODS)
@@ -73,8 +74,6 @@ def _check_parents(entries, manifests: list[Manifest]) -> None:
 def combine_adapters(registry, refs: list[str], how: str, name: str, weights: list[float] | None = None,
                      density: float = 1.0, seed: int = 0, rank: int | None = None, domain: str | None = None):
     """Merge registry adapters `refs` into a new adapter registered as `name`; returns its entry."""
-    from ..methods import TABLE
-    from ..registry.refs import check_name
 
     check_name(name)
     if len(refs) < 1:

@@ -21,7 +21,8 @@ from ..errors import UserInputError
 from ..formats import file_checksums, staged_folder, write_json
 from ..methods import TABLE, AdapterWeights, method
 from ..models.backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
-from ..registry.store import check_export_target
+from ..registry.transfer import check_export_target
+from ..runtime import AdapterRuntime
 from .fidelity import compare_logits, probe_token_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,7 +76,6 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     (`measure=False` skips the measurement and writes no fidelity.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from ..runtime import AdapterRuntime
 
     if dtype not in DTYPES:
         raise UserInputError(f"dtype {dtype!r} is not known; use {', '.join(DTYPES)}")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ..data import read_rows
 from ..errors import UserInputError
+from ..training.recipe import Recipe
 
 BLOCK = 128
 
@@ -23,9 +25,6 @@ def compare_logits(found: torch.Tensor, expected: torch.Tensor) -> dict:
 
 
 def _probe_texts(manifest, probe: str | Path | None) -> list[str]:
-    from ..data import read_rows
-    from ..training.recipe import Recipe
-
     if probe is not None:
         rows = read_rows(Path(probe))
         texts = [r.get("text") or r.get("prompt", "") + r.get("completion", "") for _, r in rows]

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
+from .crf import CRF, words_of
+
 POOLINGS = ("mean", "cls", "last")
 
 
@@ -142,15 +144,11 @@ class CRFTokenClassifier(TokenClassifier):
     Without labels the word starts are unknown: the logits are the emissions."""
 
     def __init__(self, encoder: nn.Module, tags: list[str], pooling: str = "mean", dropout: float = 0.1):
-        from .crf import CRF
-
         super().__init__(encoder, len(tags), pooling, dropout)
         self.crf = CRF(tags).to(self.device)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, return_pooled=False,
                 num_items_in_batch=None, **kwargs):
-        from .crf import words_of
-
         out = super().forward(input_ids, attention_mask, None, past_key_values, return_pooled, None, **kwargs)
         if labels is None:
             return out

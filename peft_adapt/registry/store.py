@@ -1,5 +1,4 @@
 """Where adapters live. Two backends behind one API, chosen by where the registry is:
-
 embedded (the default, a folder): a SQLite index (WAL) and one folder per adapter version.
 
     <root>/registry.db                 the index: names, versions, tags, a summary of each manifest
@@ -24,25 +23,19 @@ import json
 import os
 import shutil
 import sqlite3
-import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UserInputError
 from ..faults import crash_point as _crash_point
 from ..formats import (
+    ADAPTER_WEIGHTS,
     MANIFEST,
     PICKLE_WEIGHTS,
     SIGNATURE_FILE,
     Manifest,
     adapter_files_to_copy,
-    adapter_fit_problems,
-    build_manifest,
-    check_safetensors,
     convert_pickle_to_safetensors,
     file_checksums,
     folder_kind,
@@ -50,14 +43,17 @@ from ..formats import (
     publish,
     read_adapter_config,
     read_manifest,
-    tensor_shapes,
     verify_checksums,
     weight_files,
     write_manifest,
 )
-from ..models.model_files import BaseSpec
+from .checks import collect_garbage, verify
+from .entries import AdapterEntry, VerifyReport
 from .index import PostgresIndex, SQLiteIndex, is_postgres_url
+from .objects import ObjectStore
 from .refs import Named, check_name, parse_ref, resolve
+from .stacks import check_stack
+from .transfer import export_folder, import_folder
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 TAG_UPSERT = ("INSERT INTO tags (name, tag, version) VALUES (?, ?, ?) "
@@ -102,55 +98,6 @@ def registry_location(location=None, store: str | None = None, cache=None) -> tu
     return location, store, Path(cache).expanduser() if cache else None
 
 
-@dataclass
-class AdapterEntry:
-    name: str
-    version: int
-    domain: str | None
-    method: str | None
-    task: str | None
-    base_model: str | None
-    fingerprint: str | None
-    quantization: str | None
-    created: str | None
-    metrics: dict
-    location: str  # a folder, or (shared backend) the sha256 of the version's manifest in the store
-    tags: list[str] = field(default_factory=list)
-    fetch: Callable[["AdapterEntry"], Path] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @cached_property
-    def path(self) -> Path:
-        """The version's folder: in a shared registry, fetched into the local cache and checked on first use."""
-        return self.fetch(self) if self.fetch else Path(self.location)
-
-    @property
-    def manifest(self) -> Manifest:
-        return read_manifest(self.path)
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name, "version": self.version, "domain": self.domain, "method": self.method,
-            "task": self.task, "base": self.base_model, "fingerprint": self.fingerprint,
-            "quantization": self.quantization, "created": self.created, "metrics": self.metrics,
-            "tags": self.tags, "path": self.location if self.fetch else str(self.path),
-        }
-
-
-@dataclass
-class VerifyReport:
-    checked: int
-    problems: list[str]
-    orphans: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 def _summary_metrics(metrics: dict) -> dict:
     """What `list` shows: the eval and test scores, without the training bookkeeping."""
     return {split: metrics[split] for split in ("eval", "test") if isinstance(metrics.get(split), dict)}
@@ -183,8 +130,6 @@ class Registry:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / ".staging").mkdir(exist_ok=True)
             if store:
-                from .objects import ObjectStore
-
                 self.objects = ObjectStore(store, self.root / "cache")
             else:
                 (self.root / "adapters").mkdir(exist_ok=True)
@@ -330,58 +275,9 @@ class Registry:
     def import_peft(self, folder: str | Path, base: str | None = None, name: str | None = None,
                     domain: str | None = None, tags: tuple[str, ...] | list[str] = (),
                     allow_pickle: bool = False) -> AdapterEntry:
-        """Register an adapter folder from elsewhere: one that `registry export` wrote (any task and method: its
-        manifest travels with it and is checked), or a plain peft folder of a causal LM adapter. Either way every
-        adapter matrix must fit a layer of `base` (default: the base its manifest names)."""
-        from ..models.fingerprint import base_fingerprint
-        from ..models.model_files import resolve_model_path
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise UserInputError(f"{folder} is not a folder; `registry import` takes an adapter folder")
-        adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
-        manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
-        if folder_kind(folder) == "trained_weights":
-            raise UserInputError(f"{folder} holds a fine-tuned model's weights, not an adapter; only adapters are imported")
-        config = read_adapter_config(folder)
-        files = weight_files(folder, allow_pickle)
-        if manifest is not None:
-            self._check_files(folder, manifest, allow_pickle)
-            task, base = manifest.task, base or manifest.base_model
-        else:
-            task = {"CAUSAL_LM": "causal_lm", None: "causal_lm"}.get(config.task_type)
-            if not config.is_peft or task is None:
-                raise UserInputError(
-                    f"{folder}: a {config.task_type or config.method} adapter without {MANIFEST}; only causal LM "
-                    f"adapters (task_type CAUSAL_LM) can be imported bare, because other heads differ between peft and "
-                    f"this package. Import a folder written by `peft-adapt registry export`, which carries its manifest"
-                )
-        name = check_name(name or (manifest.name if manifest else ""))
-        for t in tags:
-            self._check_tag(t)
-        if not base:
-            raise UserInputError(f"{folder}: name the base model it was trained on (--base MODEL)")
-        base_path = resolve_model_path(base)
-        fingerprint = base_fingerprint(base_path)
-        if manifest is not None:
-            _check_same_base(folder, manifest, fingerprint, base)
-        base_config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-        problems = adapter_fit_problems(tensor_shapes(files), fingerprint, base_config, config)
-        if problems:
-            raise UserInputError(f"{folder} does not fit the base {base!r}: " + "; ".join(problems[:5])
-                                 + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-        self._require_writable(f"import {folder}")
-        with self._writing(f"import {folder}"):
-            staging = self._stage(folder, allow_pickle)
-            if manifest is not None:  # it now runs on `base`, named as the user named it here
-                manifest = manifest.model_copy(update={"base": manifest.base.model_copy(update={"model": base}),
-                                                       "base_fingerprint": fingerprint})
-            else:
-                manifest = build_manifest(staging, base=BaseSpec(model=base, quantization="none"), name=name,
-                                          domain=domain or name, method=config.method, task=task,
-                                          base_fingerprint=fingerprint, recipe={"task": {"type": task}})
-            manifest = manifest.model_copy(update={"imported_from": str(folder.resolve())})
-            return self._commit(staging, manifest, name, domain or manifest.domain or name, tags)
+        """Register an adapter folder from elsewhere (transfer.py): one `registry export` wrote, or a plain peft
+        folder of a causal LM adapter; every adapter matrix must fit a layer of `base`."""
+        return import_folder(self, folder, base, name, domain, tags, allow_pickle)
 
     def _check_files(self, folder: Path, manifest: Manifest, allow_pickle: bool) -> None:
         adapter_files_to_copy(folder)  # links and special files are refused before any file is opened
@@ -394,7 +290,6 @@ class Registry:
                 f"{folder}: checksum mismatch, the files changed after the manifest was written: " + "; ".join(problems)
             )
         if manifest.stack_on:  # a stack is registered whole: its domain adapter here, on the same base
-            from .stacks import check_stack
 
             check_stack(manifest, self)
 
@@ -515,7 +410,6 @@ class Registry:
 
     def _refuse_removing_stack_parts(self, entries: list[AdapterEntry]) -> None:
         """A domain adapter another registered adapter was trained on top of (`stack_on`) stays until that one goes."""
-        from ..formats import ADAPTER_WEIGHTS
 
         def manifest(entry):  # a damaged entry (`verify` reports it) neither blocks nor is blocked
             try:
@@ -536,102 +430,17 @@ class Registry:
         with self._connect() as db:
             return fn(db)
 
-    # ------------------------------------------------------------ checking and export
+    # ------------------------------------------------------------ checking and export (checks.py, transfer.py)
 
     def verify(self) -> VerifyReport:
         """Recompute every checksum; list folders (or blobs) no index entry reaches (left by crashes)."""
-        entries = self.list()
-        if self.objects:
-            return self._verify_objects(entries)
-        problems = []
-        for e in entries:
-            if not e.path.is_dir():
-                problems.append(f"{e.ref}: folder {e.path} is missing")
-                continue
-            try:
-                manifest = e.manifest
-                for f in e.path.glob("*.safetensors"):
-                    check_safetensors(f)
-            except UserInputError as exc:
-                problems.append(f"{e.ref}: {exc}")
-                continue
-            if manifest.version != e.version or manifest.name != e.name:
-                problems.append(f"{e.ref}: manifest says {manifest.name}@{manifest.version}")
-            problems += [f"{e.ref}: {p}" for p in verify_checksums(e.path, manifest)]
-            if not manifest.files:
-                problems.append(f"{e.ref}: the manifest lists no weight files")
-        known = {e.path for e in entries}
-        orphans = [str(p) for p in sorted((self.root / "adapters").glob("*/*")) if p not in known]
-        staging = self.root / ".staging"
-        orphans += [str(p) for p in sorted(staging.iterdir())] if staging.is_dir() else []
-        return VerifyReport(len(entries), problems, orphans)
-
-    def _verify_objects(self, entries: list[AdapterEntry]) -> VerifyReport:
-        """Every blob of every version re-read from the store and re-hashed; unreferenced blobs are orphans."""
-        problems, used = [], set()
-        for e in entries:
-            found, blobs = self.objects.version_problems(e.location, e.ref)
-            problems += found
-            used |= blobs
-            if not found:
-                manifest = self.objects.manifest_of(e.location, e.ref)
-                if manifest.version != e.version or manifest.name != e.name:
-                    problems.append(f"{e.ref}: manifest says {manifest.name}@{manifest.version}")
-        orphans = [path for path, _ in self.objects.unreferenced(used)]
-        return VerifyReport(len(entries), problems, orphans)
+        return verify(self)
 
     def collect_garbage(self, min_age_seconds: float = 3600) -> list[str]:
         """Delete orphan folders (or blobs) older than `min_age_seconds` (younger ones may belong to a live writer)."""
-        self._require_writable("collect garbage")
-        if self.objects:
-            used = set()
-            for e in self.list():
-                used |= self.objects.blobs_of(e.location, e.ref)  # a version whose manifest is unreadable: gc stops
-            old = [path for path, age in self.objects.unreferenced(used) if age >= min_age_seconds]
-            for path in old:
-                self.objects.remove_blob(path)
-            return old
-        removed = []
-        now = time.time()
-        for path in map(Path, self.verify().orphans):
-            if now - path.stat().st_mtime >= min_age_seconds:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(str(path))
-        return removed
+        return collect_garbage(self, min_age_seconds)
 
     def export(self, ref: str, out: str | Path) -> Path:
         """Copy an adapter version into `out` as a plain peft folder (with its manifest and model card)."""
-        entry = self.get(ref)
-        out = Path(out)
-        check_export_target(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for src in adapter_files_to_copy(entry.path) + [entry.path / MANIFEST]:
-                shutil.copyfile(src, out / src.name, follow_symlinks=False)
-        except OSError as exc:
-            raise UserInputError(f"cannot export {entry.ref} to {out}: {exc.strerror or exc}") from None
-        return out
+        return export_folder(self, ref, out)
 
-
-
-def check_export_target(out: Path) -> None:
-    """An export writes a new folder: not into a file, not over anything."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"export target {out} is a file; give a new folder's path")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserInputError(f"export target {out} exists and is not empty; choose a new folder")
-
-
-def _check_same_base(folder: Path, manifest: Manifest, fingerprint: dict, base: str) -> None:
-    """An adapter that says which base it was trained on is imported onto that base only."""
-    from ..models.fingerprint import fingerprint_differences
-
-    expected = manifest.base_fingerprint
-    if expected.get("id") in (None, fingerprint["id"]):
-        return
-    diffs = fingerprint_differences(expected, fingerprint)
-    raise UserInputError(
-        f"{folder} was trained on base {manifest.base_model!r} (fingerprint {expected.get('id')}), not on "
-        f"{base!r} (fingerprint {fingerprint['id']}): they differ in " + "; ".join(diffs[:3])
-        + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") + ". Import it with --base naming that model"
-    )

@@ -26,8 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import read_texts
 from ..errors import UserInputError
 from ..formats import SIGNATURE_FILE as SIGNATURE
+from ..models.backbone import load_backbone
+from ..models.builtin_models import sha256_file
+from ..models.model_files import BaseSpec
 from ..registry.refs import AUTO, Auto, mix_of, parse_ref
 
 SIGNATURE_ROWS = 512  # rows of a domain's text kept in its signature (Amazon: 89.8% at 256 rows, 91.1% at 512)
@@ -320,7 +324,6 @@ def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[
     """The registry entries a router selector names, each checked to be of this base and task and to carry a
     signature whose checksum holds. `auto` takes the latest version of every signed adapter of the base and task
     (task adapters that stack on a domain adapter are left out: they are served as stacks)."""
-    from ..models.builtin_models import sha256_file
 
     router = parse_ref(selector)
     if not isinstance(router, Auto):
@@ -356,15 +359,37 @@ def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[
     return chosen
 
 
+class Routers:
+    """The routers one base and task has built, one per canonical selector, each rebuilt when the registry changes;
+    bounded, since selectors come from requests."""
+
+    def __init__(self, fingerprint: str, task: str, limit: int = 64):
+        self.fingerprint, self.task, self.limit = fingerprint, task, limit
+        self._built: dict[str, tuple[int, Router]] = {}  # selector -> (registry changes when built, router)
+
+    def get(self, registry, selector: str) -> Router:
+        changes = registry.changes()
+        selector = str(parse_ref(selector))
+        cached = self._built.get(selector)
+        if cached is not None and cached[0] == changes:
+            return cached[1]
+        chosen = members(registry, selector, self.fingerprint, self.task)
+        router = Router([name for name, _ in chosen], [read_signature(e.path) for _, e in chosen])
+        manifests = [e.manifest for _, e in chosen]
+        # classifiers mix only with one label map and pooling; otherwise a low-confidence row takes the nearest
+        router.mixable = self.task == "causal_lm" or len({(tuple(m.labels or ()), m.pooling) for m in manifests}) == 1
+        if len(self._built) >= self.limit:
+            self._built.clear()
+        self._built[selector] = (changes, router)
+        return router
+
+
 def sign_registered(registry, ref: str, texts_file, text_field: str = "text", quantization: str | None = None,
                     device: str = "auto"):
     """A new version of `ref` carrying a signature of the texts in `texts_file` (a data file's `text_field`, or one
     text per line), read by its base as routing reads inputs. Returns the new entry."""
     import tempfile
 
-    from ..data import read_texts
-    from ..models.backbone import load_backbone
-    from ..models.model_files import BaseSpec
 
     entry = registry.get(ref)
     if entry.task == "masked_lm" or entry.task is None:

@@ -13,9 +13,23 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError
-from ..formats import TRAINED_WEIGHTS, Manifest, folder_kind, read_manifest, verify_checksums
+from ..formats import (
+    TRAINED_WEIGHTS,
+    Manifest,
+    adapter_fit_problems,
+    folder_kind,
+    read_adapter_config,
+    read_manifest,
+    tensor_shapes,
+    verify_checksums,
+    weight_files,
+)
+from ..methods import method_of_folder
 from ..models.backbone import Backbone, load_backbone
 from ..models.fingerprint import fingerprint_differences
+from ..registry.stacks import recorded_domain
+from ..registry.store import Registry
+from .stacks import StackedDomain
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +71,6 @@ def check_fits_base(folder: Path, backbone: Backbone, source: str) -> None:
     """For a folder without a manifest: every adapter matrix sits on a layer of this base with matching features."""
     import json
 
-    from ..formats import adapter_fit_problems, read_adapter_config, tensor_shapes, weight_files
 
     config = read_adapter_config(folder)
     base_config = json.loads((backbone.path / "config.json").read_text(encoding="utf-8"))
@@ -79,7 +92,6 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
     domain adapter (`stack_on`) runs on top of that domain adapter, found in `registry` (default: the default one)."""
     from safetensors.torch import load_file
 
-    from ..methods import method_of_folder
 
     folder = Path(folder)
     source = source or str(folder)
@@ -93,10 +105,6 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
                                  labels if crf else None)
     check_base_fits(manifest, backbone, source, force)
     if manifest.stack_on:
-        from ..registry.stacks import recorded_domain
-        from ..registry.store import Registry
-        from .stacks import StackedDomain
-
         under = recorded_domain(manifest.stack_on, registry or Registry())
         StackedDomain(backbone.model, under, "encoder." if manifest.task != "causal_lm" else "")
     if folder_kind(folder) == "adapter":

@@ -19,34 +19,30 @@ batch-mates.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import torch
 
 from ..errors import UserInputError
-from ..formats import MANIFEST, folder_kind, read_manifest
-from ..methods import AdapterWeights, method, method_of_folder
+from ..methods import AdapterWeights
 from ..models.backbone import BaseSpec, load_backbone
 from ..models.heads import pool_hidden
-from ..registry.refs import AUTO, Auto, Base, Mix, Stack, check_name, parse_ref, resolve
+from ..registry.refs import AUTO
 from ..routing.router import (
     ROUTE_TOKENS,
     Route,
     Router,
+    Routers,
     features_of_rows,
     is_auto,
-    members,
-    read_signature,
     row_lengths,
     token_rows,
 )
+from .adapters import ResidentAdapters
 from .batch import AdapterBatch
 from .decoding import Sampling, decode
-from .loading import check_adapter, check_fits_base
+from .encoding import encode
 from .residency import Residency, ResidentAdapter
-from .sites import AdaptedSite, BatchContext
-from .stacks import check_part
 
 TASKS = ("causal_lm", "classification")
 
@@ -67,303 +63,63 @@ class AdapterRuntime:
         # the longest row the base can take: learned position tables (BERT, GPT-2) end there
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.device = self.backbone.device
-        self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self._registry = registry
-        self.residency = Residency(max_adapters, max_bytes)
-        self.context = BatchContext()
-        self.sites: dict[str, AdaptedSite] = {}
-        self._capacity = max(2, initial_capacity)
         self._lock = threading.RLock()
+        self.adapters = ResidentAdapters(self.backbone, task, registry, max_adapters, max_bytes, initial_capacity,
+                                         self._lock)
+        self.context = self.adapters.context
         # each row runs alone, unpadded: its outputs never depend on its batch-mates (see `batch_invariant` below)
         self.batch_invariant = batch_invariant
-        self._registry_changes: int | None = None
-        self._routers: dict[str, tuple[int, Router]] = {}  # selector -> (registry changes when built, router)
+        self._routers = Routers(self.backbone.fingerprint["id"], task)
 
-    # ------------------------------------------------------------ adapters in and out
+    # ------------------------------------------------------------ adapters in and out: ResidentAdapters's
 
     @property
     def registry(self):
-        if self._registry is None:
-            from ..registry.store import Registry
+        return self.adapters.registry
 
-            self._registry = Registry()
-        return self._registry
+    @property
+    def residency(self) -> Residency:
+        return self.adapters.residency
+
+    @property
+    def sites(self) -> dict:
+        return self.adapters.sites
 
     def load(self, name: str, weights: dict[str, float] | None = None, pin: bool = False,
              force: bool = False) -> ResidentAdapter:
         """Make `name` resident: a registry ref or adapter folder, or with `weights` a linear combination
         {ref: coefficient} of LoRA adapters under the new name `name`. Loading again refreshes it."""
-        return self._load(name if weights else self._key(name), weights, pin, force, keep=set())
-
-    def _key(self, name) -> str | None:
-        """The one spelling a resident adapter is keyed by (`books@latest` is `books`, `auto:b,a` is `auto:a,b`);
-        None for the base. A name already resident (weights loaded under a name of the caller's) is its own key."""
-        if name is None or name in self.residency:
-            return name
-        ref = parse_ref(name)
-        return None if isinstance(ref, Base) else str(ref)
+        return self.adapters.load(name, weights, pin, force)
 
     def load_weights(self, name: str, weights: AdapterWeights, pin: bool = False) -> ResidentAdapter:
         """Make weights already in memory resident under `name` (not reloadable after eviction)."""
-        with self._lock:
-            return self._install(name, weights, {"source": "memory"}, pin, None, keep=set())
-
-    def _load(self, name: str, weights: dict[str, float] | None, pin: bool, force: bool, keep: set[str]) -> ResidentAdapter:
-        with self._lock:
-            ref = parse_ref(name) if not weights else None
-            if name is None or isinstance(ref, (Base, Auto)):
-                raise UserInputError(f"{name!r} names the base model or a router; give the adapter another name")
-            started = time.perf_counter()
-            if isinstance(ref, Mix):  # a routed mix names its parts
-                weights = ref.as_dict()
-            if weights:
-                adapter_weights, meta = self._mix(name, weights, force)
-            elif isinstance(ref, Stack):
-                adapter_weights, meta = self._stack(ref, force)
-            else:
-                adapter_weights, meta = self._read(ref, force)
-            adapter = self._install(name, adapter_weights, meta, pin, weights, keep)
-            self.residency.load_seconds += time.perf_counter() - started
-            return adapter
-
-    def _mix(self, name: str, weights: dict[str, float], force: bool) -> tuple[AdapterWeights, dict]:
-        """sum_i w_i * adapter_i of adapters of one method as one adapter (LoRA exactly; others by averaging their
-        tensors); classifiers mix their heads the same way (weights normalised): one label map and pooling."""
-        if not isinstance(parse_ref(name), Mix):
-            check_name(name)
-        read = [(self._read(ref, force), float(w)) for ref, w in weights.items()]
-        metas = [meta for (_, meta), _ in read]
-        first = next(iter(weights))
-        for ref, ((part, meta), _) in zip(weights, read):
-            if part.method != read[0][0][0].method:
-                raise UserInputError(f"{ref} is a {part.method} adapter and {first} a {read[0][0][0].method} one; "
-                                     f"only adapters of one method can be mixed")
-            if (meta.get("labels"), meta.get("pooling")) != (metas[0].get("labels"), metas[0].get("pooling")):
-                raise UserInputError(f"{ref} has labels {meta.get('labels')} (pooling {meta.get('pooling')}) and "
-                                     f"{first} {metas[0].get('labels')} ({metas[0].get('pooling')}): "
-                                     f"only classifiers with one label map and pooling can be mixed")
-        combined = method(read[0][0][0].method).combine([(part, w) for (part, _), w in read])
-        source = " + ".join(f"{w:g}*{ref}" for ref, w in weights.items())
-        return combined, metas[0] | {"source": source, "version": None}
-
-    def _stack(self, stack: Stack, force: bool) -> tuple[AdapterWeights, dict]:
-        """`domain+task` (bottom first): the parts' deltas summed as one adapter in one slot, served with the top
-        part's head and label map. Each part is checked against this base like any adapter, so a stack never mixes
-        bases."""
-        refs = stack.parts
-        read = [self._read(ref, force, role="top" if i == len(refs) - 1 else "under") for i, ref in enumerate(refs)]
-        first = read[0][0]
-        combined = method(first.method).stack([weights for weights, _ in read])
-        versions = tuple(meta.get("version") for _, meta in read)
-        return combined, read[-1][1] | {"source": str(stack), "version": None if None in versions else versions}
-
-    def _install(self, name: str, weights: AdapterWeights, meta: dict, pin: bool, recipe, keep: set[str]) -> ResidentAdapter:
-        """Put an adapter's weights into a fresh slot (or, for a method that cannot be stacked, its group model),
-        evicting what must go."""
-        adapting = method(weights.method)
-        if adapting.stacked:
-            sites = self._sites_for(adapting, weights)  # every site checked before anything is evicted or written
-        if name in self.residency:
-            self._evict(name, count=False)
-        for victim in self.residency.victims_for(weights.nbytes, keep=keep | {name}):
-            self._evict(victim)
-        slot = self.residency.allocate_slot()
-        adapter = ResidentAdapter(
-            name=name, slot=slot, method=weights.method, extent=weights.extent, nbytes=weights.nbytes,
-            source=meta["source"], pinned=pin, head=weights.head, labels=meta.get("labels"),
-            pooling=meta.get("pooling"), max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
-            version=meta.get("version"),
-        )
-        try:
-            if adapting.stacked:
-                self._grow(slot)
-                for path, site in weights.sites.items():
-                    sites[path].components[weights.method].write(slot, site)
-            else:
-                adapter.group_model = adapting.group_model(weights, self.model)
-        except BaseException:  # a write that fails part-way leaves no trace and frees its slot
-            self.residency.add(adapter)
-            self._evict(name, count=False)
-            raise
-        self.residency.add(adapter)
-        return adapter
-
-    def _read(self, ref, force: bool, role: str = "alone") -> tuple[AdapterWeights, dict]:
-        """The weights of a folder or registry ref (parsed), after checking they fit this base. `role`: served alone,
-        or the top (task) part of a stack, or a (domain) part under it."""
-        located = resolve(ref, self.registry)
-        folder, source, version = located.folder, located.source, located.version
-        manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
-        if manifest is not None:
-            check_adapter(folder, manifest, self.backbone, source, force)
-            if role != "alone":
-                check_part(source, manifest, self.task, top=role == "top")
-            elif manifest.task != self.task:
-                raise UserInputError(f"{source} is a {manifest.task} adapter; this runtime serves {self.task}")
-            elif manifest.stack_on:
-                under = manifest.stack_on["ref"]
-                raise UserInputError(f"{source} was trained on top of domain adapter {under}: serve it as a stack, "
-                                     f"{under.partition('@')[0]}+{ref} (or another domain's adapter under it)")
-        else:  # a plain peft folder: no checksums to check, but every matrix must fit a layer of this base
-            check_fits_base(folder, self.backbone, source)
-        if folder_kind(folder) != "adapter":
-            raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
-        weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if self.task == "classification" else "")
-        if self.task == "classification" and role != "under" and not weights.head:
-            raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
-        meta = {"source": source, "version": version, "labels": manifest.labels if manifest else None,
-                "pooling": (manifest.pooling if manifest else None) or "mean",
-                "max_length": manifest.max_length if manifest else None}
-        return weights, meta
-
-    def _sites_for(self, adapting, weights: AdapterWeights) -> dict[str, AdaptedSite]:
-        """The adapted site at every path the adapter names, each with this method's stack, after checking the
-        weights fit the base layer there."""
-        for path, site in weights.sites.items():
-            adapting.check_site(path, site, self._base_layer(path))
-        sites = {}
-        for path, site in weights.sites.items():
-            adapted = self._site(path)
-            if weights.method not in adapted.components:
-                adapted.add(weights.method, adapting.component(site, adapted.base_layer, self._capacity, self.dtype,
-                                                               self.device))
-            sites[path] = adapted
-        return sites
-
-    def _base_layer(self, path: str) -> torch.nn.Module:
-        try:
-            module = self.model.get_submodule(path)
-        except AttributeError:
-            raise UserInputError(f"the adapter names layer {path!r}, which this base does not have") from None
-        return module.base_layer if isinstance(module, AdaptedSite) else module
-
-    def _site(self, path: str) -> AdaptedSite:
-        """The adapted site at `path`, wrapping the base's layer there on first use."""
-        if path not in self.sites:
-            parent_path, _, child = path.rpartition(".")
-            holder = self.model.get_submodule(parent_path) if parent_path else self.model
-            self.sites[path] = AdaptedSite(getattr(holder, child), self.context)
-            setattr(holder, child, self.sites[path])
-        return self.sites[path]
-
-    def _grow(self, slot: int) -> None:
-        """Make every stack hold `slot` (doubling the slots as needed)."""
-        capacity = self._capacity
-        while slot >= capacity:
-            capacity *= 2
-        if capacity != self._capacity:
-            self._capacity = capacity
-            for site in self.sites.values():
-                for component in site.components.values():
-                    component.resize(capacity)
-
-    def _evict(self, name: str, count: bool = True) -> None:
-        adapter = self.residency.remove(name)
-        for site in self.sites.values():
-            for component in site.components.values():
-                component.clear(adapter.slot)  # no trace of it remains in the stacks
-        if count:
-            self.residency.evictions += 1
-
-    def sync_with_registry(self) -> list[str]:
-        """Drop what the registry no longer says: a resident adapter loaded by registry name whose name now means
-        another version (a new one, a moved tag) or nothing (removed) is evicted; a pinned one is loaded again at
-        once. One cheap read of the registry's change counter when nothing changed. Returns the names affected."""
-        if self._registry is None:
-            return []
-        changes = self.registry.changes()
-        if changes == self._registry_changes:
-            return []
-        with self._lock:
-            self._registry_changes = changes
-            stale = []
-            for name, adapter in list(self.residency.adapters.items()):
-                if adapter.version is None:  # a folder, a mix or weights in memory: not the registry's to change
-                    continue
-                now = self._version_now(name)
-                if now != adapter.version:
-                    stale.append(name)
-                    self._evict(name, count=False)
-                    if adapter.pinned and now is not None:
-                        self._load(name, None, True, False, keep=set())
-            return stale
-
-    def _version_now(self, name: str):
-        """What the registry says `name` is now (a stack: each part's version), None if it names nothing."""
-        try:
-            ref = parse_ref(name)
-            if isinstance(ref, Stack):
-                return tuple(self.registry.get(part).version for part in ref.parts)
-            return self.registry.get(ref).version
-        except UserInputError:
-            return None
+        return self.adapters.load_weights(name, weights, pin)
 
     def unload(self, name: str) -> None:
-        with self._lock:
-            name = self._key(name)
-            if name not in self.residency:
-                raise UserInputError(f"adapter {name!r} is not resident; resident: {sorted(self.residency.adapters)}")
-            self._evict(name, count=False)
+        self.adapters.unload(name)
 
     def ensure_resident(self, name: str) -> ResidentAdapter:
-        """Load `name` now if it is not resident (a miss); a resident one is left as it is."""
-        with self._lock:
-            name = self._key(name)
-            if name in self.residency:
-                return self.residency.adapters[name]
-            self.residency.misses += 1
-            return self._load(name, None, False, False, keep=set())
+        return self.adapters.ensure_resident(name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        """Pinned adapters are never evicted (loaded now if not resident)."""
-        with self._lock:
-            self._resident(self._key(name)).pinned = pinned
-
-    # resident() and stats() read without the lock: a health check or metrics scrape never waits for a batch
-    # (a generation holds the lock for its whole stream); a read racing a load may miss that one adapter
+        self.adapters.pin(name, pinned)
 
     def resident(self) -> list[str]:
-        return list(self.residency.adapters.copy())
+        return self.adapters.resident()
 
     def stats(self) -> dict:
-        r = self.residency
-        components = [c for site in list(self.sites.values()) for c in list(site.components.values())]
-        stack_bytes = sum(b.numel() * b.element_size() for c in components for b in c.buffers(recurse=False))
-        return {
-            "resident": len(r.adapters), "resident_adapter_bytes": r.resident_bytes, "stack_bytes": stack_bytes,
-            "slots": self._capacity, "sites": len(self.sites),
-            "hits": r.hits, "misses": r.misses,
-            "evictions": r.evictions, "load_seconds": r.load_seconds,
-        }
+        return self.adapters.stats()
 
-    def _resident(self, name: str, keep: set[str] = frozenset()) -> ResidentAdapter:
-        """A resident adapter (a hit), or loaded now from where it came from (a miss), never evicting `keep`."""
-        if name in self.residency:
-            self.residency.hits += 1
-            return self.residency.use(name)
-        self.residency.misses += 1
-        return self._load(name, None, False, False, keep=set(keep))
+    def sync_with_registry(self) -> list[str]:
+        return self.adapters.sync_with_registry()
 
     # ------------------------------------------------------------ routing
 
     def router(self, selector: str = AUTO) -> Router:
         """The router `selector` names (`auto`, `auto:TAG`, `auto:a,b`), built from the registry's signatures of
         this base and task; rebuilt when the registry changes."""
-        changes = self.registry.changes()
-        selector = str(parse_ref(selector))
         with self._lock:
-            cached = self._routers.get(selector)
-            if cached is not None and cached[0] == changes:
-                return cached[1]
-            chosen = members(self.registry, selector, self.backbone.fingerprint["id"], self.task)
-            router = Router([name for name, _ in chosen], [read_signature(e.path) for _, e in chosen])
-            manifests = [e.manifest for _, e in chosen]
-            # classifiers mix only with one label map and pooling; otherwise a low-confidence row takes the nearest
-            router.mixable = self.task == "causal_lm" or len({(tuple(m.labels or ()), m.pooling) for m in manifests}) == 1
-            if len(self._routers) >= 64:  # selectors come from requests: keep the cache bounded
-                self._routers.clear()
-            self._routers[selector] = (changes, router)
-            return router
+            return self._routers.get(self.registry, selector)
 
     def route(self, inputs, router: str = AUTO, threshold: float = 0.5, top_k: int = 2,
               fallback: str | None = None) -> list[Route]:
@@ -387,7 +143,7 @@ class AdapterRuntime:
 
     def _routed(self, inputs, adapters) -> tuple[list, list[Route | None]]:
         """Per-row adapter names with every `auto` row routed (the route kept for the caller)."""
-        names = [self._key(n) for n in _per_row(adapters, len(inputs))]
+        names = [self.adapters.key(n) for n in _per_row(adapters, len(inputs))]
         routes: list[Route | None] = [None] * len(names)
         for selector in {n for n in names if is_auto(n)}:
             rows = [i for i, n in enumerate(names) if n == selector]
@@ -400,9 +156,9 @@ class AdapterRuntime:
     def _plan(self, adapters, rows: int) -> tuple[list[ResidentAdapter | None], list[int], dict[str, list[int]]]:
         """Each row's adapter (made resident), the rows that run stacked, and the rows of each adapter whose method
         runs as a group (not stacked)."""
-        names = [self._key(n) for n in _per_row(adapters, rows)]
+        names = [self.adapters.key(n) for n in _per_row(adapters, rows)]
         wanted = {n for n in names if n is not None}
-        resident = [None if n is None else self._resident(n, keep=wanted) for n in names]
+        resident = [None if n is None else self.adapters.use(n, keep=wanted) for n in names]
         stacked = [i for i, a in enumerate(resident) if a is None or a.group_model is None]
         grouped: dict[str, list[int]] = {}
         for i, a in enumerate(resident):
@@ -423,32 +179,7 @@ class AdapterRuntime:
         return AdapterBatch.build(slots, methods, self.device)
 
     def _encode(self, inputs, padding_side: str = "right", limits: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask of texts or id lists, padded; with `limits`, each text truncated to its limit."""
-        if isinstance(inputs, str):
-            raise UserInputError("pass a list of texts (one per row), not a single string")
-        if not inputs:
-            raise UserInputError("no inputs: pass at least one text")
-        if isinstance(inputs[0], str):
-            inputs = self._tokenize(list(inputs), limits)
-        for i, row in enumerate(inputs):
-            if len(row) > self.max_positions:
-                raise UserInputError(f"input {i} has {len(row)} tokens; this base takes at most {self.max_positions}")
-        width = max(len(row) for row in inputs)
-        pad = self.tokenizer.pad_token_id
-        ids = [([pad] * (width - len(r)) + list(r)) if padding_side == "left" else (list(r) + [pad] * (width - len(r))) for r in inputs]
-        mask = [([0] * (width - len(r)) + [1] * len(r)) if padding_side == "left" else ([1] * len(r) + [0] * (width - len(r))) for r in inputs]
-        return torch.tensor(ids), torch.tensor(mask)
-
-    def _tokenize(self, texts: list[str], limits: list[int | None] | None) -> list[list[int]]:
-        """Token ids per text; a text with a limit is cut to it, as training cut it (grouped by limit)."""
-        limits = limits or [None] * len(texts)
-        rows: list[list[int]] = [[] for _ in texts]
-        for limit in set(limits):
-            index = [i for i, l in enumerate(limits) if l == limit]
-            options = dict(truncation=True, max_length=limit) if limit else {}
-            for i, ids in zip(index, self.tokenizer([texts[i] for i in index], **options)["input_ids"]):
-                rows[i] = ids
-        return rows
+        return encode(self.tokenizer, self.max_positions, inputs, padding_side, limits)
 
     def _forward(self, batch: AdapterBatch | None, model=None, **inputs):
         self.context.current = batch

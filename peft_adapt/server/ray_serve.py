@@ -23,7 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import UserInputError
+from ..registry.store import Registry
+from ..runtime import AdapterRuntime
 from ..training.threads import available_cores
+from .app import _add_error_handlers, create_app
+from .guard import Guard, flat_routes
+from .routes import router
+from .serve import _task_of, check_served_folders
 
 log = logging.getLogger("peft_adapt.server")
 REPLICA_HEADER = "x-peft-adapt-replica"
@@ -45,10 +51,6 @@ def build_app(base: str, quantization: str, registry_args: dict, adapters: list[
     """The Ray Serve application: a Front deployment over `replicas` replicas of the server."""
     from ray import serve
 
-    from .app import _add_error_handlers
-    from .guard import Guard, flat_routes
-    from .routes import router
-
     per_replica = max_adapters or 8
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={
@@ -56,11 +58,6 @@ def build_app(base: str, quantization: str, registry_args: dict, adapters: list[
     class AdapterReplica:
         def __init__(self):
             import httpx
-
-            from ..registry.store import Registry
-            from ..runtime import AdapterRuntime
-            from .app import create_app
-            from .serve import check_served_folders
 
             registry = Registry(**registry_args)
             self.runtime = AdapterRuntime(base, task=task, quantization=quantization, registry=registry,
@@ -132,8 +129,6 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
         raise UserInputError("serving on Ray needs Ray Serve: pip install 'peft-adapt[ray]'") from None
     if replicas < 1:
         raise UserInputError(f"--replicas {replicas}: give 1 or more")
-    from .serve import _task_of, check_served_folders
-
     check_served_folders(adapters, base)  # before a cluster starts: a bad folder is the user's to hear at once
     task = _task_of(base) if task == "auto" else task
     cores = available_cores()

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import UserInputError
 from ..faults import fault_point
-from ..registry.refs import Auto, Base, Mix, Stack, parse_ref
+from ..registry.refs import Auto, Base, Mix, Stack, is_folder_ref, parse_ref
 from ..registry.stacks import DOMAIN_TASKS
 from ..routing.router import is_auto
 from ..runtime.batcher import ClassifyJob
@@ -52,10 +52,9 @@ class ServerState:
             return None
         if model in self.from_folders and model in self.runtime.resident():
             return model
-        try:
-            ref = parse_ref(model, folders=False)
-        except UserInputError:
-            raise self._not_found(model) from None
+        if is_folder_ref(model):  # a path is never read from a request: no such model
+            raise self._not_found(model)
+        ref = parse_ref(model, folders=False)  # a malformed reference: a 400 saying what is wrong
         if isinstance(ref, Base):
             return None
         if isinstance(ref, Auto):  # routed per input in the batcher's thread (`routed`); the router checks its members

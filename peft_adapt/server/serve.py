@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..models.backbone import resolve_model_path
+from ..registry.refs import is_folder_ref
+from ..registry.store import Registry
+from ..runtime import AdapterRuntime
+from .app import create_app
 from .schemas import ServerSettings
 
 
@@ -13,9 +18,6 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
           settings: ServerSettings | None = None) -> None:
     import uvicorn
 
-    from ..registry.store import Registry
-    from ..runtime import AdapterRuntime
-    from .app import create_app
 
     settings = settings or ServerSettings(base_name=base)
     registry = registry_root if isinstance(registry_root, Registry) else Registry(registry_root)
@@ -32,7 +34,6 @@ def _task_of(base: str) -> str:
     """causal_lm for a model with a language-modelling head, classification for a bare encoder."""
     from transformers import AutoConfig
 
-    from ..models.backbone import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(base))
     architectures = " ".join(config.architectures or [])
@@ -41,7 +42,6 @@ def _task_of(base: str) -> str:
 
 def check_served_folders(adapters: list[str] | None, base: str) -> set[str]:
     """The adapters named as folders, each with the manifest training wrote: nothing unchecked is served."""
-    from ..registry.refs import is_folder_ref
 
     folders = {name for name in adapters or [] if is_folder_ref(name)}
     for name in folders:

@@ -35,15 +35,23 @@ from ..formats import (
     write_json,
     write_manifest,
 )
+from ..formats.model_card import model_card
 from ..methods import inject_adapter, method
 from ..models.backbone import Backbone, disable_cpu_repacking, load_backbone
+from ..models.builtin_models import portable_name
+from ..registry.store import Registry
+from ..routing.router import MIN_ROWS, input_text, sign, write_signature
+from ..runtime.stacks import StackedDomain, resolve_domain
 from .adapting import DomainAdaptationTrainer
 from .checkpoints import AdapterTrainer, CrashAfterCheckpoint
+from .distributed import become_single_process, my_domains, record_failure, wait_for_all, world
 from .evaluation import evaluate_task, masked_nll_per_row, nll_per_row, predict_probabilities
 from .freeze import apply_freeze
+from .init_from import initialise_from
 from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe, parse_recipe
+from .threads import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +196,6 @@ def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[st
     """Trainer hooks: accuracy and macro-F1 (classification), entity F1 (token classification), token-weighted
     perplexity (causal LM); each reduces logits per batch so evaluation never holds [rows, length, vocab]."""
     if task == "token_classification":
-
         def compute(eval_pred):
             predicted, gold = [], []
             for p_row, g_row in zip(eval_pred.predictions, eval_pred.label_ids):
@@ -199,7 +206,6 @@ def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[st
 
         return compute, lambda logits, labels: logits.argmax(-1)
     if task == "classification":
-
         def compute(eval_pred):
             predictions = eval_pred.predictions.argmax(-1).tolist()
             return classification_metrics(predictions, eval_pred.label_ids.tolist(), num_labels)
@@ -255,98 +261,91 @@ def _tensorboard(out_root: Path, domain: str):
     return callback
 
 
-def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool = False,
-                 progress_label: str | None = None, registry=None) -> TrainResult:
-    """Train, evaluate and save one domain's adapter into `out_root/<domain>/`; with `resume`, continue from the
-    domain's last checkpoint if a previous run left one. `progress_label`: plain progress lines instead of a bar.
-    `registry`: where the recipe's `stack_on` is looked up (default: the default registry)."""
-    from transformers import EarlyStoppingCallback, set_seed
+@dataclass
+class _Prepared:
+    """One domain ready to train: its data, the base with its adapter, and what the manifest will record."""
 
+    examples: object
+    backbone: Backbone
+    data: DomainData
+    model: torch.nn.Module
+    signature: object
+    stacked_on: dict | None
+    initialised: dict | None
+
+
+def _prepare(recipe: Recipe, domain: str, registry) -> _Prepared:
+    """Data first (bad rows fail before the model loads, and the label map sizes the classifier's head), then the
+    base, its routing signature (read before anything adapts it), a stacked domain adapter and the adapter."""
     spec = recipe.domain(domain)
-    train_path = recipe.data_path(spec.train)
-    eval_path = recipe.data_path(spec.eval) if spec.eval else None
-    test_path = recipe.data_path(spec.test) if spec.test else None
     t = recipe.training
-    set_seed(t.seed)
-
-    # Data first: bad rows fail before the model loads, and the label map sizes the classifier's head.
-    examples = read_domain(recipe.task, train_path, eval_path, test_path, t.seed, t.max_train_rows, t.max_eval_rows,
-                           t.shots)
-    num_labels = len(examples.labels.names) if examples.labels else None
-    backbone = load_backbone(recipe.base, recipe.task.type, num_labels, recipe.task.pooling,
-                             examples.labels.names if recipe.task.crf else None)
+    examples = read_domain(recipe.task, recipe.data_path(spec.train), recipe.data_path(spec.eval) if spec.eval else None,
+                           recipe.data_path(spec.test) if spec.test else None, t.seed, t.max_train_rows,
+                           t.max_eval_rows, t.shots)
+    labels = examples.labels.names if examples.labels else None
+    backbone = load_backbone(recipe.base, recipe.task.type, len(labels) if labels else None, recipe.task.pooling,
+                             labels if recipe.task.crf else None)
     data = tokenize_domain(examples, backbone.tokenizer, recipe.task)
-    # the domain's signature for routing, read from the base before anything adapts it
     signature = _signature(backbone, examples) if recipe.adapter is not None else None
     stacked_on = None
     if recipe.stack_on is not None:  # the frozen domain adapter's delta joins every forward, before the task's
-        from ..registry.store import Registry
-        from ..runtime.stacks import StackedDomain, resolve_domain
-
         folder, stacked_on = resolve_domain(recipe.stack_on, registry or Registry(), recipe.task.type,
                                             backbone.fingerprint)
         StackedDomain(backbone.model, folder, "encoder." if recipe.task.type != "causal_lm" else "")
     model = prepare_model(recipe, backbone)
     initialised = None
     if recipe.init_from is not None:
-        from ..registry.store import Registry
-        from .init_from import initialise_from
-
         initialised = initialise_from(model, recipe.init_from, registry or Registry(), recipe.method,
-                                      recipe.task.type, backbone.fingerprint,
-                                      examples.labels.names if examples.labels else None)
-    trainable, total = count_parameters(model)
-    if trainable == 0:
-        raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
+                                      recipe.task.type, backbone.fingerprint, labels)
+    return _Prepared(examples, backbone, data, model, signature, stacked_on, initialised)
 
-    out_dir = Path(out_root) / domain
-    checkpoints = checkpoint_folder(out_root, domain)
+
+def _trainer(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, progress_label: str | None):
+    """Trainer (or, with a domain-adaptation term, its subclass) with our callbacks, checkpoints and metrics."""
+    from transformers import EarlyStoppingCallback
+
+    t, data, backbone = recipe.training, ready.data, ready.backbone
     if t.early_stopping and not data.eval:
         raise UserInputError(f"{recipe.source}: training.early_stopping needs eval data, but domain {domain!r} has no "
                              f"eval file and task.eval_fraction is 0")
-    args = _training_arguments(recipe, backbone, checkpoints, len(data.train), bool(data.eval), progress_label is not None)
-    label_names = examples.labels.names if examples.labels else None
-    compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, num_labels, label_names)
+    args = _training_arguments(recipe, backbone, checkpoint_folder(out_root, domain), len(data.train), bool(data.eval),
+                               progress_label is not None)
+    labels = ready.examples.labels.names if ready.examples.labels else None
+    compute_metrics, preprocess = _compute_metrics_for(recipe.task.type, len(labels) if labels else None, labels)
     callbacks = [CrashAfterCheckpoint()]
     if t.early_stopping:
         callbacks.append(EarlyStoppingCallback(t.early_stopping.patience, t.early_stopping.threshold))
     if "tensorboard" in t.report_to:
-        callbacks.append(_tensorboard(Path(out_root), domain))
+        callbacks.append(_tensorboard(out_root, domain))
     if progress_label is not None:
         callbacks.append(ProgressLines(progress_label))
     options = dict(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval or None,
+        model=ready.model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=(MaskingCollator(backbone.tokenizer, recipe.task.mask_probability) if recipe.task.type == "masked_lm"
                        else Collator(backbone.tokenizer.pad_token_id)),
-        compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=preprocess,
-        callbacks=callbacks,
+        compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess, callbacks=callbacks,
     )
-    phased = recipe.domain_adaptation is not None and adaptation_method(recipe.domain_adaptation.method).phased
-    if recipe.domain_adaptation is not None and not phased:
-        trainer = DomainAdaptationTrainer(
-            **options, adaptation=recipe.domain_adaptation, task=recipe.task.type,
-            target_features=target_features(recipe, backbone.tokenizer), hidden_size=backbone.model.config.hidden_size,
-        )
+    adaptation = recipe.domain_adaptation
+    if adaptation is not None and not adaptation_method(adaptation.method).phased:
+        trainer = DomainAdaptationTrainer(**options, adaptation=adaptation, task=recipe.task.type,
+                                          target_features=target_features(recipe, backbone.tokenizer),
+                                          hidden_size=backbone.model.config.hidden_size)
     else:
         trainer = AdapterTrainer(**options)
     if progress_label is not None:  # our lines replace Trainer's printed dicts
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    resume_from = last_checkpoint(out_root, domain) if resume else None
-    if resume_from is not None:
-        log.warning("%s: resuming from %s", domain, resume_from)
-    started = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    wall = time.perf_counter() - started
+    return trainer
 
-    eval_batch = t.eval_batch_size or t.batch_size
+
+def _metrics(recipe: Recipe, ready: _Prepared, trainer, train_output, wall: float) -> dict:
+    """What the run did and how well the adapter scores on the domain's eval and test rows."""
+    t, data = recipe.training, ready.data
+    trainable, total = count_parameters(ready.model)
+    labels = ready.examples.labels.names if ready.examples.labels else None
+    evaluate = lambda rows: evaluate_task(ready.model, rows, recipe.task.type, ready.backbone.tokenizer.pad_token_id,  # noqa: E731
+                                          len(labels) if labels else None, t.eval_batch_size or t.batch_size, labels)
     metrics = {
         "train_loss": train_output.training_loss,
         "steps": trainer.state.global_step,
@@ -358,36 +357,59 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         "total_parameters": total,
         "rows": data.examples.n_rows,
     }
-    if initialised is not None:
-        metrics["init_from"] = initialised
-    if resume_from is not None:
-        metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
+    if ready.initialised is not None:
+        metrics["init_from"] = ready.initialised
     if data.eval:
-        metrics["eval"] = evaluate_task(model, data.eval, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels,
-                                        eval_batch, label_names)
+        metrics["eval"] = evaluate(data.eval)
     metrics["train_tokens_per_second"] = metrics["train_tokens"] / wall if wall > 0 else None
     if data.test is not None:
-        metrics["test"] = evaluate_task(model, data.test, recipe.task.type, backbone.tokenizer.pad_token_id, num_labels,
-                                        eval_batch, label_names)
+        metrics["test"] = evaluate(data.test)
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     pseudo_labels = getattr(trainer, "pseudo_label_rounds", [])
     if pseudo_labels:
-        metrics["self_training"] = [r.summary(num_labels) for r in pseudo_labels]
+        metrics["self_training"] = [r.summary(len(labels)) for r in pseudo_labels]
+    return metrics
 
-    manifest = None
-    gathered = None
+
+def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool = False,
+                 progress_label: str | None = None, registry=None) -> TrainResult:
+    """Train, evaluate and save one domain's adapter into `out_root/<domain>/`; with `resume`, continue from the
+    domain's last checkpoint if a previous run left one. `progress_label`: plain progress lines instead of a bar.
+    `registry`: where the recipe's `stack_on` is looked up (default: the default registry)."""
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)
+    out_root = Path(out_root)
+    ready = _prepare(recipe, domain, registry)
+    if count_parameters(ready.model)[0] == 0:
+        raise UserInputError(f"{recipe.source}: nothing to train: the recipe leaves every parameter frozen")
+    trainer = _trainer(recipe, domain, out_root, ready, progress_label)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    resume_from = last_checkpoint(out_root, domain) if resume else None
+    if resume_from is not None:
+        log.warning("%s: resuming from %s", domain, resume_from)
+    started = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = _metrics(recipe, ready, trainer, train_output, time.perf_counter() - started)
+    if resume_from is not None:
+        metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
+
+    out_dir, manifest, gathered = out_root / domain, None, None
     if getattr(trainer, "is_fsdp_enabled", False):
         # FSDP shards the weights: every process takes part in gathering them; the main one writes
         gathered = out_dir.parent / f".{out_dir.name}.fsdp-gathered"
         trainer.save_model(str(gathered))
     if trainer.is_world_process_zero():  # data parallel: only the main process writes
-        manifest = save_trained(recipe, domain, out_dir, model, backbone, data, metrics, trainer.state.log_history,
-                                gathered, stacked_on, signature)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    result = TrainResult(domain, out_dir, metrics, manifest, model, backbone, data, pseudo_labels=pseudo_labels)
+        manifest = save_trained(recipe, domain, out_dir, ready.model, ready.backbone, ready.data, metrics,
+                                trainer.state.log_history, gathered, ready.stacked_on, ready.signature)
+        shutil.rmtree(checkpoint_folder(out_root, domain), ignore_errors=True)
+    result = TrainResult(domain, out_dir, metrics, manifest, ready.model, ready.backbone, ready.data,
+                         pseudo_labels=getattr(trainer, "pseudo_label_rounds", []))
+    phased = recipe.domain_adaptation is not None and adaptation_method(recipe.domain_adaptation.method).phased
     if phased and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
-        result.adapted = _target_phase(recipe, domain, out_root, result, backbone.tokenizer)
+        result.adapted = _target_phase(recipe, domain, out_root, result, ready.backbone.tokenizer)
     return result
 
 
@@ -455,7 +477,6 @@ def _tokens_seen(features: list[dict], steps: int, batch: int) -> int:
 
 def _signature(backbone: Backbone, examples):
     """The training text's routing signature (routing.py), or None for a domain too small to sign."""
-    from ..routing.router import MIN_ROWS, input_text, sign
 
     texts = [input_text(e) for e in examples.train]
     if sum(1 for t in texts if t.strip()) < MIN_ROWS:
@@ -486,8 +507,6 @@ def save_trained(recipe: Recipe, domain: str, out_dir: Path, model, backbone: Ba
         if recipe.adapter is not None:
             describe_for_plain_tools(staging, recipe, domain, labels, pooling)
         if signature is not None:
-            from ..routing.router import write_signature
-
             write_signature(staging, signature.features, signature.layer, signature.tokens)
         write_json(staging / "metrics.json", metrics)
         write_json(staging / "log_history.json", log_history)
@@ -515,8 +534,6 @@ def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: 
                              pooling: str | None) -> None:
     """What other tools read: peft's `base_model_name_or_path` names the base portably (the hub id of a
     built-in, not a path inside this machine's cache), and README.md says how to load it without us."""
-    from ..formats.model_card import model_card
-    from ..models.builtin_models import portable_name
 
     config_path = folder / ADAPTER_CONFIG
     if config_path.is_file():
@@ -538,8 +555,6 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
     With `resume`, a domain whose adapter is already saved is skipped and an interrupted one continues from
     its last checkpoint. `report(line)` hears a banner before each domain and its result line after it.
     `stack_registry`: where `stack_on` is looked up (default: `registry`, else the default registry)."""
-    from .distributed import become_single_process, my_domains, record_failure, wait_for_all, world
-    from .threads import configure_threads
 
     names = domains or list(recipe.domains)
     for name in names:

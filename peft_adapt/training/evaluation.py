@@ -8,7 +8,9 @@ import torch
 
 from ..data import IGNORE_INDEX, LabelMap, TaskSpec, pad_batch, read_eval_file, tokenize
 from ..errors import UserInputError
+from ..formats import read_manifest
 from ..models.backbone import BaseSpec, load_backbone
+from ..runtime.loading import load_trained
 from .metrics import classification_metrics, entity_metrics, perplexity
 
 
@@ -139,8 +141,6 @@ def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: 
                   source: str | None = None, registry=None) -> dict:
     """Load a trained adapter onto its base and score it on a data file; `base_only` scores its base alone
     (causal LM: the perplexity an adapter is measured against). `records` gets one entry per example."""
-    from ..formats import read_manifest
-    from ..runtime.loading import load_trained
 
     manifest = read_manifest(adapter_dir)
     task = TaskSpec.model_validate(manifest.task_spec)

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_WEIGHTS, read_manifest
+from ..methods import method
+from ..methods.base import PeftTrainedMethod
+from ..models.builtin_models import sha256_file
+from ..models.fingerprint import fingerprint_differences
+from ..registry.refs import parse_ref, resolve
 
 
 def initialise_from(model, ref: str, registry, method_name: str, task: str, fingerprint: dict,
@@ -18,11 +23,6 @@ def initialise_from(model, ref: str, registry, method_name: str, task: str, fing
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from ..methods import method
-    from ..methods.base import PeftTrainedMethod
-    from ..models.builtin_models import sha256_file
-    from ..models.fingerprint import fingerprint_differences
-    from ..registry.refs import parse_ref, resolve
 
     located = resolve(parse_ref(ref), registry)
     folder, source = located.folder, located.source

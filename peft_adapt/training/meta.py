@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..data import pad_batch, read_domain, tokenize_domain
 from ..errors import UserInputError
+from ..models.backbone import load_backbone
+from .domain import TrainResult, count_parameters, prepare_model, save_trained
+from .evaluation import evaluate_task
 
 
 @dataclass
@@ -37,10 +41,6 @@ def reptile_step(init: list[torch.Tensor], adapted: list[torch.Tensor], share: f
 def meta_train(recipe, out_root, settings: MetaSettings = MetaSettings(), registry=None):
     """Learn an initialisation over the recipe's domains; save it as `<name>-meta` in `out_root/meta` (returns its
     TrainResult). Every domain must share one label map (the head is part of what is learned)."""
-    from ..data import pad_batch, read_domain, tokenize_domain
-    from ..models.backbone import load_backbone
-    from .domain import TrainResult, count_parameters, prepare_model, save_trained
-    from .evaluation import evaluate_task
 
     if recipe.adapter is None:
         raise UserInputError(f"{recipe.source}: meta-train learns an adapter's initialisation; the recipe trains none")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ..adaptation import TABLE as ADAPTATION_METHODS
 from ..adaptation.spec import DomainAdaptationSpec
-from ..data import TaskSpec
+from ..data import TaskSpec, read_utf8
 from ..errors import UserInputError
 from ..methods import DEFAULT, SPECS, AdapterSpec, method
 from ..models.backbone import BaseSpec
@@ -236,7 +236,6 @@ def _section(model: type[BaseModel], indent: int, lines: list[str], commented: b
 def recipe_reference() -> str:
     """Every recipe key with its default (or, for required keys, an example) and what it means, generated
     from the pydantic models so the README cannot drift from the code."""
-    from ..methods import SPECS
 
     lines: list[str] = []
     fields = Recipe.model_fields
@@ -357,7 +356,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"recipe {path} does not exist")
-    from ..data import read_utf8
 
     try:
         data = yaml.safe_load(read_utf8(path))

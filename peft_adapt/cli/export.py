@@ -1,0 +1,74 @@
+"""`merge` and `export`: combine adapters, fold one into its base."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import add_registry_arguments, open_registry
+
+
+def add_merge(sub) -> None:
+    """`merge ADAPTER ... --method M --name N`."""
+    p = sub.add_parser("merge", help="combine LoRA adapters of one base into a new registered adapter")
+    p.add_argument("adapters", nargs="+", help="registry refs: NAME, NAME@VERSION or NAME@TAG")
+    p.add_argument("--method", required=True,
+                   help="cat, linear, svd, ties, dare_linear, dare_ties or magnitude_prune (the merge table's names)")
+    p.add_argument("--weights", help="comma-separated, one per adapter (default: equal, summing to 1)")
+    p.add_argument("--density", type=float, default=1.0, help="share of entries kept (ties, dare_*, magnitude_prune)")
+    p.add_argument("--seed", type=int, default=0, help="for DARE's random drop")
+    p.add_argument("--rank", type=int, help="rank of the result (default: see README)")
+    p.add_argument("--name", required=True, help="name of the new adapter")
+    add_registry_arguments(p)
+    p.set_defaults(func=_cmd_merge)
+
+
+def add_export(sub) -> None:
+    """`export ADAPTER --out DIR`."""
+    p = sub.add_parser("export", help="fold an adapter into its base and save a standalone model")
+    p.add_argument("adapter", help="registry ref: NAME, NAME@VERSION or NAME@TAG")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
+                   help="fold into the dequantized quantized weights it was trained on (default) or the originals")
+    p.add_argument("--requantize", choices=["nf4", "int8"], help="quantize the merged model again (never the default)")
+    p.add_argument("--probe", help="probe text for fidelity.json (default: the adapter's eval data)")
+    p.add_argument("--probe-tokens", type=int, default=1024)
+    p.add_argument("--adapter-only", action="store_true", help="export the adapter folder for peft / vLLM instead")
+    p.add_argument("--pad-rank", action="store_true", help="with --adapter-only: pad the rank to one vLLM accepts")
+    add_registry_arguments(p)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_merge(args) -> int:
+    from ..merge import combine_adapters  # lazy: the CLI starts without torch
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    entry = combine_adapters(open_registry(args), args.adapters, args.method, args.name, weights=weights,
+                             density=args.density, seed=args.seed, rank=args.rank)
+    merge = entry.manifest.merge
+    print(f"registered {entry.ref}: {args.method} of {', '.join(merge['parents'])} (weights {merge['weights']}, "
+          f"rank {merge['rank']}, SVD relative error max {merge['relative_error_max']:.2e})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from ..merge import export_adapter_folder, export_model  # lazy: the CLI starts without torch
+
+    registry = open_registry(args)
+    if args.adapter_only:
+        for warning in export_adapter_folder(registry, args.adapter, args.out, pad_rank=args.pad_rank):
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"exported the adapter folder of {args.adapter} to {args.out}")
+        return 0
+    report = export_model(registry, args.adapter, args.out, dtype=args.dtype, base_weights=args.base_weights,
+                          requantize=args.requantize, probe=args.probe, probe_tokens=args.probe_tokens)
+    for variant, scores in report["variants"].items():
+        print(f"{variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
+              f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
+    floor = report["noise_floor"]
+    print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    kind = f"{args.dtype}" + (f", requantized to {args.requantize}" if args.requantize else "")
+    print(f"saved a standalone model in {kind} to {args.out} (fidelity.json beside the weights)")
+    return 0

@@ -1,0 +1,67 @@
+"""`serve`: the HTTP server, in one process or as Ray Serve replicas."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..registry.refs import is_folder_ref
+from ..registry.store import registry_location
+from .common import add_registry_arguments, open_registry
+
+
+def add_serve(sub) -> None:
+    """`serve --base MODEL`."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, every adapter, batched across adapters")
+    p.add_argument("--base", required=True, help="base model: alias, folder or hub id")
+    p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
+    p.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification"])
+    add_registry_arguments(p)
+    p.add_argument("--adapters", help="comma-separated adapters to load (and pin) at start")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $PEFT_ADAPT_API_KEY)")
+    p.add_argument("--admin-key", help="key for /v1/adapters/load and /unload (or $PEFT_ADAPT_ADMIN_KEY)")
+    p.add_argument("--max-adapters", type=int, help="resident adapters at most (least recently used are evicted)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--ray", action="store_true", help="serve as replicas on Ray Serve, each request routed to a "
+                                                      "replica holding its adapter (pip install 'peft-adapt[ray]')")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: server replicas, one base each")
+    p.add_argument("--ray-address", help="with --ray: join this Ray cluster (default: start a local one)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every request's output independent of what it is batched with (each row runs alone)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from ..server import ServerSettings, serve  # lazy: the CLI starts without torch
+
+    settings = ServerSettings(
+        base_name=args.base, api_key=args.api_key or os.environ.get("PEFT_ADAPT_API_KEY"),
+        admin_key=args.admin_key or os.environ.get("PEFT_ADAPT_ADMIN_KEY"), max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, batch_invariant=args.batch_invariant,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
+    adapters = args.adapters.split(",") if args.adapters else None
+    if args.ray:  # replicas run in other processes, in another working directory: they get absolute paths
+        from ..server.ray_serve import serve_on_ray  # lazy: the CLI starts without torch
+
+        root, store, cache = registry_location(args.registry, args.store)
+        registry_args = {"root": str(root.resolve()) if isinstance(root, Path) else root, "store": store,
+                         "cache": str(cache.resolve()) if cache else None}
+        adapters = [str(Path(a).expanduser().resolve()) if is_folder_ref(a) else a for a in adapters or []]
+        base = str(Path(args.base).resolve()) if Path(args.base).exists() else args.base
+        serve_on_ray(base, args.quantization, registry_args, adapters, args.host, args.port, args.task,
+                     args.max_adapters, settings, args.replicas, args.ray_address)
+        return 0
+    serve(args.base, args.quantization, open_registry(args), adapters, args.host, args.port, args.task,
+          args.max_adapters, settings)
+    return 0
