@@ -29,8 +29,7 @@ CONFIGS = {
 def main() -> None:
     import torch
 
-    from peft_adapt.training.recipe import load_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import load_recipe, train_domain
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domains", default="books,dvd,electronics,kitchen")

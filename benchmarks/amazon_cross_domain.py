@@ -51,11 +51,11 @@ GENERATOR_QUICK = {"steps": 30, "max_new_tokens": 48}
 def main() -> None:
     import torch
 
+    from peft_adapt import parse_recipe, train_domain
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, read_rows, tokenize
     from peft_adapt.training.evaluation import evaluate_task
     from peft_adapt.training.plots import plot_heatmap
-    from peft_adapt.training.recipe import data_root, parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 pairs, 800 rows a domain, max length 96")
@@ -163,7 +163,7 @@ def main() -> None:
     def stack_accuracy(source: str, target: str) -> tuple[float, float]:
         """(target accuracy with the target's domain adapter under the task adapter, with the source's)."""
         nonlocal runtime
-        from peft_adapt.runtime import AdapterRuntime
+        from peft_adapt import AdapterRuntime
 
         if source not in stacked_tasks:
             result = train_domain(recipe(source, None, "domain_stack", stack_on=str(domain_adapter(source))), source,

@@ -29,13 +29,10 @@ def main() -> None:
     import torch
     from peft import PeftModel
 
-    from peft_adapt.models.backbone import BaseSpec, load_backbone
-    from peft_adapt.merge import export_model
+    from peft_adapt import AdapterRuntime, Registry, export_model, parse_recipe, train_domain
     from peft_adapt.merge.fidelity import compare_logits
-    from peft_adapt.training.recipe import data_root, parse_recipe
-    from peft_adapt.registry.store import Registry
-    from peft_adapt.runtime import AdapterRuntime
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
+    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -84,9 +81,10 @@ def main() -> None:
                               "probe_tokens": report["probe_tokens"]} | common), flush=True)
 
         # peft merge_and_unload on the 4-bit model, before and after the model has run inference
-        from peft_adapt.models.backbone import resolve_model_path
-        from peft_adapt.merge.fidelity import probe_token_ids
         from transformers import AutoTokenizer
+
+        from peft_adapt.merge.fidelity import probe_token_ids
+        from peft_adapt.models.backbone import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
         probes = probe_token_ids(tokenizer, entry.manifest, work / "probe.jsonl", args.probe_tokens)

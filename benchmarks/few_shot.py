@@ -43,11 +43,9 @@ def emit(**fields) -> None:
 
 
 def main() -> None:
-    from peft_adapt.merge import combine_adapters
+    from peft_adapt import Registry, combine_adapters, parse_recipe, train_domain
     from peft_adapt.training.meta import MetaSettings, meta_train
-    from peft_adapt.training.recipe import data_root, parse_recipe
-    from peft_adapt.registry.store import Registry
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="K 8 and 32, one seed, 800-row source adapters")

@@ -50,8 +50,8 @@ def _peak_memory() -> dict:
 def main() -> None:
     import torch
 
-    from peft_adapt.training.recipe import data_root, parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
+    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -126,8 +126,8 @@ def main() -> None:
 
 def _base_row(bench: str, domain: str, base: dict, task: dict, spec: dict, quick: bool, device: str) -> dict:
     """The untouched base on the domain's held-out text, tokenized as training tokenizes it."""
-    from peft_adapt.models.backbone import BaseSpec, load_backbone
     from peft_adapt.data import TaskSpec, read_domain, tokenize_domain
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
     from peft_adapt.training.evaluation import evaluate_causal_lm
 
     task_spec = TaskSpec.model_validate(task)

@@ -81,8 +81,8 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
-    from peft_adapt.runtime import AdapterRuntime
+    from peft_adapt import AdapterRuntime
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
 
     rank, targets = SHAPES[shape]
     k_max = max(ks)

@@ -21,8 +21,7 @@ FULL = ["adapter=null", "freeze=none", "base.quantization=none", "training.learn
 
 
 def main() -> None:
-    from peft_adapt.training.recipe import load_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import load_recipe, train_domain
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, help="training sentences (default: all 14,039)")

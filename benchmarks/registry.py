@@ -36,7 +36,7 @@ def _ms(start: float) -> float:
 
 
 def main() -> None:
-    from peft_adapt.registry.store import Registry
+    from peft_adapt import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,100,1000")
@@ -60,10 +60,10 @@ def run(args, open_shared) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peft_adapt.models.backbone import BaseSpec, load_backbone
+    from peft_adapt import Registry
     from peft_adapt.formats import build_manifest, verify_checksums, write_manifest
-    from peft_adapt.runtime.loading import check_base_fits
-    from peft_adapt.registry.store import Registry
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
+    from peft_adapt.runtime.loading import check_same_base
     from peft_adapt.testing.tiny_models import build_tiny_model
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
@@ -92,7 +92,7 @@ def run(args, open_shared) -> None:
             entry = registry.get(f"{name}@1")
             manifest = entry.manifest
             assert not verify_checksums(entry.path, manifest)
-            check_base_fits(manifest, backbone, entry.ref)
+            check_same_base(manifest, backbone, entry.ref)
             peft_model.load_adapter(entry.path, adapter_name=label)
             took = _ms(start)
             peft_model.delete_adapter(label)

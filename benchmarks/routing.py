@@ -51,8 +51,8 @@ def _split(texts: list[str], held: int, seed: int = 0) -> tuple[list[str], list[
 
 
 def quickstart_domains(held: int) -> dict[str, tuple[list[str], list[str]]]:
-    from peft_adapt.data.corpora import CORPORA, documents, is_held_out
     from peft_adapt.cli.quickstart import _pieces
+    from peft_adapt.data.corpora import CORPORA, documents, is_held_out
 
     out = {}
     for corpus in CORPORA:
@@ -88,8 +88,7 @@ def amazon_domains(root: Path, held: int) -> dict[str, tuple[list[dict], list[di
 
 def train_adapters(set_name: str, domains: dict, work: Path, registry, quick: bool) -> dict[str, str]:
     """One adapter per domain, registered (and signed, as training signs every adapter); returns domain -> name."""
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     names = {}
     for domain, (train, _) in domains.items():
@@ -192,8 +191,8 @@ def route_accuracy(runtime, texts: list[str], truth: list[str], names: dict) -> 
 def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: bool, quality_rows: int) -> None:
     import torch
 
+    from peft_adapt import AdapterRuntime
     from peft_adapt.routing.router import ROUTE_TOKENS
-    from peft_adapt.runtime import AdapterRuntime
 
     runtime = AdapterRuntime("smollm2-135m", task="causal_lm", quantization="nf4", registry=registry)
     tok = runtime.tokenizer
@@ -274,7 +273,7 @@ def run_causal(set_name: str, domains: dict, names: dict, registry, arrow_too: b
 def run_amazon(domains: dict, names: dict, registry) -> None:
     import torch
 
-    from peft_adapt.runtime import AdapterRuntime
+    from peft_adapt import AdapterRuntime
 
     runtime = AdapterRuntime("minilm-l6", task="classification", quantization="nf4", registry=registry)
     texts, truth, labels = [], [], []
@@ -311,8 +310,8 @@ def run_amazon(domains: dict, names: dict, registry) -> None:
 
 
 def main() -> None:
+    from peft_adapt import Registry
     from peft_adapt.training.recipe import data_root
-    from peft_adapt.registry.store import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small adapters (20 steps; Amazon 800 rows)")

@@ -110,8 +110,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from peft_adapt import Registry
     from peft_adapt.models.backbone import resolve_model_path
-    from peft_adapt.registry.store import Registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")

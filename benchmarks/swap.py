@@ -46,11 +46,10 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from peft_adapt.models.backbone import BaseSpec, load_backbone
+    from peft_adapt import AdapterRuntime, Registry
     from peft_adapt.formats import build_manifest, write_manifest
     from peft_adapt.methods.lora import LORA
-    from peft_adapt.registry.store import Registry
-    from peft_adapt.runtime import AdapterRuntime
+    from peft_adapt.models.backbone import BaseSpec, load_backbone
     from peft_adapt.runtime.sites import AdaptedSite
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -37,8 +37,14 @@ def plain_peft_trainer(model: str, rows: list[str], args, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     from peft_adapt.models.backbone import resolve_model_path
 
@@ -72,8 +78,7 @@ def plain_peft_trainer(model: str, rows: list[str], args, out: Path) -> dict:
 def ours(model: str, data_file: Path, args, out: Path, kernels: str) -> dict:
     import torch
 
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     recipe = parse_recipe({
         "name": "bench", "base": {"model": model, "quantization": "nf4"},

@@ -114,8 +114,7 @@ def _isolated_registry(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory, tiny_llama, docs_file) -> Path:
     """A LoRA adapter folder trained for a few steps on the tiny Llama (unquantized), as `peft-adapt train` writes it."""
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     out = tmp_path_factory.mktemp("trained")
     result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "none", max_steps=3)), "docs", out)
@@ -136,8 +135,9 @@ def team(request, tmp_path, monkeypatch):
     """An empty shared registry: a fresh PostgreSQL database and a fresh prefix in the S3 bucket."""
     import uuid
 
-    from peft_adapt.testing.local_servers import BUCKET, new_database
     from team_servers import Backend
+
+    from peft_adapt.testing.local_servers import BUCKET, new_database
 
     postgres, env = request.getfixturevalue("team_servers")
     monkeypatch.setenv("PEFT_ADAPT_CACHE", str(tmp_path / "cache"))  # the CLI's cache, as the other tests open it

@@ -17,7 +17,7 @@ class Backend:
     env_extra: dict = field(default_factory=dict)
 
     def open(self, cache: str | None = None):
-        from peft_adapt.registry.store import Registry
+        from peft_adapt import Registry
 
         return Registry(self.location, store=self.store, cache=cache or self.cache)
 

@@ -10,14 +10,10 @@ import torch
 from conftest import classification_recipe, write_jsonl
 from safetensors.torch import load_file
 
+from peft_adapt import AdapterRuntime, Registry, UserInputError, parse_recipe, train_domain, train_recipe
 from peft_adapt.adaptation.adda import AddaPhase
 from peft_adapt.data import pad_batch
-from peft_adapt.errors import UserInputError
 from peft_adapt.formats import verify_checksums
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.training.domain import train_domain, train_recipe
 
 
 def _target(tmp_path):

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
+from peft_adapt import UserInputError
 from peft_adapt.models.backbone import BaseSpec, load_backbone, resolve_model_path
 from peft_adapt.models.builtin_models import BUILTIN_MODELS, verify_sha256
-from peft_adapt.errors import UserInputError
 from peft_adapt.models.fingerprint import base_fingerprint, fingerprint_differences
 from peft_adapt.testing.tiny_models import build_tiny_model
 

@@ -9,10 +9,9 @@ import torch
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
+from peft_adapt import parse_recipe, train_domain
 from peft_adapt.models.crf import CRF, FORBIDDEN
 from peft_adapt.training.evaluation import evaluate_file
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.training.domain import train_domain
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import write_jsonl
 
+from peft_adapt import UserInputError
 from peft_adapt.data import (
     IGNORE_INDEX,
     Example,
@@ -16,7 +17,6 @@ from peft_adapt.data import (
     split_off_eval,
     tokenize_causal_lm,
 )
-from peft_adapt.errors import UserInputError
 
 ROWS = [{"text": "first row", "label": 0}, {"text": "second, with a comma", "label": 1}, {"text": "third", "label": 1}]
 
@@ -130,7 +130,7 @@ def test_causal_lm_rows_need_text_or_prompt_and_completion(tmp_path):
 
 
 def test_non_utf8_bytes_are_named_with_their_line(tmp_path):
-    from peft_adapt.training.recipe import load_recipe
+    from peft_adapt import load_recipe
 
     data = tmp_path / "latin1.jsonl"
     data.write_bytes('{"text": "fine"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import classification_recipe, write_jsonl
 
+from peft_adapt import Registry
 from peft_adapt.cli.main import main
-from peft_adapt.registry.store import Registry
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_bert, sentiment_file) -> Registry:
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     root = tmp_path_factory.mktemp("day-one")
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=10)), "sentiment", root)
@@ -31,7 +29,7 @@ def _long_review(tokens: int = 2000) -> str:
 
 
 def test_a_2000_token_review_is_classified_as_training_cut_it(classifier, tiny_bert, capsys):
-    from peft_adapt.runtime import AdapterRuntime
+    from peft_adapt import AdapterRuntime
 
     review = _long_review()
     runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=classifier)

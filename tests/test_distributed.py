@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from conftest import causal_recipe, write_jsonl
 
-from peft_adapt.registry.store import Registry
+from peft_adapt import Registry
 
 
 def _train(tmp_path: Path, recipe: dict, *flags: str) -> subprocess.CompletedProcess:
@@ -94,8 +94,8 @@ def test_one_and_two_processes_log_the_same_first_loss_for_every_task(tmp_path, 
             }
             out = tmp_path / f"{task}-{processes}"
             if processes == 1:  # in this process: the launcher is what the two-process run adds
-                from peft_adapt.training.recipe import parse_recipe
                 from peft_adapt.training.domain import train_domain
+                from peft_adapt.training.recipe import parse_recipe
 
                 train_domain(parse_recipe(recipe), "d", out)
             else:

@@ -8,12 +8,9 @@ import math
 import torch
 from conftest import classification_recipe, write_jsonl
 
+from peft_adapt import AdapterRuntime, Registry, parse_recipe, train_recipe
 from peft_adapt.data import IGNORE_INDEX
 from peft_adapt.training.evaluation import nll_per_row
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.training.domain import train_recipe
 
 
 def test_generate_trains_the_target_adapter_on_samples_from_the_target_generator(tmp_path, tiny_bert, tiny_llama,

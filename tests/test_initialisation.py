@@ -6,12 +6,9 @@ import pytest
 from conftest import classification_recipe, write_jsonl
 from safetensors.torch import load_file
 
+from peft_adapt import Registry, UserInputError, parse_recipe, train_domain
 from peft_adapt.data import TaskSpec, read_domain
-from peft_adapt.errors import UserInputError
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
 from peft_adapt.testing.tiny_models import build_tiny_model
-from peft_adapt.training.domain import train_domain
 
 
 def test_shots_draws_exactly_k_rows_per_class_with_the_seed(tmp_path):

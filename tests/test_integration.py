@@ -25,9 +25,9 @@ def test_quickstart_adapters_beat_the_base_on_their_own_domain(tmp_path, monkeyp
 
 
 def test_minilm_lora_on_nf4_learns_amazon_sentiment(tmp_path, shared_data):
-    from peft_adapt.training.recipe import load_recipe
-    from peft_adapt.training.domain import train_domain
     from conftest import PROJECT
+
+    from peft_adapt import load_recipe, train_domain
 
     recipe = load_recipe(PROJECT / "recipes" / "amazon_sentiment.yaml", [
         "training.max_train_rows=320", "training.max_eval_rows=100", "training.epochs=1", "training.eval_steps=null",
@@ -42,8 +42,7 @@ def test_minilm_lora_on_nf4_learns_amazon_sentiment(tmp_path, shared_data):
 def test_qlora_training_on_cuda_in_bf16(tmp_path, tiny_llama, docs_file):
     from conftest import causal_recipe
 
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     recipe = parse_recipe(causal_recipe(tiny_llama, docs_file, "nf4", max_steps=20) | {})
     result = train_domain(recipe, "docs", tmp_path)

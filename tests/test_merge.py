@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from test_runtime import TEXTS, make_lora
 
+from peft_adapt import AdapterRuntime, Registry, UserInputError, combine_adapters, export_adapter_folder, export_model
 from peft_adapt.cli.main import main
-from peft_adapt.errors import UserInputError
-from peft_adapt.merge import combine_adapters, export_adapter_folder, export_model
 from peft_adapt.merge.methods import DELTA_METHODS
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
 from peft_adapt.methods.lora import LORA, lora_delta
 
 # ---- the methods against references written from the papers, entry by entry
@@ -155,8 +151,7 @@ def test_fp32_export_equals_the_unmerged_model_and_loads_with_transformers_alone
 def test_qlora_export_agrees_with_the_unmerged_nf4_model_as_well_as_the_noise_floor(tmp_path, tiny_llama, docs_file):
     from conftest import causal_recipe
 
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "nf4", max_steps=20)), "docs", tmp_path / "run")
     registry = Registry(tmp_path / "reg")

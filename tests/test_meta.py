@@ -7,11 +7,9 @@ import random
 import torch
 from conftest import classification_recipe, write_jsonl
 
+from peft_adapt import Registry, parse_recipe, train_domain
 from peft_adapt.cli.main import main
 from peft_adapt.training.meta import reptile_step
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
-from peft_adapt.training.domain import train_domain
 
 SENTIMENT = (["bad", "awful", "poor", "sad"], ["good", "great", "nice", "fine"])
 

@@ -10,16 +10,19 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe
 
-from peft_adapt.models.backbone import BaseSpec, load_backbone
-from peft_adapt.errors import UserInputError
-from peft_adapt.merge import combine_adapters, export_model
+from peft_adapt import (
+    AdapterRuntime,
+    Registry,
+    UserInputError,
+    combine_adapters,
+    export_model,
+    parse_recipe,
+    train_domain,
+)
 from peft_adapt.methods.bottleneck import BottleneckSpec, find_sites, inject_bottleneck
-from peft_adapt.training.recipe import parse_recipe
+from peft_adapt.models.backbone import BaseSpec, load_backbone
 from peft_adapt.runtime.loading import load_registered
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
 from peft_adapt.testing.tiny_models import build_tiny_model
-from peft_adapt.training.domain import train_domain
 
 TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import os\nimport sys"]
 METHOD_SPECS = {

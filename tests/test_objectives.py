@@ -9,13 +9,12 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
-from peft_adapt.data import IGNORE_INDEX, Example, tokenize_token_classification
-from peft_adapt.training.metrics import entity_metrics, entity_spans
+from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import read_target_texts
 from peft_adapt.adaptation.losses import coral_loss, dann_lambda, mmd_loss, reverse_gradient
-from peft_adapt.training.recipe import parse_recipe
 from peft_adapt.adaptation.self_training import round_starts, select_pseudo_labels
-from peft_adapt.training.domain import train_domain
+from peft_adapt.data import IGNORE_INDEX, Example, tokenize_token_classification
+from peft_adapt.training.metrics import entity_metrics, entity_spans
 
 
 def test_gradient_reversal_flips_and_scales_gradients_exactly():

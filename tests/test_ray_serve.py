@@ -16,8 +16,7 @@ import pytest
 from test_runtime import make_lora
 from test_server import KEY, PROMPTS, _auth, _free_port
 
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
+from peft_adapt import AdapterRuntime, Registry
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import PROJECT
 
+from peft_adapt import parse_recipe, parse_ref
 from peft_adapt.cli.main import build_parser
-from peft_adapt.training.recipe import parse_recipe, recipe_reference
-from peft_adapt.registry.refs import parse_ref
+from peft_adapt.training.recipe import recipe_reference
 
 README = (PROJECT / "README.md").read_text(encoding="utf-8")
 PAGES = [README] + [p.read_text(encoding="utf-8") for p in sorted((PROJECT / "docs").glob("*.md"))]

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peft_adapt.errors import UserInputError
-from peft_adapt.training.recipe import load_recipe, parse_recipe
+from peft_adapt import UserInputError, load_recipe, parse_recipe
 
 PROJECT = Path(__file__).resolve().parents[1]
 MINIMAL = {"base": {"model": "smollm2-135m"}, "task": {"type": "causal_lm"}, "domains": {"a": "a.jsonl"}}

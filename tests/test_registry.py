@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_adapt.models.backbone import BaseSpec, load_backbone
+from peft_adapt import Registry, UserInputError
 from peft_adapt.cli.main import main
-from peft_adapt.errors import UserInputError
+from peft_adapt.models.backbone import BaseSpec, load_backbone
 from peft_adapt.runtime.loading import load_registered
-from peft_adapt.registry.store import Registry
 from peft_adapt.testing.tiny_models import build_tiny_model
 
 
@@ -383,9 +382,8 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
                                                                           sentiment_file, task, method, capsys):
     from conftest import causal_recipe, classification_recipe
 
+    from peft_adapt import parse_recipe, train_domain
     from peft_adapt.runtime.loading import load_trained
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)
@@ -419,9 +417,8 @@ def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tin
     """README.md's snippet, run as written (no peft_adapt import), computes the logits peft_adapt computes."""
     from conftest import causal_recipe, classification_recipe
 
+    from peft_adapt import parse_recipe, train_domain
     from peft_adapt.runtime.loading import load_trained
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)

@@ -12,14 +12,10 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
+from peft_adapt import AdapterRuntime, Registry, UserInputError, parse_recipe, train_domain
 from peft_adapt.cli.main import main
-from peft_adapt.errors import UserInputError
 from peft_adapt.formats import read_manifest
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
 from peft_adapt.routing.router import SIGNATURE, mix_name, read_signature
-from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.training.domain import train_domain
 
 DOMAINS = {
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum".split(),

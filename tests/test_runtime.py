@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_adapt.errors import UserInputError
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
+from peft_adapt import AdapterRuntime, Registry, UserInputError
 
 TEXTS = ["def add(a, b): return a + b", "The function returns", "class", "import os\nimport sys\nprint(os.getcwd())"]
 SHAPES = [  # (rank, target modules): different ranks and different layers share the stacks
@@ -233,9 +231,8 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path, tiny_llama, adapters, re
 def test_classification_runtime_serves_per_row_heads(tmp_path, tiny_bert, sentiment_file):
     from conftest import classification_recipe, write_jsonl
 
+    from peft_adapt import parse_recipe, train_domain
     from peft_adapt.runtime.loading import load_trained
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
 
     three = write_jsonl(tmp_path / "three.jsonl", [{"text": f"{w} {w} thing", "label_name": w}
                                                     for w in ["red", "green", "blue"] * 12])
@@ -287,9 +284,8 @@ def test_classifiers_mix_at_load_time_and_weights_1_0_give_the_first(tmp_path, t
 
     from conftest import classification_recipe
 
+    from peft_adapt import parse_recipe, train_domain
     from peft_adapt.cli.main import main
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
 
     registry = Registry(tmp_path / "reg")
     for seed, name in ((0, "first"), (1, "second")):

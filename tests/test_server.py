@@ -15,8 +15,7 @@ import httpx
 import pytest
 from test_runtime import make_lora
 
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
+from peft_adapt import AdapterRuntime, Registry
 
 KEY, ADMIN = "test-key", "admin-key"
 PROMPTS = ["def add(a, b):", "The function returns", "import os", "class Point:"]
@@ -200,8 +199,7 @@ def test_a_full_queue_answers_429(tmp_path, tiny_llama):
 def test_classification_server(tmp_path, tiny_bert, tiny_llama, sentiment_file):
     from conftest import classification_recipe
 
-    from peft_adapt.training.recipe import parse_recipe
-    from peft_adapt.training.domain import train_domain
+    from peft_adapt import parse_recipe, train_domain
 
     registry = Registry(tmp_path / "reg")
     result = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=10)), "sentiment", tmp_path)

@@ -12,11 +12,10 @@ import random
 from pathlib import Path
 
 import httpx
-import pytest
 from test_runtime import make_lora
 from test_server import ADMIN, KEY, _start
 
-from peft_adapt.registry.store import Registry
+from peft_adapt import Registry
 
 REQUESTS = int(os.environ.get("PEFT_ADAPT_FUZZ_REQUESTS", "600"))
 

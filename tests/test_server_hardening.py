@@ -13,10 +13,9 @@ import uuid
 import httpx
 import pytest
 from test_runtime import make_lora
-from test_server import ADMIN, KEY, _auth, _error, _start
+from test_server import ADMIN, _auth, _error, _start
 
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
+from peft_adapt import AdapterRuntime, Registry
 
 PROMPT = "def add(a, b):"
 

@@ -13,9 +13,8 @@ import sys
 import pytest
 import yaml
 
+from peft_adapt import Registry, UserInputError
 from peft_adapt.cli.main import main
-from peft_adapt.errors import UserInputError
-from peft_adapt.registry.store import Registry
 
 
 def _digest(folder) -> dict[str, str]:

@@ -10,17 +10,13 @@ import pytest
 import torch
 from conftest import classification_recipe, write_jsonl
 
+from peft_adapt import AdapterRuntime, Registry, UserInputError, parse_recipe, train_domain
 from peft_adapt.data import TaskSpec, read_eval_file, tokenize
-from peft_adapt.errors import UserInputError
-from peft_adapt.training.evaluation import predict_probabilities
 from peft_adapt.formats import read_manifest, write_manifest
-from peft_adapt.runtime.loading import load_registered
 from peft_adapt.methods import method_of_folder
 from peft_adapt.methods.lora import LORA
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.registry.store import Registry
-from peft_adapt.runtime import AdapterRuntime
-from peft_adapt.training.domain import train_domain
+from peft_adapt.runtime.loading import load_registered
+from peft_adapt.training.evaluation import predict_probabilities
 
 TEXTS = ["good great fine nice", "awful broken sad poor", "lovely good", "bad bad awful"]
 

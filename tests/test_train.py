@@ -9,11 +9,9 @@ import pytest
 import torch
 from conftest import causal_recipe, classification_recipe, write_jsonl
 
+from peft_adapt import UserInputError, parse_recipe, train_domain
 from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
-from peft_adapt.errors import UserInputError
 from peft_adapt.training.evaluation import evaluate_task
-from peft_adapt.training.recipe import parse_recipe
-from peft_adapt.training.domain import train_domain
 
 
 def _loss_before_and_after(result) -> tuple[float, float]:
@@ -290,8 +288,8 @@ def test_chat_data_trains_a_causal_lm_adapter(tmp_path, tiny_llama):
 
 
 def test_liger_kernels_are_used_only_where_they_apply(tiny_llama):
+    from peft_adapt import UserInputError
     from peft_adapt.models.backbone import BaseSpec, load_backbone
-    from peft_adapt.errors import UserInputError
     from peft_adapt.training.domain import _use_liger
 
     backbone = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none"))

@@ -1,32 +1,47 @@
-"""Entropy minimisation on the target (Grandvalet & Bengio 2005): the classifier's mean prediction entropy on the
-target's unlabeled rows, so its decision boundaries move into the target's low-density regions. Classification only.
-"""
+"""Entropy minimisation on the target (Grandvalet & Bengio 2005), with the diversity term of information maximisation
+(SHOT; Liang et al. 2020): the classifier's mean prediction entropy on the target's unlabeled rows, less the entropy
+of its mean prediction, so decision boundaries move into the target's low-density regions without every row
+falling into one class. Classification only."""
 
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .base import AdaptationMethod, AlignmentTerm
 
 
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """The mean entropy (nats) of the softmax of [rows, labels] logits."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_p.exp() * log_p).sum(-1).mean()
+class EntropySettings(BaseModel):
+    """`domain_adaptation.entropy:` the diversity term."""
+
+    model_config = ConfigDict(extra="forbid")
+    diversity: float = Field(
+        1.0, ge=0, description="x the entropy of the batch's mean prediction, subtracted: keeps every class in use; "
+                               "0: entropy alone (it collapsed to one class on Amazon, 50.2 against source-only's 71.8)")
+
+
+def prediction_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of each row of [..., labels] probabilities."""
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1)
 
 
 class EntropyTerm(AlignmentTerm):
-    def __init__(self, weight: float):
-        self.weight = weight
+    def __init__(self, settings: EntropySettings, weight: float):
+        self.settings, self.weight = settings, weight
 
     def __call__(self, step):
-        return prediction_entropy(step.target_logits), self.weight
+        probabilities = torch.softmax(step.target_logits.float(), dim=-1)
+        term = prediction_entropy(probabilities).mean()
+        if self.settings.diversity:
+            term = term - self.settings.diversity * prediction_entropy(probabilities.mean(0))
+        return term, self.weight
 
 
 class Entropy(AdaptationMethod):
     name = "entropy"
+    settings = EntropySettings
     tasks = ("classification",)
     purpose = "sharpens the classifier's predictions on the target"
 
     def term(self, spec, hidden_size, device):
-        return EntropyTerm(spec.weight)
+        return EntropyTerm(self.settings_of(spec), spec.weight)

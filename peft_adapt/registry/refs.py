@@ -175,10 +175,10 @@ def _parse_auto(text: str) -> Auto:
     rest = text[len(AUTO) + 1:] if text != AUTO else ""
     if "," not in rest:
         return Auto(tag=check_name(rest, "tag") if rest else None)
-    names = sorted({part.strip() for part in rest.split(",") if part.strip()})
-    if len(names) > MAX_NAMED:
+    parts = [part.strip() for part in rest.split(",") if part.strip()]
+    if len(parts) > MAX_NAMED:
         raise UserInputError(f"a router names at most {MAX_NAMED} adapters; use a tag (auto:TAG) for more")
-    return Auto(names=tuple(str(_parse_named(n)) for n in names))
+    return Auto(names=tuple(sorted({str(_parse_named(part)) for part in parts})))
 
 
 def _parse_mix(text: str) -> Mix:

@@ -15,7 +15,7 @@ from ..methods import AdapterWeights, method, method_of_folder
 from ..models.backbone import Backbone
 from ..registry.refs import Auto, Base, Mix, Stack, check_name, parse_ref, resolve
 from ..registry.store import Registry
-from .loading import check_adapter, check_fits_base
+from .loading import check_adapter, check_shapes_fit
 from .residency import Residency, ResidentAdapter
 from .sites import AdaptedSite, BatchContext
 from .stacks import check_part
@@ -163,7 +163,7 @@ class ResidentAdapters:
                 raise UserInputError(f"{source} was trained on top of domain adapter {under}: serve it as a stack, "
                                      f"{under.partition('@')[0]}+{ref} (or another domain's adapter under it)")
         else:  # a plain peft folder: no checksums to check, but every matrix must fit a layer of this base
-            check_fits_base(folder, self.backbone, source)
+            check_shapes_fit(folder, self.backbone, source)
         if folder_kind(folder) != "adapter":
             raise UserInputError(f"{source}: a fine-tuned baseline (trained_weights), not an adapter the runtime can serve")
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if self.task == "classification" else "")

@@ -41,7 +41,7 @@ class LoadedAdapter:
     manifest: Manifest
 
 
-def check_base_fits(manifest: Manifest, backbone: Backbone, source: str, force: bool = False) -> None:
+def check_same_base(manifest: Manifest, backbone: Backbone, source: str, force: bool = False) -> None:
     """Refuse an adapter whose base fingerprint differs from the loaded base's, unless forced."""
     expected = manifest.base_fingerprint
     diffs = fingerprint_differences(expected, backbone.fingerprint)
@@ -67,10 +67,9 @@ def require_checksums(folder: Path, manifest: Manifest, source: str) -> None:
         raise UserInputError(f"{source}: checksum mismatch, refusing to load: " + "; ".join(problems))
 
 
-def check_fits_base(folder: Path, backbone: Backbone, source: str) -> None:
+def check_shapes_fit(folder: Path, backbone: Backbone, source: str) -> None:
     """For a folder without a manifest: every adapter matrix sits on a layer of this base with matching features."""
     import json
-
 
     config = read_adapter_config(folder)
     base_config = json.loads((backbone.path / "config.json").read_text(encoding="utf-8"))
@@ -82,7 +81,7 @@ def check_fits_base(folder: Path, backbone: Backbone, source: str) -> None:
 def check_adapter(folder: Path, manifest: Manifest, backbone: Backbone, source: str, force: bool = False) -> None:
     """Before anything is loaded: the files are what the manifest says, and the base fits."""
     require_checksums(folder, manifest, source)
-    check_base_fits(manifest, backbone, source, force)
+    check_same_base(manifest, backbone, source, force)
 
 
 def load_trained(folder: str | Path, quantization: str | None = None, device: str = "auto", force: bool = False,
@@ -103,7 +102,7 @@ def load_trained(folder: str | Path, quantization: str | None = None, device: st
         crf = (manifest.recipe or {}).get("task", {}).get("crf")
         backbone = load_backbone(base, manifest.task, len(labels) if labels else None, manifest.pooling or "auto",
                                  labels if crf else None)
-    check_base_fits(manifest, backbone, source, force)
+    check_same_base(manifest, backbone, source, force)
     if manifest.stack_on:
         under = recorded_domain(manifest.stack_on, registry or Registry())
         StackedDomain(backbone.model, under, "encoder." if manifest.task != "causal_lm" else "")
