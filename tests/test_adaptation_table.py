@@ -12,8 +12,7 @@ import torch
 from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import adaptation_methods, parse_recipe, train_domain
-from peft_adapt.adaptation.base import TermInputs
-from peft_adapt.adaptation.entropy import EntropySettings, EntropyTerm
+from peft_adapt.adaptation.entropy import information_loss
 
 
 def _target(tmp_path):
@@ -50,8 +49,7 @@ def test_settings_for_another_method_are_refused(tiny_bert, sentiment_file, tmp_
 
 def test_the_entropy_term_prefers_confident_rows_that_use_every_class():
     def term(logits, diversity=1.0):
-        inputs = TermInputs(source=None, target=None, target_logits=torch.tensor(logits), progress=0.0)
-        return float(EntropyTerm(EntropySettings(diversity=diversity), 1.0)(inputs)[0])
+        return float(information_loss(torch.tensor(logits), diversity))
 
     uniform = [[0.0, 0.0]] * 4
     collapsed = [[9.0, -9.0]] * 4

@@ -42,6 +42,16 @@ class AlignmentTerm:
         raise NotImplementedError
 
 
+class WeightedLoss(AlignmentTerm):
+    """A term that is a plain function of the step, times a fixed weight (no modules of its own)."""
+
+    def __init__(self, loss: Callable[[TermInputs], torch.Tensor], weight: float):
+        self.loss, self.weight = loss, weight
+
+    def __call__(self, step: TermInputs) -> tuple[torch.Tensor, float]:
+        return self.loss(step), self.weight
+
+
 @dataclass
 class PhaseContext:
     """What a phase gets from training: the source run and the services it may call (training lies above this layer,

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from .base import AdaptationMethod, AlignmentTerm
+from .base import AdaptationMethod, WeightedLoss
 from .losses import coral_loss
-
-
-class CoralTerm(AlignmentTerm):
-    def __init__(self, weight: float):
-        self.weight = weight
-
-    def __call__(self, step):
-        return coral_loss(step.source, step.target), self.weight
 
 
 class Coral(AdaptationMethod):
     name = "coral"
 
     def term(self, spec, hidden_size, device):
-        return CoralTerm(spec.weight)
+        return WeightedLoss(lambda step: coral_loss(step.source, step.target), spec.weight)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import AdaptationMethod, AlignmentTerm
+from .base import AdaptationMethod, WeightedLoss
 
 
 class EntropySettings(BaseModel):
@@ -25,16 +25,11 @@ def prediction_entropy(probabilities: torch.Tensor) -> torch.Tensor:
     return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1)
 
 
-class EntropyTerm(AlignmentTerm):
-    def __init__(self, settings: EntropySettings, weight: float):
-        self.settings, self.weight = settings, weight
-
-    def __call__(self, step):
-        probabilities = torch.softmax(step.target_logits.float(), dim=-1)
-        term = prediction_entropy(probabilities).mean()
-        if self.settings.diversity:
-            term = term - self.settings.diversity * prediction_entropy(probabilities.mean(0))
-        return term, self.weight
+def information_loss(logits: torch.Tensor, diversity: float) -> torch.Tensor:
+    """The mean prediction entropy, less `diversity` x the entropy of the mean prediction."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    term = prediction_entropy(probabilities).mean()
+    return term - diversity * prediction_entropy(probabilities.mean(0)) if diversity else term
 
 
 class Entropy(AdaptationMethod):
@@ -44,4 +39,5 @@ class Entropy(AdaptationMethod):
     purpose = "sharpens the classifier's predictions on the target"
 
     def term(self, spec, hidden_size, device):
-        return EntropyTerm(self.settings_of(spec), spec.weight)
+        diversity = self.settings_of(spec).diversity
+        return WeightedLoss(lambda step: information_loss(step.target_logits, diversity), spec.weight)

@@ -3,20 +3,12 @@ of Gaussian kernels."""
 
 from __future__ import annotations
 
-from .base import AdaptationMethod, AlignmentTerm
+from .base import AdaptationMethod, WeightedLoss
 from .losses import mmd_loss
-
-
-class MmdTerm(AlignmentTerm):
-    def __init__(self, weight: float):
-        self.weight = weight
-
-    def __call__(self, step):
-        return mmd_loss(step.source, step.target), self.weight
 
 
 class Mmd(AdaptationMethod):
     name = "mmd"
 
     def term(self, spec, hidden_size, device):
-        return MmdTerm(spec.weight)
+        return WeightedLoss(lambda step: mmd_loss(step.source, step.target), spec.weight)

@@ -39,7 +39,6 @@ class ResidentAdapters:
         self._lock = lock or threading.RLock()
         self._registry_changes: int | None = None
 
-
     @property
     def registry(self):
         if self._registry is None:
@@ -50,7 +49,10 @@ class ResidentAdapters:
              force: bool = False) -> ResidentAdapter:
         """Make `name` resident: a registry ref or adapter folder, or with `weights` a linear combination
         {ref: coefficient} of LoRA adapters under the new name `name`. Loading again refreshes it."""
-        return self._load(name if weights else self.key(name), weights, pin, force, keep=set())
+        key = name if weights else self.key(name)
+        if key is None:
+            raise UserInputError(f"{name!r} names the base model; load an adapter by its name, name@version or folder")
+        return self._load(key, weights, pin, force, keep=set())
 
     def key(self, name) -> str | None:
         """The one spelling a resident adapter is keyed by (`books@latest` is `books`, `auto:b,a` is `auto:a,b`);
