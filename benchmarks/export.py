@@ -72,7 +72,7 @@ def main() -> None:
         for label, options in (("ours_default_bf16", {"dtype": "bf16"}), ("ours_default_fp32", {"dtype": "fp32"}),
                                ("ours_original_weights_fp32", {"dtype": "fp32", "base_weights": "original"})):
             reports[label] = export_model(registry, entry.ref, work / label, probe=work / "probe.jsonl",
-                                          probe_tokens=args.probe_tokens, **options)
+                                          probe_tokens=args.probe_tokens, fidelity="logits", **options)
         floor = reports["ours_default_fp32"]["noise_floor"]
         for label, report in reports.items():
             (scores,) = report["variants"].values()
@@ -107,7 +107,7 @@ def main() -> None:
 
         # time: our export (no measurement) against saving the base as it is
         start = time.perf_counter()
-        export_model(registry, entry.ref, work / "timed", dtype="bf16", measure=False)
+        export_model(registry, entry.ref, work / "timed", dtype="bf16", fidelity="none")
         ours = time.perf_counter() - start
         from transformers import AutoModelForCausalLM
 

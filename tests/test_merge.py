@@ -133,7 +133,7 @@ def test_merge_cli_registers_the_new_adapter(two_adapters, capsys):
 def test_fp32_export_equals_the_unmerged_model_and_loads_with_transformers_alone(tmp_path, tiny_llama, two_adapters):
     from transformers import AutoModelForCausalLM
 
-    report = export_model(two_adapters, "b", tmp_path / "out", dtype="fp32")
+    report = export_model(two_adapters, "b", tmp_path / "out", dtype="fp32", fidelity="logits")
     assert report["variants"]["export_fp32"]["max_abs_logit_diff"] < 1e-5
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config and not (tmp_path / "out" / "adapter_config.json").exists()
@@ -156,9 +156,10 @@ def test_qlora_export_agrees_with_the_unmerged_nf4_model_as_well_as_the_noise_fl
     result = train_domain(parse_recipe(causal_recipe(tiny_llama, docs_file, "nf4", max_steps=20)), "docs", tmp_path / "run")
     registry = Registry(tmp_path / "reg")
     registry.add(result.out_dir)
-    default = export_model(registry, "t-docs", tmp_path / "dequantized", dtype="fp32", probe=docs_file)
+    default = export_model(registry, "t-docs", tmp_path / "dequantized", dtype="fp32", probe=docs_file,
+                           fidelity="logits")
     original = export_model(registry, "t-docs", tmp_path / "original", dtype="fp32", base_weights="original",
-                            probe=docs_file)
+                            probe=docs_file, fidelity="logits")
     floor = default["noise_floor"]["top1_agreement"]
     assert default["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005
     below = [v for v, s in default["variants"].items() if s["top1_agreement"] < floor]
@@ -169,7 +170,7 @@ def test_qlora_export_agrees_with_the_unmerged_nf4_model_as_well_as_the_noise_fl
 
 
 def test_requantized_export_reports_what_it_cost(tmp_path, two_adapters):
-    report = export_model(two_adapters, "a", tmp_path / "q", dtype="fp32", requantize="nf4")
+    report = export_model(two_adapters, "a", tmp_path / "q", dtype="fp32", requantize="nf4", fidelity="logits")
     assert set(report["variants"]) == {"export_fp32", "requantized_nf4"}
     assert report["variants"]["requantized_nf4"]["mean_abs_logit_diff"] > report["variants"]["export_fp32"]["mean_abs_logit_diff"]
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
@@ -209,7 +210,7 @@ def test_adapter_only_export_for_vllm_pads_the_rank_on_request(tmp_path, tiny_ll
 
 
 def test_an_export_below_the_noise_floor_is_warned_about():
-    from peft_adapt.merge.export import fidelity_warnings
+    from peft_adapt.merge.fidelity import fidelity_warnings
 
     floor = {"top1_agreement": 0.983}
     variants = {"export_bf16": {"top1_agreement": 0.978}, "requantized_nf4": {"top1_agreement": 0.990}}

@@ -188,7 +188,7 @@ def test_linear_averaging_of_one_method_and_what_export_says(tmp_path, tiny_llam
     with pytest.raises(UserInputError, match="combine by linear averaging only"):
         combine_adapters(trained, [f"{method}0", f"{method}1"], "ties", "nope")
     if method == "ia3":  # rescaling rows or columns of a weight folds exactly
-        report = export_model(trained, f"{method}0", tmp_path / "folded", dtype="fp32", probe=None)
+        report = export_model(trained, f"{method}0", tmp_path / "folded", dtype="fp32", probe=None, fidelity="logits")
         assert report["variants"]["export_fp32"]["max_abs_logit_diff"] < 1e-4
         return
     with pytest.raises(UserInputError, match=f"cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
@@ -260,6 +260,7 @@ def test_ia3_trained_on_nf4_exports_as_faithfully_as_the_noise_floor(tmp_path, t
     result = train_domain(parse_recipe(data), "docs", tmp_path / "run")
     registry = Registry(tmp_path / "reg")
     registry.add(result.out_dir)
-    report = export_model(registry, "t-docs", tmp_path / "exported", dtype="fp32", probe=docs_file)
+    report = export_model(registry, "t-docs", tmp_path / "exported", dtype="fp32", probe=docs_file,
+                          fidelity="logits")
     floor = report["noise_floor"]["top1_agreement"]
     assert report["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005, report

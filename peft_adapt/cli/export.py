@@ -31,7 +31,13 @@ def add_export(sub) -> None:
     p.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
                    help="fold into the dequantized quantized weights it was trained on (default) or the originals")
     p.add_argument("--requantize", choices=["nf4", "int8"], help="quantize the merged model again (never the default)")
-    p.add_argument("--probe", help="probe text for fidelity.json (default: the adapter's eval data)")
+    p.add_argument("--fidelity", choices=["weights", "logits", "none"], default="weights",
+                   help="fidelity.json: what the saved weights keep of the adapter, module by module (default; memory "
+                        "of one layer), or the whole model's logits against the unmerged one (holds the model)")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_const", const="none",
+                   help="measure nothing, write no fidelity.json")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard written (default 2GB)")
+    p.add_argument("--probe", help="probe text for --fidelity logits (default: the adapter's eval data)")
     p.add_argument("--probe-tokens", type=int, default=1024)
     p.add_argument("--adapter-only", action="store_true", help="export the adapter folder for peft / vLLM instead")
     p.add_argument("--pad-rank", action="store_true", help="with --adapter-only: pad the rank to one vLLM accepts")
@@ -61,14 +67,21 @@ def _cmd_export(args) -> int:
         print(f"exported the adapter folder of {args.adapter} to {args.out}")
         return 0
     report = export_model(registry, args.adapter, args.out, dtype=args.dtype, base_weights=args.base_weights,
-                          requantize=args.requantize, probe=args.probe, probe_tokens=args.probe_tokens)
-    for variant, scores in report["variants"].items():
+                          requantize=args.requantize, probe=args.probe, probe_tokens=args.probe_tokens,
+                          max_shard_size=args.max_shard_size, fidelity=args.fidelity)
+    if args.fidelity == "weights" and report.get("modules"):
+        print(f"the saved {args.dtype} weights keep {report['adapter_kept_mean']:.2%} of the adapter's change on "
+              f"average over {report['modules']} modules (least: {report['adapter_kept_min']:.2%}, "
+              f"{report['worst_module']})")
+    for variant, scores in report.get("variants", {}).items():
         print(f"{variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
               f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
-    floor = report["noise_floor"]
-    print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")
-    for warning in report["warnings"]:
+    if "noise_floor" in report:
+        floor = report["noise_floor"]
+        print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")
+    for warning in report.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     kind = f"{args.dtype}" + (f", requantized to {args.requantize}" if args.requantize else "")
-    print(f"saved a standalone model in {kind} to {args.out} (fidelity.json beside the weights)")
+    beside = " (fidelity.json beside the weights)" if args.fidelity != "none" else ""
+    print(f"saved a standalone model in {kind} to {args.out}{beside}")
     return 0

@@ -6,7 +6,11 @@ the base is dequantized, the adapter folded in fp32, and the result saved in the
 trained against the dequantized 4-bit weights, so by default the delta is folded into exactly those
 (`base_weights="dequantized"`), and the exported model computes what was trained; `"original"` folds
 into the checkpoint's full-precision weights instead. Requantizing is an option, never the default.
-Every export measures itself against the unmerged model (`fidelity.json`).
+
+The export streams: the checkpoint is read one tensor at a time and the output written one tensor at a time
+(`shards`), so its memory is that of the largest tensor in fp32, whatever the model's size. `fidelity.json` says
+how much of the adapter the saved weights keep, module by module (`weights`, bounded like the export), or, asked
+for, how the whole exported model's logits agree with the unmerged one as served (`logits`: holds the model).
 """
 
 from __future__ import annotations
@@ -20,62 +24,72 @@ import torch
 from ..errors import UserInputError
 from ..formats import file_checksums, staged_folder, write_json
 from ..methods import TABLE, AdapterWeights, method
-from ..models.backbone import BaseSpec, disable_cpu_repacking, load_backbone, resolve_model_path
+from ..models.backbone import resolve_model_path
 from ..registry.transfer import check_export_target
-from ..runtime import AdapterRuntime
-from .fidelity import compare_logits, probe_token_ids
+from .dequantize import QuantizedLayout
+from .fidelity import WeightFidelity, logits_fidelity
+from .shards import Checkpoint, ShardWriter, parse_size, release_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FIDELITY = ("weights", "logits", "none")
 
 
-def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
-    """The fp32 weight a bitsandbytes layer computes with, or None for a plain layer."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
+def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str, dtype: str,
+                 target: Path, max_shard_size: str | int = "2GB") -> WeightFidelity:
+    """Write the weights of `base` with `weights` folded in (None: the base alone) to `target` in `dtype`, one tensor
+    at a time; returns what the saved dtype kept of the adapter, module by module."""
+    checkpoint = Checkpoint(base)
+    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none")
+    sites = weights.sites if weights is not None else {}
+    missing = sorted(p for p in sites if f"{p}.weight" not in checkpoint)
+    if missing:
+        raise UserInputError(f"the adapter adapts {missing[0]!r}, which the base {base} does not have")
+    transposed = sorted(p for p in sites if p in layout.transposed)
+    if transposed:
+        raise UserInputError(f"{transposed[0]} is a Conv1D layer (its weight is stored [in, out]); export cannot fold "
+                             f"into Conv1D layers yet: serve the adapter with the runtime")
+    site_of = {f"{p}.{part}": p for p in sites for part in ("weight", "bias") if f"{p}.{part}" in checkpoint}
+    cast = DTYPES[dtype]
 
-    if isinstance(module, bnb.nn.Linear4bit):
-        state = module.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            raise RuntimeError("4-bit weights were repacked by inference; dequantize from a freshly loaded model")
-        return F.dequantize_4bit(module.weight.data, state).float()
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        weight = module.weight
-        return F.int8_vectorwise_dequant(weight.data, weight.SCB).float()
-    return None
+    def out_dtype(tensor_dtype: torch.dtype) -> torch.dtype:
+        return cast if tensor_dtype.is_floating_point else tensor_dtype
 
+    def served(key: str) -> torch.Tensor:  # the base's tensor as the model computes with it, in fp32
+        tensor = checkpoint.read(key)
+        if key in layout:
+            return layout.dequantize(key, tensor)
+        return tensor.float() if tensor.is_floating_point() else tensor
 
-def folded_state_dict(base_model: str, quantization: str, base_weights: str, weights: AdapterWeights
-                      ) -> tuple[dict, dict]:
-    """The base's fp32 state dict (dequantized from `quantization` or original) and the same with the adapter folded in."""
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model_path(base_model)
-    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    state = {k: v.detach().clone() for k, v in original.state_dict().items()}
-    if base_weights == "dequantized" and quantization != "none":
-        quantized = load_backbone(BaseSpec(model=base_model, quantization=quantization, device="cpu")).model
-        disable_cpu_repacking(quantized)  # never run inference on it: dequantize what was trained against
-        for name, module in quantized.named_modules():
-            weight = dequantized_weight(module)
-            if weight is not None:
-                state[f"{name}.weight"] = weight
-        del quantized
-    base_state = dict(state)
-    adapting = method(weights.method)
-    for path_, site in weights.sites.items():
-        if f"{path_}.weight" not in state:
-            raise UserInputError(f"the adapter adapts {path_!r}, which the base {base_model!r} does not have")
-        adapting.fold(state, path_, site)
-    return base_state, state
+    plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in checkpoint.tensors.items()]
+    writer = ShardWriter(target, plan, parse_size(max_shard_size))
+    fidelity, folded = WeightFidelity(), {}  # folded: the site being written, until its weight and bias are out
+    adapting = method(weights.method) if weights is not None else None
+    for key, _, to in plan:
+        path = site_of.get(key)
+        if path is None:
+            writer.write(key, served(key).to(to))
+            release_freed_memory()
+            continue
+        if path not in folded:
+            state = {k: served(k) for k, p in site_of.items() if p == path}
+            before = state[f"{path}.weight"]
+            adapting.fold(state, path, sites[path])
+            fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
+            folded[path] = state
+        writer.write(key, folded[path].pop(key).to(to))
+        if not folded[path]:
+            del folded[path]
+        release_freed_memory()
+    writer.close()
+    return fidelity
 
 
 def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_weights: str = "dequantized",
                  requantize: str | None = None, probe: str | Path | None = None, probe_tokens: int = 1024,
-                 max_shard_size: str = "2GB", measure: bool = True) -> dict:
-    """Fold adapter `ref` into its base, save a standalone model in `out`, and report its fidelity
-    (`measure=False` skips the measurement and writes no fidelity.json)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
+                 max_shard_size: str = "2GB", fidelity: str = "weights") -> dict:
+    """Fold adapter `ref` into its base, save a standalone model in `out` and report its fidelity (`fidelity`:
+    weights, logits, or none: no fidelity.json)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if dtype not in DTYPES:
         raise UserInputError(f"dtype {dtype!r} is not known; use {', '.join(DTYPES)}")
@@ -83,6 +97,8 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
         raise UserInputError(f"base weights {base_weights!r}: use dequantized or original")
     if requantize not in (None, "nf4", "int8"):
         raise UserInputError(f"requantize {requantize!r}: use nf4 or int8")
+    if fidelity not in FIDELITY:
+        raise UserInputError(f"fidelity {fidelity!r}: use {', '.join(FIDELITY)}")
     started = time.perf_counter()
     entry = registry.get(ref)
     manifest = entry.manifest
@@ -100,86 +116,67 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     out = Path(out)
     check_export_target(out)
     base_model, trained_q = manifest.base_model, manifest.quantization
-    base_state, folded = folded_state_dict(base_model, trained_q, base_weights, adapting.read(entry.path))
-
     path = resolve_model_path(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if measure:
-        probes = probe_token_ids(tokenizer, manifest, probe, probe_tokens)
-        # the unmerged model as it is served: the base in its training quantization + the adapter
-        runtime = AdapterRuntime(base_model, quantization=trained_q, device="cpu")
-        runtime.load(str(entry.path))
-        unmerged = runtime.logits(probes, adapters=str(entry.path))
-        base_served = runtime.logits(probes, adapters=None)
-        del runtime
-        model.load_state_dict(base_state)
-        floor = compare_logits(_logits(model, probes), base_served)  # the 4-bit kernels' own noise
-    model.load_state_dict(folded)
-    model.to(DTYPES[dtype])
-    variants = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "fp" if requantize else out
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise UserInputError(f"the base {base_model} is saved quantized; export folds into full-precision weights")
+    report = {"adapter": entry.ref, "base_model": base_model, "trained_quantization": trained_q,
+              "base_weights": base_weights, "dtype": dtype, "requantize": requantize}
+    with staged_folder(out) as staging, tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "fp" if requantize else staging
         target.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(target, safe_serialization=True, max_shard_size=max_shard_size)
+        kept = write_folded(path, adapting.read(entry.path), trained_q, base_weights, dtype, target, max_shard_size)
+        _save_config(config, target, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.save_pretrained(target)
-        _generation_config(path, model).save_pretrained(target)
-        del model
-        if measure:
-            exported = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
-            variants[f"export_{dtype}"] = compare_logits(_logits(exported, probes), unmerged)
-            del exported
+        _generation_config(path, config).save_pretrained(target)
+        report["export_seconds"] = time.perf_counter() - started
         if requantize:
-            quant = (BitsAndBytesConfig(load_in_8bit=True) if requantize == "int8" else
-                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
-            requantized = AutoModelForCausalLM.from_pretrained(target, quantization_config=quant, device_map="cpu")
-            out.mkdir(parents=True, exist_ok=True)
-            requantized.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-            tokenizer.save_pretrained(out)
-            _generation_config(path, requantized).save_pretrained(out)
-            if measure:
-                variants[f"requantized_{requantize}"] = compare_logits(_logits(requantized, probes), unmerged)
-    if not measure:
-        return {"adapter": entry.ref, "seconds": time.perf_counter() - started}
-    report = {
-        "warnings": fidelity_warnings(variants, floor, dtype),
-        "adapter": entry.ref, "base_model": base_model, "trained_quantization": trained_q,
-        "base_weights": base_weights, "dtype": dtype, "requantize": requantize,
-        "probe_tokens": int(probes.numel()),
-        "against": f"the unmerged model: {base_model} in {trained_q} + the adapter, as served",
-        "variants": variants,
-        "noise_floor": floor | {"what": f"{base_model} in {trained_q} as served against its dequantized fp32 copy"},
-        "seconds": time.perf_counter() - started,
-    }
-    write_json(out / "fidelity.json", report)
+            _requantize(target, staging, requantize, tokenizer, path, max_shard_size)
+        if fidelity == "weights":
+            report |= {"fidelity": "weights", **kept.report(dtype)}
+        elif fidelity == "logits":
+            measured = time.perf_counter()
+            floor_base = Path(tmp) / "base"  # the base as training saw it, in fp32: the noise floor's reference
+            floor_base.mkdir()
+            write_folded(path, None, trained_q, base_weights, "fp32", floor_base, max_shard_size)
+            _save_config(config, floor_base, "fp32")
+            exported = {f"export_{dtype}": (target, DTYPES[dtype])}
+            if requantize:
+                exported[f"requantized_{requantize}"] = (staging, None)
+            report |= {"fidelity": "logits",
+                       **logits_fidelity(entry, tokenizer, probe, probe_tokens, floor_base, exported, dtype)}
+            report["fidelity_seconds"] = time.perf_counter() - measured
+        report["seconds"] = time.perf_counter() - started
+        if fidelity != "none":
+            write_json(staging / "fidelity.json", report)
     return report
 
 
-def fidelity_warnings(variants: dict, floor: dict, dtype: str, slack: float = 0.0) -> list[str]:
-    """A variant whose top-1 agreement falls below the 4-bit kernels' own noise floor (bf16 does, measured:
-    97.8% against a 98.3% floor, where fp32 gave 99.3%) is worth a second look before it ships."""
-    warnings = []
-    for variant, scores in variants.items():
-        if scores["top1_agreement"] < floor["top1_agreement"] - slack:
-            fix = " --dtype fp32 keeps more" if variant.startswith("export_") and dtype != "fp32" else ""
-            warnings.append(f"{variant}: top-1 agreement {scores['top1_agreement']:.1%} is below the noise floor's "
-                            f"{floor['top1_agreement']:.1%}: the saved weights lose part of the adapter.{fix}")
-    return warnings
+def _save_config(config, folder: Path, dtype: str) -> None:
+    config.dtype = DTYPES[dtype]
+    config.save_pretrained(folder)
 
 
-def _logits(model, probes: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=probes.to(model.device)).logits.float()
+def _requantize(folder: Path, out: Path, requantize: str, tokenizer, path: Path, max_shard_size: str) -> None:
+    """The exported model loaded quantized and saved so (this holds the quantized model in memory)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (BitsAndBytesConfig(load_in_8bit=True) if requantize == "int8" else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    _generation_config(path, model.config).save_pretrained(out)
 
 
-def _generation_config(path: Path, model):
+def _generation_config(path: Path, config):
     from transformers import GenerationConfig
 
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:
-        return GenerationConfig.from_model_config(model.config)
+        return GenerationConfig.from_model_config(config)
 
 
 def export_adapter_folder(registry, ref: str, out: str | Path, pad_rank: bool = False) -> list[str]:

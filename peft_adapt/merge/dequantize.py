@@ -1,0 +1,78 @@
+"""The weights a quantized base computes with, rebuilt one tensor at a time from its checkpoint.
+
+Which layers transformers quantizes, and with which settings, comes from transformers itself on an empty (meta)
+model: the same `replace_with_bnb_linear` and the same list of layers kept in full precision. Each weight is then
+cast to the dtype the loader casts to and quantized and dequantized by the same bitsandbytes calls: bit-identical
+to what the loaded layer computes with (tests compare them), without ever holding the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models.backbone import BaseSpec, quantization_config
+
+LOADED_DTYPE = torch.float32  # load_backbone loads a quantized base's weights in fp32 before quantizing them
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The fp32 weight a loaded bitsandbytes layer computes with, or None for a plain layer."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError("4-bit weights were repacked by inference; dequantize from a freshly loaded model")
+        return F.dequantize_4bit(module.weight.data, state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        weight = module.weight
+        return F.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+    return None
+
+
+class QuantizedLayout:
+    """Which checkpoint weights a base loaded with `quantization` holds quantized, and their dequantized values (an
+    empty model: no memory)."""
+
+    def __init__(self, folder: Path, quantization: str, trust_remote_code: bool = False):
+        import bitsandbytes as bnb
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        self.params: dict[str, dict] = {}  # checkpoint weight name -> the bitsandbytes parameter's settings
+        self.int8 = quantization == "int8"
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        # Conv1D (GPT-2) stores its weight [in, out]: the loader transposes it before quantizing
+        self.transposed = {name for name, module in empty.named_modules() if isinstance(module, Conv1D)}
+        if quantization == "none":
+            return
+        spec = BaseSpec(model=str(folder), quantization=quantization, device="cpu")
+        replace_with_bnb_linear(empty, get_keys_to_not_convert(empty), quantization_config(spec, LOADED_DTYPE))
+        for name, module in empty.named_modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                settings = dict(module.weight.__dict__)
+                settings.pop("SCB", None)
+                self.params[f"{name}.weight"] = settings
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.params
+
+    def dequantize(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (as stored in the checkpoint) quantized as the loader does and dequantized to fp32."""
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+
+        weight = weight.to(LOADED_DTYPE)
+        if self.int8:
+            param = bnb.nn.Int8Params(weight, requires_grad=False, **self.params[key]).to("cpu")
+            return F.int8_vectorwise_dequant(param.data, param.SCB).float()
+        param = bnb.nn.Params4bit(weight, requires_grad=False, **self.params[key]).to("cpu")
+        return F.dequantize_4bit(param.data, param.quant_state).float()
