@@ -218,3 +218,18 @@ def test_an_export_below_the_noise_floor_is_warned_about():
     assert len(warnings) == 1 and "export_bf16: top-1 agreement 97.8% is below the noise floor's 98.3%" in warnings[0]
     assert "--dtype fp32" in warnings[0]
     assert fidelity_warnings({"export_fp32": {"top1_agreement": 0.993}}, floor, "fp32") == []
+
+
+def test_a_merge_holds_one_dense_delta_at_a_time(two_adapters, monkeypatch):
+    """The merged delta of every module at once would be the base's size in fp32 (70B: 280 GB): each module is
+    re-compressed before the next is computed."""
+    sizes = []
+    original = LORA.from_deltas
+
+    def recording(deltas, rank, head):
+        sizes.append(len(deltas))
+        return original(deltas, rank, head)
+
+    monkeypatch.setattr(LORA, "from_deltas", recording)
+    entry = combine_adapters(two_adapters, ["a", "b"], "ties", "one-at-a-time", density=0.5)
+    assert sizes == [1] * len(LORA.read(entry.path).sites) and len(sizes) == 6

@@ -44,13 +44,18 @@ def merge_deltas(adapting, parents: list[AdapterWeights], weights: list[float], 
     generator = torch.Generator().manual_seed(seed)
     target = rank or (max(p.extent for p in parents) if how == "svd" else sum(p.extent for p in parents))
     delta_fn = DELTA_METHODS["linear" if how == "svd" else how]
-    deltas = {}
-    for path in paths:
+    head = average_heads([p.head for p in parents], weights)
+    merged, errors = None, {}
+    for path in paths:  # one module's dense delta at a time: all of them at once would be the base's size in fp32
         per_parent = [adapting.site_delta(p.sites[path]) if path in p.sites else None for p in parents]
         shape = next(d.shape for d in per_parent if d is not None)
         per_parent = [d if d is not None else torch.zeros(shape) for d in per_parent]
-        deltas[path] = delta_fn(per_parent, weights, density, generator)
-    merged, errors = adapting.from_deltas(deltas, target, average_heads([p.head for p in parents], weights))
+        one, error = adapting.from_deltas({path: delta_fn(per_parent, weights, density, generator)}, target, head)
+        errors |= error
+        if merged is None:
+            merged = one
+        else:
+            merged.sites |= one.sites
     return merged, {"relative_error_max": max(errors.values()), "relative_error_mean": sum(errors.values()) / len(errors),
                     "rank": target}
 
