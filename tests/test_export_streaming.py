@@ -16,7 +16,7 @@ from test_runtime import make_lora
 
 from peft_adapt import Registry, UserInputError, export_model
 from peft_adapt.merge.dequantize import dequantized_weight
-from peft_adapt.merge.shards import Checkpoint, ShardWriter
+from peft_adapt.models.shards import Checkpoint, ShardWriter
 from peft_adapt.methods import method
 from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
 
@@ -211,9 +211,9 @@ def test_streamed_export_peak_memory_is_a_fraction_of_the_model(tmp_path):
                             capture_output=True, text=True, check=True)
     peak = json.loads(result.stdout.strip().splitlines()[-1])
     added = (peak["peak_kib"] - peak["baseline_kib"]) * 1024
-    assert fp32_bytes > 380e6
+    assert fp32_bytes > 500e6
     print(f"added {added / 1e6:.0f} MB over the imports for a {fp32_bytes / 1e6:.0f} MB fp32 model")
-    assert added < fp32_bytes / 3, (added / 1e6, fp32_bytes / 1e6)
+    assert added < fp32_bytes / 4, (added / 1e6, fp32_bytes / 1e6)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == fp32_bytes // 2  # all of it written, in bf16
 

@@ -2,7 +2,7 @@
 
 Which layers transformers quantizes, and with which settings, comes from transformers itself on an empty (meta)
 model: the same `replace_with_bnb_linear` and the same list of layers kept in full precision. Each weight is then
-cast to the dtype the loader casts to and quantized and dequantized by the same bitsandbytes calls: bit-identical
+cast to the dtype the loader loads it in and quantized and dequantized by the same bitsandbytes calls: bit-identical
 to what the loaded layer computes with (tests compare them), without ever holding the model.
 """
 
@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.backbone import BaseSpec, quantization_config
-
-LOADED_DTYPE = torch.float32  # load_backbone loads a quantized base's weights in fp32 before quantizing them
+from ..models.backbone import BaseSpec, quantization_config, quantized_load_dtype
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
@@ -47,6 +45,7 @@ class QuantizedLayout:
 
         self.params: dict[str, dict] = {}  # checkpoint weight name -> the bitsandbytes parameter's settings
         self.int8 = quantization == "int8"
+        self.loaded_dtype = quantized_load_dtype(Path(folder))  # what load_backbone quantizes from
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -55,7 +54,7 @@ class QuantizedLayout:
         if quantization == "none":
             return
         spec = BaseSpec(model=str(folder), quantization=quantization, device="cpu")
-        replace_with_bnb_linear(empty, get_keys_to_not_convert(empty), quantization_config(spec, LOADED_DTYPE))
+        replace_with_bnb_linear(empty, get_keys_to_not_convert(empty), quantization_config(spec, torch.float32))
         for name, module in empty.named_modules():
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
                 settings = dict(module.weight.__dict__)
@@ -70,7 +69,7 @@ class QuantizedLayout:
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
 
-        weight = weight.to(LOADED_DTYPE)
+        weight = weight.to(self.loaded_dtype)
         if self.int8:
             param = bnb.nn.Int8Params(weight, requires_grad=False, **self.params[key]).to("cpu")
             return F.int8_vectorwise_dequant(param.data, param.SCB).float()

@@ -28,7 +28,8 @@ from ..models.backbone import resolve_model_path
 from ..registry.transfer import check_export_target
 from .dequantize import QuantizedLayout
 from .fidelity import WeightFidelity, logits_fidelity
-from .shards import Checkpoint, ShardWriter, parse_size, release_freed_memory
+from ..models.memory import release_freed_memory, tensors_in_own_mappings
+from ..models.shards import Checkpoint, ShardWriter, parse_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIDELITY = ("weights", "logits", "none")
@@ -60,27 +61,28 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
             return layout.dequantize(key, tensor)
         return tensor.float() if tensor.is_floating_point() else tensor
 
-    plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in checkpoint.tensors.items()]
-    writer = ShardWriter(target, plan, parse_size(max_shard_size))
-    fidelity, folded = WeightFidelity(), {}  # folded: the site being written, until its weight and bias are out
-    adapting = method(weights.method) if weights is not None else None
-    for key, _, to in plan:
-        path = site_of.get(key)
-        if path is None:
-            writer.write(key, served(key).to(to))
+    with tensors_in_own_mappings():  # memory.py: freed tensors go back to the system
+        plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in checkpoint.tensors.items()]
+        writer = ShardWriter(target, plan, parse_size(max_shard_size))
+        fidelity, folded = WeightFidelity(), {}  # folded: the site being written, until its weight and bias are out
+        adapting = method(weights.method) if weights is not None else None
+        for key, _, to in plan:
+            path = site_of.get(key)
+            if path is None:
+                writer.write(key, served(key).to(to))
+                release_freed_memory()
+                continue
+            if path not in folded:
+                state = {k: served(k) for k, p in site_of.items() if p == path}
+                before = state[f"{path}.weight"]
+                adapting.fold(state, path, sites[path])
+                fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
+                folded[path] = state
+            writer.write(key, folded[path].pop(key).to(to))
+            if not folded[path]:
+                del folded[path]
             release_freed_memory()
-            continue
-        if path not in folded:
-            state = {k: served(k) for k, p in site_of.items() if p == path}
-            before = state[f"{path}.weight"]
-            adapting.fold(state, path, sites[path])
-            fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
-            folded[path] = state
-        writer.write(key, folded[path].pop(key).to(to))
-        if not folded[path]:
-            del folded[path]
-        release_freed_memory()
-    writer.close()
+        writer.close()
     return fidelity
 
 

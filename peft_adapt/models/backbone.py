@@ -15,7 +15,10 @@ import torch
 
 from ..errors import UserInputError
 from .fingerprint import base_fingerprint
-from .heads import CRFTokenClassifier, MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
+from .half_storage import keep_half_storage
+from .heads import CRFTokenClassifier, EncoderWithHead, MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
+from .memory import tensors_in_own_mappings
+from .shards import Checkpoint
 from .model_files import QUANTIZATIONS, BaseSpec, Quantization, resolve_model_path  # noqa: F401 (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,9 +89,11 @@ def load_backbone(
     device = resolve_device(spec.device)
     compute_dtype = resolve_compute_dtype(spec.compute_dtype, device)
     quant = quantization_config(spec, compute_dtype)
-    # Weights that stay unquantized load in fp32 for stable training, except an unquantized base
-    # with an explicit compute dtype, which loads in that dtype.
+    # Weights that stay unquantized compute in fp32 for stable training, except an unquantized base with an explicit
+    # compute dtype, which loads in that dtype. A quantized base loads in its checkpoint's dtype (half_storage.py).
     dtype = compute_dtype if (quant is None and spec.compute_dtype != "auto") else torch.float32
+    if quant is not None:
+        dtype = quantized_load_dtype(path)
     kwargs = dict(
         dtype=dtype,
         quantization_config=quant,
@@ -102,33 +107,36 @@ def load_backbone(
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is expected for heads
     hf_logging.disable_progress_bar()  # a bar per load is noise; training keeps its own bar
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        if task == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif task in ("classification", "token_classification", "masked_lm", "encoder"):
-            encoder_cls = AutoModel._model_mapping[type(config)]
-            if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
-                kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
-            model = AutoModel.from_pretrained(path, **kwargs)
-            if task not in ("encoder", "masked_lm") and not num_labels:
-                raise ValueError(f"{task} needs num_labels")
-            if task == "classification":
-                chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
-                model = SequenceClassifier(model, num_labels, chosen)
-            elif task == "token_classification" and crf_tags:
-                model = CRFTokenClassifier(model, crf_tags)
-            elif task == "token_classification":
-                model = TokenClassifier(model, num_labels, "mean")
-            elif task == "masked_lm":
-                model = MaskedLanguageModel(model)
-        else:
-            raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification, "
-                                 f"masked_lm or encoder")
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    if quant is None:
-        model.to(device)
+    with tensors_in_own_mappings():  # memory.py: loading's peak stays near what the model holds
+        try:
+            if task == "causal_lm":
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            elif task in ("classification", "token_classification", "masked_lm", "encoder"):
+                encoder_cls = AutoModel._model_mapping[type(config)]
+                if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
+                    kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
+                model = AutoModel.from_pretrained(path, **kwargs)
+                if task not in ("encoder", "masked_lm") and not num_labels:
+                    raise ValueError(f"{task} needs num_labels")
+                if task == "classification":
+                    chosen = default_pooling(path, is_decoder) if pooling == "auto" else pooling
+                    model = SequenceClassifier(model, num_labels, chosen)
+                elif task == "token_classification" and crf_tags:
+                    model = CRFTokenClassifier(model, crf_tags)
+                elif task == "token_classification":
+                    model = TokenClassifier(model, num_labels, "mean")
+                elif task == "masked_lm":
+                    model = MaskedLanguageModel(model)
+            else:
+                raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification, "
+                                     f"masked_lm or encoder")
+            if quant is None:
+                model.to(device)
+            elif dtype != torch.float32:
+                keep_half_storage(model.encoder if isinstance(model, EncoderWithHead) else model)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     if task == "masked_lm" and (is_decoder or tokenizer.mask_token_id is None):
         raise UserInputError(f"task masked_lm needs an encoder whose tokenizer has a mask token; {spec.model} is "
@@ -136,6 +144,17 @@ def load_backbone(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model, tokenizer, spec, path, base_fingerprint(path), device)
+
+
+def quantized_load_dtype(path: Path) -> torch.dtype:
+    """The dtype a quantized base's checkpoint is loaded in, before quantization: its own 16-bit dtype, else fp32.
+    Export rebuilds the quantized weights from the same dtype (merge/dequantize.py): bitsandbytes' blockwise
+    quantization of a bf16 tensor differs, in a few codes, from that of the same values in fp32."""
+    try:
+        saved = Checkpoint(path).float_dtype
+    except UserInputError:  # a pickled checkpoint (allow_pickle): as before
+        return torch.float32
+    return saved if saved in (torch.bfloat16, torch.float16) else torch.float32
 
 
 _DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "gemma", "gemma2", "olmo"}

@@ -81,3 +81,77 @@ def build_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, hid
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+# TinyLlama's shape, and smaller ones of the same family: the sizes the scale benchmark measures
+LLAMA_SHAPES = {
+    "0.15b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4),
+    "0.4b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
+                 num_key_value_heads=4),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+
+
+def build_random_llama(path: str | Path, shape: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       max_shard_size: str = "500MB") -> Path:
+    """A random-weight Llama of one of `LLAMA_SHAPES` (vocabulary 32000, untied head), saved in `dtype` shards as a
+    hub model is, without ever holding the model: each tensor is drawn and written on its own."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..models.shards import ShardWriter, parse_size
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(320)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **LLAMA_SHAPES[shape])
+    config.dtype = dtype
+    with init_empty_weights():
+        empty = LlamaForCausalLM(config)
+    shapes = [(name, tuple(p.shape)) for name, p in empty.state_dict().items()]
+    writer = ShardWriter(path, [(name, s, dtype) for name, s in shapes], parse_size(max_shard_size))
+    generator = torch.Generator().manual_seed(seed)
+    for name, s in shapes:
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(s)
+        else:
+            tensor = torch.randn(s, generator=generator) * config.initializer_range
+        writer.write(name, tensor.to(dtype))
+    writer.close()
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_random_lora(base: str | Path, out: str | Path, rank: int, targets: list[str], seed: int) -> Path:
+    """A peft LoRA folder for `base` with random A and B, from the base's config alone (no model is loaded)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in empty.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features,
+                                                                          generator=generator) / module.in_features**0.5
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank,
+                                                                          generator=generator) * 0.01
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+              "target_modules": targets, "base_model_name_or_path": str(base), "bias": "none", "use_rslora": False,
+              "use_dora": False, "fan_in_fan_out": False, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

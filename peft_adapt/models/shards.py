@@ -56,6 +56,15 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
+    @property
+    def float_dtype(self) -> torch.dtype | None:
+        """The floating dtype holding most of the checkpoint's bytes (what it was saved in)."""
+        sizes: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                sizes[info.dtype] = sizes.get(info.dtype, 0) + _nbytes(info.shape, info.dtype)
+        return max(sizes, key=sizes.get) if sizes else None
+
     def read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
@@ -144,27 +153,6 @@ class ShardWriter:
         self._file = (self.folder / name).open("wb")
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._file_name = name
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the system. glibc keeps freed blocks for reuse and, after a large block is
-    freed, serves even large requests from its heap; a stream of differently sized tensors (bitsandbytes' quantization
-    temporaries) then fragments it, and the process grew by half the model's fp32 size without this (measured)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 (absent outside glibc)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
