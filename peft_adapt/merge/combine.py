@@ -22,6 +22,7 @@ from ..errors import UserInputError
 from ..formats import Manifest, build_manifest, read_adapter_config, write_manifest
 from ..methods import TABLE, AdapterWeights, method
 from ..methods.base import average_heads
+from ..models.memory import tensors_in_own_mappings
 from ..registry.refs import check_name
 from .methods import DELTA_METHODS
 
@@ -46,16 +47,17 @@ def merge_deltas(adapting, parents: list[AdapterWeights], weights: list[float], 
     delta_fn = DELTA_METHODS["linear" if how == "svd" else how]
     head = average_heads([p.head for p in parents], weights)
     merged, errors = None, {}
-    for path in paths:  # one module's dense delta at a time: all of them at once would be the base's size in fp32
-        per_parent = [adapting.site_delta(p.sites[path]) if path in p.sites else None for p in parents]
-        shape = next(d.shape for d in per_parent if d is not None)
-        per_parent = [d if d is not None else torch.zeros(shape) for d in per_parent]
-        one, error = adapting.from_deltas({path: delta_fn(per_parent, weights, density, generator)}, target, head)
-        errors |= error
-        if merged is None:
-            merged = one
-        else:
-            merged.sites |= one.sites
+    with tensors_in_own_mappings():  # models/memory.py: each module's temporaries go back to the system
+        for path in paths:  # one module's dense delta at a time: all of them at once would be the base's size in fp32
+            per_parent = [adapting.site_delta(p.sites[path]) if path in p.sites else None for p in parents]
+            shape = next(d.shape for d in per_parent if d is not None)
+            per_parent = [d if d is not None else torch.zeros(shape) for d in per_parent]
+            one, error = adapting.from_deltas({path: delta_fn(per_parent, weights, density, generator)}, target, head)
+            errors |= error
+            if merged is None:
+                merged = one
+            else:
+                merged.sites |= one.sites
     return merged, {"relative_error_max": max(errors.values()), "relative_error_mean": sum(errors.values()) / len(errors),
                     "rank": target}
 

@@ -65,13 +65,14 @@ class QuantizedLayout:
         return key in self.params
 
     def dequantize(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` (as stored in the checkpoint) quantized as the loader does and dequantized to fp32."""
+        """`weight` (as stored in the checkpoint) quantized as the loader does and dequantized, in the dtype the loaded
+        layer dequantizes to (the load dtype)."""
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
 
         weight = weight.to(self.loaded_dtype)
         if self.int8:
             param = bnb.nn.Int8Params(weight, requires_grad=False, **self.params[key]).to("cpu")
-            return F.int8_vectorwise_dequant(param.data, param.SCB).float()
+            return F.int8_vectorwise_dequant(param.data, param.SCB)
         param = bnb.nn.Params4bit(weight, requires_grad=False, **self.params[key]).to("cpu")
-        return F.dequantize_4bit(param.data, param.quant_state).float()
+        return F.dequantize_4bit(param.data, param.quant_state)

@@ -36,7 +36,7 @@ FIDELITY = ("weights", "logits", "none")
 
 
 def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str, dtype: str,
-                 target: Path, max_shard_size: str | int = "2GB") -> WeightFidelity:
+                 target: Path, max_shard_size: str | int = "2GB", measure: bool = True) -> WeightFidelity:
     """Write the weights of `base` with `weights` folded in (None: the base alone) to `target` in `dtype`, one tensor
     at a time; returns what the saved dtype kept of the adapter, module by module."""
     checkpoint = Checkpoint(base)
@@ -55,11 +55,9 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
     def out_dtype(tensor_dtype: torch.dtype) -> torch.dtype:
         return cast if tensor_dtype.is_floating_point else tensor_dtype
 
-    def served(key: str) -> torch.Tensor:  # the base's tensor as the model computes with it, in fp32
+    def served(key: str) -> torch.Tensor:  # the base's tensor as the model computes with it (bf16 -> fp32 is exact)
         tensor = checkpoint.read(key)
-        if key in layout:
-            return layout.dequantize(key, tensor)
-        return tensor.float() if tensor.is_floating_point() else tensor
+        return layout.dequantize(key, tensor) if key in layout else tensor
 
     with tensors_in_own_mappings():  # memory.py: freed tensors go back to the system
         plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in checkpoint.tensors.items()]
@@ -73,10 +71,11 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
                 release_freed_memory()
                 continue
             if path not in folded:
-                state = {k: served(k) for k, p in site_of.items() if p == path}
+                state = {k: served(k).float() for k, p in site_of.items() if p == path}
                 before = state[f"{path}.weight"]
                 adapting.fold(state, path, sites[path])
-                fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
+                if measure:
+                    fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
                 folded[path] = state
             writer.write(key, folded[path].pop(key).to(to))
             if not folded[path]:
@@ -127,7 +126,8 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     with staged_folder(out) as staging, tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "fp" if requantize else staging
         target.mkdir(parents=True, exist_ok=True)
-        kept = write_folded(path, adapting.read(entry.path), trained_q, base_weights, dtype, target, max_shard_size)
+        kept = write_folded(path, adapting.read(entry.path), trained_q, base_weights, dtype, target, max_shard_size,
+                            measure=fidelity == "weights")
         _save_config(config, target, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.save_pretrained(target)
@@ -141,7 +141,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
             measured = time.perf_counter()
             floor_base = Path(tmp) / "base"  # the base as training saw it, in fp32: the noise floor's reference
             floor_base.mkdir()
-            write_folded(path, None, trained_q, base_weights, "fp32", floor_base, max_shard_size)
+            write_folded(path, None, trained_q, base_weights, "fp32", floor_base, max_shard_size, measure=False)
             _save_config(config, floor_base, "fp32")
             exported = {f"export_{dtype}": (target, DTYPES[dtype])}
             if requantize:
