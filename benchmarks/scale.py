@@ -76,9 +76,8 @@ def _registry(work: Path, size: str):
 
 
 def child(op: str, side: str, work: Path, size: str) -> dict:
-    import torch
-
     import peft  # noqa: F401 (every import before the baseline)
+    import torch
     import transformers  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 

@@ -16,9 +16,9 @@ from test_runtime import make_lora
 
 from peft_adapt import Registry, UserInputError, export_model
 from peft_adapt.merge.dequantize import dequantized_weight
-from peft_adapt.models.shards import Checkpoint, ShardWriter
 from peft_adapt.methods import method
 from peft_adapt.models.backbone import BaseSpec, disable_cpu_repacking, load_backbone
+from peft_adapt.models.shards import Checkpoint, ShardWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

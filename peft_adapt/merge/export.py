@@ -25,11 +25,11 @@ from ..errors import UserInputError
 from ..formats import file_checksums, staged_folder, write_json
 from ..methods import TABLE, AdapterWeights, method
 from ..models.backbone import resolve_model_path
+from ..models.memory import release_freed_memory, tensors_in_own_mappings
+from ..models.shards import Checkpoint, ShardWriter, parse_size
 from ..registry.transfer import check_export_target
 from .dequantize import QuantizedLayout
 from .fidelity import WeightFidelity, logits_fidelity
-from ..models.memory import release_freed_memory, tensors_in_own_mappings
-from ..models.shards import Checkpoint, ShardWriter, parse_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIDELITY = ("weights", "logits", "none")

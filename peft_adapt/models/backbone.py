@@ -16,10 +16,17 @@ import torch
 from ..errors import UserInputError
 from .fingerprint import base_fingerprint
 from .half_storage import keep_half_storage
-from .heads import CRFTokenClassifier, EncoderWithHead, MaskedLanguageModel, SequenceClassifier, TokenClassifier, default_pooling
+from .heads import (
+    CRFTokenClassifier,
+    EncoderWithHead,
+    MaskedLanguageModel,
+    SequenceClassifier,
+    TokenClassifier,
+    default_pooling,
+)
 from .memory import tensors_in_own_mappings
-from .shards import Checkpoint
 from .model_files import QUANTIZATIONS, BaseSpec, Quantization, resolve_model_path  # noqa: F401 (re-exported)
+from .shards import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,8 +135,8 @@ def load_backbone(
                 elif task == "masked_lm":
                     model = MaskedLanguageModel(model)
             else:
-                raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, token_classification, "
-                                     f"masked_lm or encoder")
+                raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, "
+                                     f"token_classification, masked_lm or encoder")
             if quant is None:
                 model.to(device)
             elif dtype != torch.float32:
