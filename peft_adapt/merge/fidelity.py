@@ -48,8 +48,8 @@ class WeightFidelity:
         if min(kept) < KEPT_WARNING:
             low = sum(k < KEPT_WARNING for k in kept)
             warnings.append(f"{low} of {len(kept)} modules keep less than {KEPT_WARNING:.0%} of the adapter's change "
-                            f"in {dtype} (worst: {worst}, {min(kept):.1%}); the rounding of the saved weights is as large "
-                            f"as the adaptation there." + (" --dtype fp32 keeps all of it" if dtype != "fp32" else ""))
+                            f"in {dtype} (worst: {worst}, {min(kept):.1%}); the rounding of the saved weights takes "
+                            f"the rest of the adaptation there." + (" --dtype fp32 keeps all of it" if dtype != "fp32" else ""))
         return {"what": what, "modules": len(kept), "adapter_kept_min": min(kept),
                 "adapter_kept_mean": sum(kept) / len(kept), "worst_module": worst,
                 "relative_weight_error_max": max(m["relative_weight_error"] for m in self.modules.values()),
