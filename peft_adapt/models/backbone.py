@@ -139,7 +139,7 @@ def load_backbone(
                                      f"token_classification, masked_lm or encoder")
             if quant is None:
                 model.to(device)
-            elif dtype != torch.float32:
+            else:
                 keep_half_storage(model.encoder if isinstance(model, EncoderWithHead) else model)
         finally:
             hf_logging.set_verbosity(verbosity)
