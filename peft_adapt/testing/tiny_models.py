@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.shards import ShardWriter, parse_size
+
 FAMILIES = ("llama", "bert", "gpt2")
 
 
@@ -103,7 +105,6 @@ def build_random_llama(path: str | Path, shape: str, seed: int = 0, dtype: torch
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..models.shards import ShardWriter, parse_size
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
