@@ -273,17 +273,19 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     for op in args.ops.split(","):
         for side in ("ours", "plain"):
-            points = [(r["params"] / 1e9, r[f"{side}_peak_mib"]) for r in rows if r["op"] == op and f"{side}_peak_mib" in r]
-            if len(points) < 2:
-                continue
-            slope, intercept = fit(points)
-            at = {b: intercept + slope * b for b in (8, 70)}
-            baseline = max(r[f"{side}_baseline_mib"] for r in rows if r["op"] == op and f"{side}_baseline_mib" in r)
-            print(json.dumps({"name": "scale_slope", "op": op, "side": side, "mib_per_billion": round(slope, 1),
-                              "intercept_mib": round(intercept, 1),
-                              **{f"at_{b}b_gib": round((m + baseline) / 1024, 1) for b, m in at.items()},
-                              **{f"fits_{gb}gb_at_{b}b": (m + baseline) * MIB < gb * 1e9 * 0.9
-                                 for gb in (32, 64) for b, m in at.items()}}), flush=True)
+            for measure in ("peak_mib", "anon_peak_mib", "idle_mib"):
+                key = f"{side}_{measure}"
+                points = [(r["params"] / 1e9, r[key]) for r in rows if r["op"] == op and key in r]
+                if len(points) < 2:
+                    continue
+                slope, intercept = fit(points)
+                at = {b: intercept + slope * b for b in (8, 70)}
+                baseline = max(r[f"{side}_baseline_mib"] for r in rows if r["op"] == op and f"{side}_baseline_mib" in r)
+                print(json.dumps({"name": "scale_slope", "op": op, "side": side, "measure": measure,
+                                  "mib_per_billion": round(slope, 1), "intercept_mib": round(intercept, 1),
+                                  **{f"at_{b}b_gib": round((m + baseline) / 1024, 1) for b, m in at.items()},
+                                  **{f"fits_{gb}gb_at_{b}b": (m + baseline) * MIB < gb * 1e9 * 0.9
+                                     for gb in (32, 64) for b, m in at.items()}}), flush=True)
 
 
 if __name__ == "__main__":
