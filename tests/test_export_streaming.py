@@ -228,3 +228,22 @@ def test_export_cli_says_what_the_weights_keep_and_skips_fidelity_on_request(exp
                  str(registry.root)]) == 0
     assert "fidelity.json" not in capsys.readouterr().out and not (root / "cli-quiet" / "fidelity.json").exists()
     assert (root / "cli-quiet" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_streamed_export_of_the_built_in_model_equals_the_in_memory_export(tmp_path):
+    """SmolLM2-135M (tied embeddings, fp32 checkpoint) with a rank-16 LoRA on every linear layer, trained as if on
+    nf4: the same tensors, names and dtypes, bit for bit."""
+    from peft_adapt.merge.export import write_folded
+    from peft_adapt.models.backbone import resolve_model_path
+    from peft_adapt.testing.tiny_models import write_random_lora
+
+    base = resolve_model_path("smollm2-135m")
+    lora = write_random_lora(base, tmp_path / "lora", 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"], seed=0)
+    expected = load_file(in_memory_export(base, lora, "lora", "nf4", "bf16", tmp_path / "memory") / "model.safetensors")
+    (tmp_path / "streamed").mkdir()
+    write_folded(base, method("lora").read(lora), "nf4", "dequantized", "bf16", tmp_path / "streamed")
+    found = load_file(tmp_path / "streamed" / "model.safetensors")
+    assert set(found) == set(expected)
+    assert all(found[k].dtype == expected[k].dtype and torch.equal(found[k], expected[k]) for k in expected)
