@@ -45,6 +45,11 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
     missing = sorted(p for p in sites if f"{p}.weight" not in checkpoint)
     if missing:
         raise UserInputError(f"the adapter adapts {missing[0]!r}, which the base {base} does not have")
+    unnamed = sorted(k for k in layout.params if k not in checkpoint)
+    if unnamed:  # transformers renames some checkpoints' keys as it loads; folding by name would miss those layers
+        raise UserInputError(f"the base {base} names its weights otherwise than the model transformers builds from it "
+                             f"(no {unnamed[0]!r} in the checkpoint); export cannot map them: serve the adapter "
+                             f"instead")
     transposed = sorted(p for p in sites if p in layout.transposed)
     if transposed:
         raise UserInputError(f"{transposed[0]} is a Conv1D layer (its weight is stored [in, out]); export cannot fold "

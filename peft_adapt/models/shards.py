@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError
+from .fingerprint import read_safetensors_header
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 # safetensors' dtype names (its format's spec)
@@ -79,18 +80,13 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         raise UserInputError(f"checkpoint shard {path} is missing (the index names it); {fix}")
     size = path.stat().st_size
     try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header of {length} bytes in a file of {size}")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
+        header, start = read_safetensors_header(path)
         infos = {k: TensorInfo(path, tuple(v["shape"]), NAMED_DTYPES[v["dtype"]]) for k, v in header.items()}
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (UserInputError, KeyError, TypeError, AttributeError) as e:
         raise UserInputError(f"checkpoint shard {path} is not a whole safetensors file ({e}); {fix}") from None
-    if 8 + length + end != size:
-        raise UserInputError(f"checkpoint shard {path} is {size} bytes where its header says {8 + length + end} "
+    if start + end != size:
+        raise UserInputError(f"checkpoint shard {path} is {size} bytes where its header says {start + end} "
                              f"(truncated or corrupt); {fix}")
     return infos
 
