@@ -65,3 +65,21 @@ def test_unknown_domain_is_named():
 def test_every_shipped_recipe_is_valid(path):
     recipe = load_recipe(path)
     assert recipe.domains
+
+
+def test_an_alias_bomb_is_refused_before_it_expands_and_a_few_aliases_still_load(tmp_path):
+    """Nine lines of nested aliases stand for 10^9 values; validating them hung the process (issue 30, item 11)."""
+    levels = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"a{i}: &a{i} [{', '.join(f'*a{i - 1}' for _ in range(10))}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nname: *a9\n")
+    with pytest.raises(UserInputError, match=r"stands for [0-9,]{14,} values once its aliases"):
+        load_recipe(bomb)
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(
+        "name: t\nbase: {model: smollm2-135m}\ntask: {type: causal_lm}\ntraining: {max_steps: 3}\n"
+        "domains:\n  a: &same {train: a.jsonl}\n  b: *same\n")
+    assert load_recipe(shared).domains["b"].train == "a.jsonl"
+    with pytest.raises(UserInputError, match="at most 1000000"):
+        (big := tmp_path / "big.yaml").write_text("# " + "x" * 1_000_001)
+        load_recipe(big)

@@ -195,3 +195,12 @@ def test_a_5xx_is_logged_with_its_traceback_and_answered_without_it(tmp_path, ti
         proc.wait(timeout=30)
     log = proc.log_path.read_text()
     assert "Traceback" in log and f"injected fault at {where}" in log, log[-2000:]
+
+
+def test_server_settings_never_show_a_key_in_a_log_line():
+    """`serve --ray -v` logged its settings, keys included (issue 30, item 5)."""
+    from peft_adapt.server.schemas import ServerSettings
+
+    shown = str(ServerSettings("base", api_key="K-secret-1", admin_key="A-secret-2").loggable())
+    assert "K-secret-1" not in shown and "A-secret-2" not in shown and "'api_key': '<set>'" in shown
+    assert ServerSettings("base").loggable()["api_key"] is None

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -148,7 +147,7 @@ def serve_on_ray(base: str, quantization: str, registry_args: dict, adapters: li
     serve.start(http_options={"host": host, "port": port})
     app = build_app(base, quantization, registry_args, list(adapters or []), task, max_adapters, settings, replicas,
                     threads)
-    log.info("serving %s on Ray: %d replicas, settings %s", base, replicas, asdict(settings))
+    log.info("serving %s on Ray: %d replicas, settings %s", base, replicas, settings.loggable())
     # SIGTERM (a service manager, a test) ends the command the way Ctrl-C does: the finally below runs, and the
     # cluster this command started stops with it instead of outliving it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

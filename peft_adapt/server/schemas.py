@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
@@ -24,6 +24,13 @@ class ServerSettings:
     batch_window_ms: float = 10.0
     max_queue: int = 256
     batch_invariant: bool = False
+
+    def loggable(self) -> dict:
+        """The settings as a log line may show them: whether a key is set, never the key."""
+        shown = asdict(self)
+        for name in ("api_key", "admin_key"):
+            shown[name] = "<set>" if shown[name] else None
+        return shown
 
 
 class APIError(Exception):

@@ -332,13 +332,46 @@ def parse_recipe(data: dict, source: str | Path | None = None) -> Recipe:
     return recipe
 
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_VALUES = 100_000  # values with every alias expanded: a recipe has hundreds; an alias bomb, billions
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a document that stands for too many values once its aliases are expanded: a few
+    lines of nested aliases (a "billion laughs") load as a small shared graph, and whatever walks it as a tree
+    (validation, an error message showing the value) hung the process for minutes and 4 GB before it was killed."""
+
+    def compose_document(self):
+        root = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def expanded(node) -> int:  # each shared node counted as often as it is referenced, computed once
+            if id(node) not in sizes:
+                children = node.value if isinstance(node, yaml.SequenceNode) else (
+                    [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else [])
+                sizes[id(node)] = 1 + sum(expanded(child) for child in children)
+            return sizes[id(node)]
+
+        if root is not None and expanded(root) > MAX_RECIPE_VALUES:
+            raise yaml.YAMLError(f"the document stands for {expanded(root):,} values once its aliases (*name) are "
+                                 f"expanded, more than {MAX_RECIPE_VALUES:,}; write the values out instead")
+        return root
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader that bounds alias expansion)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`key.path=value` overrides (value parsed as YAML; `null` removes the key), as from `--set`."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserInputError(f"--set {item!r}: expected KEY.PATH=VALUE, for instance training.max_steps=10")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = load_yaml(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
         parts = key.split(".")
         node = data
         for part in parts[:-1]:
@@ -357,8 +390,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserInputError(f"recipe {path} does not exist")
 
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserInputError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} "
+                             f"(data goes in the files its domains name)")
     try:
-        data = yaml.safe_load(read_utf8(path))
+        data = load_yaml(read_utf8(path))
     except yaml.YAMLError as exc:
         raise UserInputError(f"{path}: not valid YAML: {exc}") from None
     if overrides and isinstance(data, dict):
