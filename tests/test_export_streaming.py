@@ -107,6 +107,9 @@ def test_export_of_a_registered_adapter_loads_with_transformers_and_reports_what
     fp32 = export_model(registry, "lora", root / "fp32", dtype="fp32", fidelity="weights")
     assert fp32["adapter_kept_min"] == 1.0 and fp32["warnings"] == []
     export_model(registry, "lora", root / "quiet", fidelity="none")
+    with pytest.raises(UserInputError, match="shard size '2 bananas'"):
+        export_model(registry, "lora", root / "never", max_shard_size="2 bananas")
+    assert not (root / "never").exists()
     assert not (root / "quiet" / "fidelity.json").exists()
 
 

@@ -103,6 +103,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
         raise UserInputError(f"base weights {base_weights!r}: use dequantized or original")
     if requantize not in (None, "nf4", "int8"):
         raise UserInputError(f"requantize {requantize!r}: use nf4 or int8")
+    parse_size(max_shard_size)  # a bad size is refused before the model is read
     if fidelity not in FIDELITY:
         raise UserInputError(f"fidelity {fidelity!r}: use {', '.join(FIDELITY)}")
     started = time.perf_counter()
