@@ -23,6 +23,8 @@ def add_train(sub) -> None:
                    help="train in N processes: data parallel per domain (accelerate; gloo on the CPU)")
     p.add_argument("--parallel-domains", action="store_true",
                    help="with several processes: each worker trains different domains at the same time")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output folders that hold a previous run (a folder of anything else is never replaced)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: finished domains are skipped, an interrupted one continues from "
                         "its last checkpoint (training.checkpoint_steps)")
@@ -42,6 +44,7 @@ def add_meta_train(sub) -> None:
     p.add_argument("--inner-lr", type=float, help="default: the recipe's learning_rate")
     add_registry_arguments(p)
     p.add_argument("--no-register", action="store_true", help="only write the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a previous run")
     p.set_defaults(func=_cmd_meta_train)
 
 
@@ -78,7 +81,7 @@ def _cmd_train(args) -> int:
     registry = None if args.no_register else open_registry(args)
     train_recipe(recipe, out, args.domain, registry=registry, stack_registry=open_registry(args),
                  parallel_domains=args.parallel_domains,
-                 resume=args.resume, report=lambda line: print(line, flush=True))
+                 resume=args.resume, overwrite=args.overwrite, report=lambda line: print(line, flush=True))
     return 0
 
 
@@ -90,7 +93,7 @@ def _cmd_meta_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name or Path(args.recipe).stem}-meta"
     settings = MetaSettings(args.meta_steps, args.inner_steps, args.meta_lr, args.inner_lr)
-    result = meta_train(recipe, out, settings, None if args.no_register else open_registry(args))
+    result = meta_train(recipe, out, settings, None if args.no_register else open_registry(args), args.overwrite)
     print(result_line(result), flush=True)
     return 0
 

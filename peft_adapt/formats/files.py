@@ -151,6 +151,24 @@ def publish(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def check_output_folder(folder: Path, overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """Refuse, before anything is written, an output folder that would replace what this tool did not write: a file,
+    or a folder that is not empty. With `overwrite`, a folder holding a previous run (its `manifest.json`) may be
+    replaced; a folder of anything else never is (a recipe's name once pointed training at a user's folder)."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UserInputError(f"output {folder} exists and is not a folder; choose another output folder (--out)")
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    previous_run = (folder / "manifest.json").is_file() and not (folder / "manifest.json").is_symlink()
+    if not previous_run:
+        raise UserInputError(f"output folder {folder} exists and holds files this tool did not write; it is never "
+                             f"replaced: choose another output folder (--out)")
+    if not overwrite:
+        raise UserInputError(f"output folder {folder} holds a previous run; pass {flag} to replace it, or choose "
+                             f"another output folder (--out)")
+
+
 @contextmanager
 def staged_folder(target: Path):
     """Write a folder beside `target`, then `publish` it: the one way training, merging and exports write folders.

@@ -31,6 +31,7 @@ from ..formats import (
     TRAINED_WEIGHTS,
     Manifest,
     build_manifest,
+    check_output_folder,
     staged_folder,
     write_json,
     write_manifest,
@@ -39,6 +40,7 @@ from ..formats.model_card import model_card
 from ..methods import inject_adapter, method
 from ..models.backbone import Backbone, disable_cpu_repacking, load_backbone
 from ..models.builtin_models import portable_name
+from ..registry.refs import check_name
 from ..registry.store import Registry
 from ..routing.router import MIN_ROWS, input_text, sign, write_signature
 from ..runtime.stacks import StackedDomain, resolve_domain
@@ -546,19 +548,39 @@ def describe_for_plain_tools(folder: Path, recipe: Recipe, domain: str, labels: 
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
+def output_names(recipe: Recipe, domain: str) -> list[str]:
+    """The folders (under the output root) that training `domain` writes: its adapter, and a phased method's."""
+    names = [domain]
+    spec = recipe.domain_adaptation
+    if spec is not None and adaptation_method(spec.method).phased:
+        names.append(f"{domain}-{adaptation_method(spec.method).name}")
+    return names
+
+
+def check_outputs(recipe: Recipe, out_root: Path, domain: str, replace: bool) -> None:
+    """Before training anything: every adapter name this domain registers is allowed, and no output folder would
+    replace something that is not a previous run of this tool (or one at all, unless `replace`)."""
+    for name in output_names(recipe, domain):
+        check_name(f"{recipe.name}-{name}" if recipe.name else name)
+        check_output_folder(out_root / name, replace, "--overwrite (or --resume to continue it)")
+
+
 def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None = None,
                  registry=None, parallel_domains: bool = False, resume: bool = False,
-                 report=None, stack_registry=None) -> list[TrainResult]:
+                 report=None, stack_registry=None, overwrite: bool = False) -> list[TrainResult]:
     """Train every domain of the recipe in turn (or only `domains`), registering each adapter if given a
     registry. Under a multi-process launcher: data parallel per domain, or with `parallel_domains` each
     worker trains its own share of the domains; a failed domain is reported with its worker and error.
     With `resume`, a domain whose adapter is already saved is skipped and an interrupted one continues from
     its last checkpoint. `report(line)` hears a banner before each domain and its result line after it.
-    `stack_registry`: where `stack_on` is looked up (default: `registry`, else the default registry)."""
+    `stack_registry`: where `stack_on` is looked up (default: `registry`, else the default registry).
+    An output folder that exists is replaced only with `overwrite` (or continued with `resume`), and only if it
+    holds a previous run; every check happens before anything is written."""
 
     names = domains or list(recipe.domains)
     for name in names:
         recipe.domain(name)  # fail on an unknown domain before training anything
+        check_outputs(recipe, Path(out_root), name, overwrite or resume)
     here = world()
     configure_threads(recipe.training.threads)  # after the launcher's environment is read, before any work
     separate = parallel_domains and here.size > 1

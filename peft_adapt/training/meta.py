@@ -10,6 +10,7 @@ First-order, no second derivatives: on a quantized base it costs what plain trai
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ import torch
 
 from ..data import pad_batch, read_domain, tokenize_domain
 from ..errors import UserInputError
+from ..formats import check_output_folder
 from ..models.backbone import load_backbone
+from ..registry.refs import check_name
 from .domain import TrainResult, count_parameters, prepare_model, save_trained
 from .evaluation import evaluate_task
 
@@ -31,6 +34,16 @@ class MetaSettings:
     meta_lr: float = 1.0  # the first outer step's share of the way; falls linearly to 0
     inner_lr: float | None = None  # default: the recipe's learning_rate
 
+    def __post_init__(self):
+        for flag, value in (("--meta-steps", self.meta_steps), ("--inner-steps", self.inner_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise UserInputError(f"meta-train {flag} {value!r}: give a whole number of steps, at least 1")
+        if not math.isfinite(self.meta_lr) or not 0 < self.meta_lr <= 1:
+            raise UserInputError(f"meta-train --meta-lr {self.meta_lr!r}: give the first step's share of the way, "
+                                 f"a number in (0, 1]")
+        if self.inner_lr is not None and (not math.isfinite(self.inner_lr) or self.inner_lr <= 0):
+            raise UserInputError(f"meta-train --inner-lr {self.inner_lr!r}: give a positive finite learning rate")
+
 
 def reptile_step(init: list[torch.Tensor], adapted: list[torch.Tensor], share: float) -> None:
     """Move the initialisation `share` of the way toward the adapted weights, in place."""
@@ -38,7 +51,7 @@ def reptile_step(init: list[torch.Tensor], adapted: list[torch.Tensor], share: f
         start.add_(end.detach().to(start.dtype) - start, alpha=share)
 
 
-def meta_train(recipe, out_root, settings: MetaSettings = MetaSettings(), registry=None):
+def meta_train(recipe, out_root, settings: MetaSettings = MetaSettings(), registry=None, overwrite: bool = False):
     """Learn an initialisation over the recipe's domains; save it as `<name>-meta` in `out_root/meta` (returns its
     TrainResult). Every domain must share one label map (the head is part of what is learned)."""
 
@@ -48,6 +61,9 @@ def meta_train(recipe, out_root, settings: MetaSettings = MetaSettings(), regist
         raise UserInputError(f"{recipe.source}: meta-train learns across domains; the recipe names one")
     if recipe.task.type not in ("classification", "causal_lm"):
         raise UserInputError(f"meta-train: task {recipe.task.type} is not supported (classification, causal_lm)")
+    out_dir = Path(out_root) / "meta"
+    check_name(f"{recipe.name}-meta" if recipe.name else "meta")
+    check_output_folder(out_dir, overwrite)  # before anything is read or written
     t = recipe.training
     torch.manual_seed(t.seed)
     examples = {}
@@ -107,7 +123,6 @@ def meta_train(recipe, out_root, settings: MetaSettings = MetaSettings(), regist
     metrics["eval"] = {d: evaluate_task(model, v.eval, recipe.task.type, pad, num_labels, eval_batch,
                                         first.labels.names if first.labels else None)
                        for d, v in data.items() if v.eval}
-    out_dir = Path(out_root) / "meta"
     manifest = save_trained(recipe, "meta", out_dir, model, backbone, next(iter(data.values())), metrics, history)
     result = TrainResult("meta", out_dir, metrics, manifest, model, backbone, next(iter(data.values())))
     if registry is not None:

@@ -21,6 +21,7 @@ from ..data import TaskSpec, read_utf8
 from ..errors import UserInputError
 from ..methods import DEFAULT, SPECS, AdapterSpec, method
 from ..models.backbone import BaseSpec
+from ..registry.refs import NAME_RE
 from .freeze import FREEZE_PATTERN
 
 
@@ -107,6 +108,15 @@ class Recipe(BaseModel):
         """`books: data/books.jsonl` is short for `books: {train: data/books.jsonl}`."""
         if isinstance(value, dict):
             return {k: {"train": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value):
+        """The name becomes adapter names and the default output folder: a plain word, never a path."""
+        if value is not None and (not NAME_RE.fullmatch(value) or ".." in value):
+            raise ValueError(f"name {value!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit "
+                             f"(it names the adapters <name>-<domain> and the folder runs/<name>)")
         return value
 
     @property
