@@ -146,8 +146,9 @@ def test_a_changed_signature_is_refused_and_an_unsigned_adapter_is_signed_from_a
     signature = registry.get(causal["fruit"]).path / SIGNATURE
     signature.chmod(0o644)
     signature.write_bytes(signature.read_bytes()[:-2] + b"\x00\x01")
-    with pytest.raises(UserInputError, match="signature does not match"):
-        runtime.route(["apple pear"])
+    with pytest.raises(UserInputError, match="signature does not match"):  # named outright: refused
+        runtime.route(["apple pear"], ",".join(["auto:" + causal["fruit"], causal["tools"]]))
+    assert runtime.router("auto").names == [causal["tools"]]  # `auto` leaves it out; the others still route
     # an adapter with no signature (a plain peft folder from elsewhere) is left out of `auto` until it is signed
     shutil.copytree(source.get(causal["fruit"]).path, tmp_path / "plain")
     for extra in ("manifest.json", SIGNATURE):

@@ -141,7 +141,7 @@ def test_every_error_comes_back_in_openai_shape_and_the_server_keeps_serving(ser
     post = lambda path, body, headers=None: httpx.post(f"{url}{path}", json=body, headers=headers or _auth(), timeout=60)  # noqa: E731
     good = {"model": "ad0", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     checks = [
-        (post("/v1/completions", good | {"model": "nope"}), 404, "base, ad0, ad1, ad2, ad3"),
+        (post("/v1/completions", good | {"model": "nope"}), 404, "available: base, tiny-llama, ad0, ad1, ad2, ad3"),  # the base by its name, not its path
         (post("/v1/completions", {"model": "ad0"}), 400, "prompt"),
         (post("/v1/completions", good | {"max_tokens": 100000}), 400, "exceeds the limit"),
         (post("/v1/completions", good | {"n": 3}), 400, "n must be 1"),
@@ -165,7 +165,7 @@ def test_every_error_comes_back_in_openai_shape_and_the_server_keeps_serving(ser
 def test_models_health_metrics_and_adapter_management(served):
     url, runtime, _, base = served
     models = httpx.get(f"{url}/v1/models", headers=_auth()).json()
-    assert [m["id"] for m in models["data"]] == [str(base), "ad0", "ad1", "ad2", "ad3"]
+    assert [m["id"] for m in models["data"]] == [base.name, "ad0", "ad1", "ad2", "ad3"]  # never the base's path
     loaded = httpx.post(f"{url}/v1/adapters/load", json={"name": "ad3", "pin": True}, headers=_auth(ADMIN)).json()
     assert loaded["loaded"] == "ad3" and loaded["pinned"]
     assert "ad3" in httpx.get(f"{url}/health").json()["resident"]
@@ -208,7 +208,7 @@ def test_classification_server(tmp_path, tiny_bert, tiny_llama, sentiment_file):
     proc, url = _start(tiny_bert, registry.root)
     try:
         listed = [m["id"] for m in httpx.get(f"{url}/v1/models", headers=_auth()).json()["data"]]
-        assert listed == [str(tiny_bert), "sentiment"]  # not the causal LM adapter of another base
+        assert listed == [tiny_bert.name, "sentiment"]  # not the causal LM adapter of another base
         texts = ["good great fine", "awful broken sad"]
         body = httpx.post(f"{url}/v1/classify", headers=_auth(), json={"model": "sentiment", "input": texts}).json()
         runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)

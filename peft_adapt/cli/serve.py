@@ -10,6 +10,8 @@ from ..registry.refs import is_folder_ref
 from ..registry.store import registry_location
 from .common import add_registry_arguments, open_registry
 
+DEFAULT_MAX_ADAPTERS = 32  # requests name adapters: without a budget every name a client sends stays resident
+
 
 def add_serve(sub) -> None:
     """`serve --base MODEL`."""
@@ -23,7 +25,9 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or $PEFT_ADAPT_API_KEY)")
     p.add_argument("--admin-key", help="key for /v1/adapters/load and /unload (or $PEFT_ADAPT_ADMIN_KEY)")
-    p.add_argument("--max-adapters", type=int, help="resident adapters at most (least recently used are evicted)")
+    p.add_argument("--max-adapters", type=int, default=DEFAULT_MAX_ADAPTERS,
+                   help=f"resident adapters at most, least recently used evicted (default {DEFAULT_MAX_ADAPTERS}, "
+                        f"or the --adapters pinned at start plus 8)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
@@ -41,9 +45,10 @@ def add_serve(sub) -> None:
 
 def _cmd_serve(args) -> int:
     from ..server import ServerSettings, serve  # lazy: the CLI starts without torch
+    from ..server.public import public_base_name  # lazy: the CLI starts without torch
 
     settings = ServerSettings(
-        base_name=args.base, api_key=args.api_key or os.environ.get("PEFT_ADAPT_API_KEY"),
+        base_name=public_base_name(args.base), api_key=args.api_key or os.environ.get("PEFT_ADAPT_API_KEY"),
         admin_key=args.admin_key or os.environ.get("PEFT_ADAPT_ADMIN_KEY"), max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, batch_invariant=args.batch_invariant,
@@ -51,6 +56,8 @@ def _cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)
     adapters = args.adapters.split(",") if args.adapters else None
+    if adapters and args.max_adapters == DEFAULT_MAX_ADAPTERS:
+        args.max_adapters = max(DEFAULT_MAX_ADAPTERS, len(adapters) + 8)  # the pinned ones leave room to serve others
     if args.ray:  # replicas run in other processes, in another working directory: they get absolute paths
         from ..server.ray_serve import serve_on_ray  # lazy: the CLI starts without torch
 

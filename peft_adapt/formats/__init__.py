@@ -13,6 +13,7 @@ from .files import (
     adapter_files_to_copy,
     check_output_folder,
     check_safetensors,
+    check_signature_file,
     convert_pickle_to_safetensors,
     fsync_dir,
     fsync_tree,
@@ -51,7 +52,7 @@ from .names import (
 __all__ = [
     "AdapterConfig", "folder_kind", "own_config_files", "read_adapter_config", "adapter_files_to_copy",
     "check_safetensors", "convert_pickle_to_safetensors", "fsync_dir", "fsync_tree", "is_adapter_file",
-    "load_pickle_weights", "publish", "check_output_folder", "staged_folder", "tensor_shapes", "weight_files", "adapter_fit_problems",
+    "load_pickle_weights", "publish", "check_output_folder", "check_signature_file", "staged_folder", "tensor_shapes", "weight_files", "adapter_fit_problems",
     "base_module_shape", "Manifest", "build_manifest", "file_checksums", "library_versions", "read_manifest",
     "verify_checksums", "write_manifest", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXTRA_FILES", "MANIFEST",
     "MANIFEST_VERSION", "OWN_CONFIG_SUFFIX", "PEFT_METHOD_NAMES", "PICKLE_WEIGHTS", "SIGNATURE_FILE",

@@ -22,6 +22,8 @@ from .names import (
     TRAINED_WEIGHTS,
 )
 
+MIN_SIGNATURE_ROWS = 8  # routing's MIN_ROWS: a signature of fewer rows says too little about its domain
+
 
 def is_adapter_file(name: str) -> bool:
     return (name == ADAPTER_CONFIG or name.endswith(OWN_CONFIG_SUFFIX) or name in EXTRA_FILES
@@ -30,8 +32,9 @@ def is_adapter_file(name: str) -> bool:
 
 def adapter_files_to_copy(folder: Path) -> list[Path]:
     """The files of an adapter folder that belong in a registry: configs, weights (safetensors, or pickle for the
-    caller to convert) and EXTRA_FILES. A symbolic link or special file among them is refused: copying it would
-    read whatever it points at (a `notes.txt -> /etc/shadow` link would land in the registry)."""
+    caller to convert) and EXTRA_FILES. A symbolic link, special file or file with several hard links among them is
+    refused: copying it would read whatever it points at (a `notes.txt -> /etc/shadow` link, or a hard link to it,
+    would land in the registry)."""
     chosen = []
     for path in sorted(Path(folder).iterdir()):
         if not is_adapter_file(path.name) or path.name.startswith("."):
@@ -40,6 +43,9 @@ def adapter_files_to_copy(folder: Path) -> list[Path]:
             kind = "a symbolic link" if path.is_symlink() else "not a regular file"
             raise UserInputError(f"{path} is {kind}; an adapter folder must hold plain files only. Copy the real file "
                                  f"in its place")
+        if path.stat().st_nlink > 1:  # a hard link is the same file as one elsewhere, whatever the folder says
+            raise UserInputError(f"{path} has {path.stat().st_nlink} hard links: it is also a file elsewhere, which "
+                                 f"an adapter folder must not carry. Copy it (cp {path.name} x && mv x {path.name})")
         chosen.append(path)
     return chosen
 
@@ -58,6 +64,40 @@ def check_safetensors(path: Path) -> dict:
             f"copy or save it again"
         )
     return header
+
+
+def check_signature_file(path: Path) -> None:
+    """A routing signature as routing reads it: `features` a 2-D float matrix of at least MIN_SIGNATURE_ROWS finite
+    rows, `layer` a whole number from 0, `tokens` a positive number. A malformed one is refused where it is added,
+    so it never reaches a router (where one bad signature failed every routed request)."""
+    from safetensors import safe_open
+
+    header = check_safetensors(path)
+    info = header.get("features")
+    problem = None
+    if set(header) - {"__metadata__"} != {"features"} or not isinstance(info, dict):
+        problem = f"it holds {sorted(k for k in header if k != '__metadata__')}; a signature holds `features` only"
+    elif len(info["shape"]) != 2 or info["shape"][0] < MIN_SIGNATURE_ROWS or info["shape"][1] < 1:
+        problem = f"features of shape {info['shape']}; expected [rows >= {MIN_SIGNATURE_ROWS}, hidden size]"
+    elif info.get("dtype") not in ("F16", "BF16", "F32"):
+        problem = f"features of dtype {info.get('dtype')}; expected F16, BF16 or F32"
+    else:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        try:
+            layer, tokens = int(meta.get("layer", "0")), float(meta.get("tokens", "1"))
+        except ValueError:
+            layer, tokens = -1, 1.0
+        if layer < 0 or not (tokens > 0 and tokens < float("inf")):
+            problem = f"metadata layer={meta.get('layer')!r} tokens={meta.get('tokens')!r}; expected a layer >= 0 " \
+                      f"and a positive token count"
+        else:
+            with safe_open(str(path), "pt") as f:
+                if not bool(f.get_tensor("features").float().isfinite().all()):
+                    problem = "features that are not all finite (NaN or infinity)"
+    if problem:
+        raise UserInputError(f"{path}: not a routing signature: {problem}. Sign the adapter again "
+                             f"(peft-adapt registry sign NAME TEXT_FILE)")
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:

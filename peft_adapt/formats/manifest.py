@@ -6,12 +6,18 @@ import datetime as dt
 import importlib.metadata
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserInputError
 from ..models.builtin_models import sha256_file
 from ..models.model_files import BaseSpec
 from .names import MANIFEST, MANIFEST_VERSION, read_json, write_json
+
+
+def plain_file_name(name: str) -> bool:
+    """A name of a file in this folder: no path separator, not `.` or `..`, no NUL or control character."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..") and "/" not in name
+            and "\\" not in name and name.isprintable())
 
 
 class Manifest(BaseModel):
@@ -38,6 +44,17 @@ class Manifest(BaseModel):
     merge: dict | None = None
     imported_from: str | None = None
     stack_on: dict | None = None  # a task adapter trained on a frozen domain adapter: which one (`stacking.py`)
+
+    @field_validator("files")
+    @classmethod
+    def _names_in_the_folder(cls, files: dict[str, str]) -> dict[str, str]:
+        """A manifest lists files of its own folder by plain name: one naming `/etc/shadow`, `../x` or
+        `/proc/self/fd/0` is refused before any file is opened (checking it would read and hash that file)."""
+        for name in files:
+            if not plain_file_name(name):
+                raise ValueError(f"it lists a file {name[:100]!r} outside its folder; a manifest names the files "
+                                 f"beside it by plain name")
+        return files
 
     @model_validator(mode="before")
     @classmethod

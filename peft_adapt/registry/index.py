@@ -9,13 +9,13 @@ writer until it commits, so `last_version + 1` is never read by two writers at o
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import UserInputError
+from ..errors import ServiceUnavailable, UserInputError
 
 TABLES = (
     "CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL)",
@@ -28,6 +28,7 @@ TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT INTO meta (key, value) VALUES ('changes', 0) ON CONFLICT (key) DO NOTHING",
 )
+UNAVAILABLE = "the adapter registry is unavailable; try again shortly"
 BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'changes'"
 
 
@@ -35,13 +36,46 @@ def is_postgres_url(location) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
+SECRET_PARAMETERS = ("password", "sslpassword", "sslkey", "passfile", "sslcert")  # libpq options naming secrets
+_SECRET_PARAMETER = re.compile(r"(?i)(\b(?:%s)\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s#]*)" % "|".join(SECRET_PARAMETERS))
+
+
 def redact(url: str) -> str:
-    """A URL as messages show it: without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A URL (or libpq connection string) as messages show it: its user info's password and every parameter libpq
+    reads as a secret replaced by `***`. Read the way it could be misread: a password holding an unencoded `#`, `/`
+    or `@` still ends at the last `@` before the host, so everything between the user name and it is hidden."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        credentials, _, after = rest.rpartition("@")
+        user, colon, _ = credentials.partition(":")
+        if colon or "/" in credentials or "?" in credentials or "#" in credentials:
+            rest = f"{user.split('/')[0].split('?')[0]}:***@{after}"
+        text = f"{scheme}{sep}{rest}"
+    return _SECRET_PARAMETER.sub(lambda m: m.group(1) + "***", text)
+
+
+def secrets_of(url: str) -> list[str]:
+    """The secret substrings of a URL (its password, raw and %-decoded, and secret parameters' values), longest
+    first: scrubbed from any message that might echo the URL (a driver's error text)."""
+    from urllib.parse import unquote
+
+    text, found = str(url), set()
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest:
+        credentials = rest.rpartition("@")[0]
+        if ":" in credentials:
+            found.add(credentials.partition(":")[2])
+    found |= {m.group(2).strip("'") for m in _SECRET_PARAMETER.finditer(text)}
+    found |= {unquote(s) for s in found}
+    return sorted((s for s in found if len(s) >= 3), key=len, reverse=True)
+
+
+def scrub(message: str, url: str) -> str:
+    """`message` with every secret of `url` replaced by `***`."""
+    for secret in secrets_of(url):
+        message = message.replace(secret, "***")
+    return message
 
 
 class SQLiteIndex:
@@ -136,9 +170,14 @@ class PostgresIndex:
         try:
             conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=30)
         except self._psycopg.OperationalError as exc:
-            raise UserInputError(f"cannot reach the registry database {self.where}: {str(exc).strip()}. Check the URL "
-                                 f"and that the server runs (credentials come from the URL, PGPASSWORD or ~/.pgpass)"
-                                 ) from None
+            raise ServiceUnavailable(
+                f"cannot reach the registry database {self.where}: {scrub(str(exc).strip(), self.url)}. Check the URL "
+                f"and that the server runs (credentials come from the URL, PGPASSWORD or ~/.pgpass)",
+                public=UNAVAILABLE) from None
+        except self._psycopg.Error as exc:  # a URL libpq cannot read: its message may quote the URL
+            raise UserInputError(f"the registry URL {self.where} is not one PostgreSQL reads: "
+                                 f"{scrub(str(exc).strip(), self.url)}. %-encode special characters in the password "
+                                 f"(# as %23, / as %2F, @ as %40)") from None
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
@@ -155,8 +194,9 @@ class PostgresIndex:
             yield _Postgres(conn)
         except self._psycopg.OperationalError as exc:
             conn.close()  # a broken connection is not kept for the next call
-            raise UserInputError(f"the registry database {self.where} failed: {str(exc).strip()}; nothing was "
-                                 f"changed by this command's unfinished write. Check the server and try again") from None
+            raise ServiceUnavailable(
+                f"the registry database {self.where} failed: {scrub(str(exc).strip(), self.url)}; nothing was changed "
+                f"by this command's unfinished write. Check the server and try again", public=UNAVAILABLE) from None
 
     @contextmanager
     def transaction(self, bump: bool = True):

@@ -18,9 +18,10 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserInputError
+from ..errors import ServiceUnavailable, UserInputError
 from ..faults import crash_point
 from ..formats import MANIFEST, is_adapter_file, read_manifest, verify_checksums
 from ..models.builtin_models import sha256_file
@@ -48,6 +49,20 @@ class ObjectStore:
         self.atomic_put = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.cache = Path(cache)
 
+    @contextmanager
+    def reachable(self, what: str):
+        """A store that cannot be reached (refused, timed out, a server error) is an outage: ServiceUnavailable, one
+        line for the operator, nothing about the store for a remote client. A missing blob is not an outage."""
+        try:
+            yield
+        except (UserInputError, FileNotFoundError, PermissionError):
+            raise
+        except Exception as exc:  # botocore, aiohttp and OSError all say "unreachable" their own way
+            raise ServiceUnavailable(f"the registry's object store {self.url} could not {what}: "
+                                     f"{type(exc).__name__}: {str(exc)[:300]}. Check that it runs and try again",
+                                     public="the adapter registry's files are unavailable; try again shortly"
+                                     ) from None
+
     def blob(self, sha: str) -> str:
         return f"{self.prefix}/{BLOBS}/{sha[:2]}/{sha}"
 
@@ -57,7 +72,11 @@ class ObjectStore:
         """Upload one file as a blob and return its sha256. Always uploaded, even when the blob exists: the fresh
         timestamp keeps `gc` (which removes only old unreferenced blobs) off a blob a commit is about to use."""
         sha = sha256_file(path)
-        target = self.blob(sha)
+        with self.reachable(f"store {path.name}"):
+            self._put(path, self.blob(sha))
+        return sha
+
+    def _put(self, path: Path, target: str) -> None:
         if self.atomic_put:
             self.fs.put_file(str(path), target)
         else:
@@ -65,7 +84,6 @@ class ObjectStore:
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(path), temporary)
             self.fs.mv(temporary, target)
-        return sha
 
     def put_files(self, folder: Path) -> None:
         for path in sorted(folder.iterdir()):
@@ -111,7 +129,8 @@ class ObjectStore:
         if not isinstance(sha, str) or not SHA256.fullmatch(sha):  # a blob name, never a path into the store
             raise UserInputError(f"{ref}: its {name} is recorded as {sha!r}, not a sha256; run `registry verify`")
         try:
-            self.fs.get_file(self.blob(sha), str(into))
+            with self.reachable(f"send {name} of {ref}"):
+                self.fs.get_file(self.blob(sha), str(into))
         except FileNotFoundError:
             raise UserInputError(f"{ref}: {name} is missing from the store {self.url} (blob {sha[:12]}); "
                                  f"run `registry verify`") from None
@@ -147,6 +166,8 @@ class ObjectStore:
         try:
             try:
                 self._read_blob(manifest_sha, ref, MANIFEST, scratch / MANIFEST)
+            except ServiceUnavailable:
+                raise
             except UserInputError as exc:  # missing or changed: the message names the version already
                 return [str(exc)], {manifest_sha}
             try:
@@ -157,6 +178,8 @@ class ObjectStore:
             for name, sha in manifest.files.items():
                 try:
                     self._read_blob(sha, ref, name, scratch / "blob")
+                except ServiceUnavailable:
+                    raise
                 except UserInputError as exc:
                     problems.append(str(exc))
         finally:
@@ -181,11 +204,13 @@ class ObjectStore:
     def unreferenced(self, used: set[str]) -> list[tuple[str, float]]:
         """(path, age in seconds) of every blob no version uses: what crashed or removed writers left."""
         root = f"{self.prefix}/{BLOBS}"
-        if not self.fs.exists(root):
-            return []
+        with self.reachable("list its blobs"):
+            if not self.fs.exists(root):
+                return []
+            listed = self.fs.find(root, detail=True)
         now = time.time()
         found = []
-        for path, info in self.fs.find(root, detail=True).items():
+        for path, info in listed.items():
             if path.rsplit("/", 1)[-1].split(".tmp-")[0] in used and ".tmp-" not in path:
                 continue
             modified = info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -194,4 +219,5 @@ class ObjectStore:
         return found
 
     def remove_blob(self, path: str) -> None:
-        self.fs.rm_file(path)
+        with self.reachable("remove a blob"):
+            self.fs.rm_file(path)

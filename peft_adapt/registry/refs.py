@@ -30,6 +30,7 @@ STACK_SEPARATOR = "+"  # `books-domain+sentiment`: registry names cannot hold a 
 MAX_PARTS = 4  # each part adds its rank to the stack's slot: a request naming hundreds must not size the stacks
 AUTO = "auto"
 MAX_NAMED = 64  # adapters a named router lists
+MAX_VERSION = 2**31 - 1  # a version past this is no version any registry holds (and overflows an index column)
 MIX_PREFIX = "~mix:"  # never a registry name (no '~')
 RESERVED = {"base": "the base model", "none": "the base model", AUTO: "the router"}
 
@@ -148,6 +149,8 @@ def _parse_named(text: str) -> Named:
         if not selector.isascii() or (selector.startswith("0") and selector != "0"):
             raise UserInputError(f"{text[:200]!r}: a version is written in ASCII digits without leading zeros, "
                                  f"e.g. {name}@3")
+        if len(selector) > 10 or int(selector) > MAX_VERSION:
+            raise UserInputError(f"{text[:200]!r}: no registry holds a version past {MAX_VERSION}")
         return Named(name, version=int(selector))
     return Named(name, tag=check_name(selector, "tag"))
 

@@ -36,6 +36,7 @@ from ..formats import (
     SIGNATURE_FILE,
     Manifest,
     adapter_files_to_copy,
+    check_signature_file,
     convert_pickle_to_safetensors,
     file_checksums,
     folder_kind,
@@ -217,7 +218,7 @@ class Registry:
                     (name, name, ref.tag),
                 ).fetchone()
             if row is None:
-                raise UserInputError(self._not_found(db, name, ref))
+                raise UserInputError(*self._not_found(db, name, ref))
             return self._entry(db, row)
 
     def locate(self, ref) -> tuple[Path, str]:
@@ -226,15 +227,17 @@ class Registry:
         located = resolve(parse_ref(ref), self)
         return located.folder, str(located.folder) if located.version is None else located.source
 
-    def _not_found(self, db, name: str, ref: Named) -> str:
+    def _not_found(self, db, name: str, ref: Named) -> tuple[str, str]:
+        """What the operator reads (the registry's location, what it holds), and what a remote client may read."""
         versions = [v for (v,) in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
         if not versions:
             names = [n for (n,) in db.execute("SELECT DISTINCT name FROM adapters ORDER BY name LIMIT 20")]
-            return f"no adapter named {name!r} in the registry {self.where}; it has: {', '.join(names) or 'nothing yet'}"
+            return (f"no adapter named {name!r} in the registry {self.where}; it has: {', '.join(names) or 'nothing yet'}",
+                    f"no adapter named {name!r}")
         tags = [t for (t,) in db.execute("SELECT tag FROM tags WHERE name=? ORDER BY tag", (name,))]
         kind, selector = ("version", str(ref.version)) if ref.version is not None else ("tag", ref.tag)
         return (f"adapter {name!r} has no {kind} {selector!r}; versions: {', '.join(map(str, versions))}; "
-                f"tags: {', '.join(tags) or 'none'}")
+                f"tags: {', '.join(tags) or 'none'}", f"adapter {name!r} has no {kind} {selector!r}")
 
     def list(self, domain: str | None = None, method: str | None = None, base: str | None = None,
              tag: str | None = None, name: str | None = None) -> list[AdapterEntry]:
@@ -284,6 +287,8 @@ class Registry:
         if folder_kind(folder) == "adapter":
             read_adapter_config(folder)
         weight_files(folder, allow_pickle)
+        if (folder / SIGNATURE_FILE).is_file():
+            check_signature_file(folder / SIGNATURE_FILE)
         problems = verify_checksums(folder, manifest)
         if problems:
             raise UserInputError(
@@ -352,6 +357,8 @@ class Registry:
         for name in files:
             if not is_adapter_file(name) or "/" in name:
                 raise UserInputError(f"{name!r} is not a file an adapter folder carries")
+            if name == SIGNATURE_FILE:
+                check_signature_file(Path(files[name]))
         self._check_files(entry.path, manifest, allow_pickle=False)
         self._require_writable(f"add files to {entry.ref}")
         with self._writing(f"add files to {entry.ref}"):
@@ -391,7 +398,7 @@ class Registry:
         name = parsed.name
         entries = [self.get(parsed)] if "@" in str(ref) else self.list(name=name)
         if not entries:
-            raise UserInputError(self._with_db(lambda db: self._not_found(db, name, parsed)))
+            raise UserInputError(*self._with_db(lambda db: self._not_found(db, name, parsed)))
         self._refuse_removing_stack_parts(entries)
         with self._write() as db:
             for e in entries:

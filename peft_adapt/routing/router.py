@@ -20,6 +20,8 @@ so at layer 0 (the embeddings, the default) routing costs one embedding lookup.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,17 +31,20 @@ from torch import nn
 from ..data import read_texts
 from ..errors import UserInputError
 from ..formats import SIGNATURE_FILE as SIGNATURE
+from ..formats.files import MIN_SIGNATURE_ROWS, check_signature_file
 from ..models.backbone import load_backbone
 from ..models.builtin_models import sha256_file
 from ..models.model_files import BaseSpec
 from ..registry.refs import AUTO, Auto, mix_of, parse_ref
+
+log = logging.getLogger("peft_adapt.routing")
 
 SIGNATURE_ROWS = 512  # rows of a domain's text kept in its signature (Amazon: 89.8% at 256 rows, 91.1% at 512)
 ROUTE_TOKENS = 256  # each input is read up to this many tokens, at signing and at routing (Amazon: 89.4% at 128)
 DEFAULT_LAYER = 0  # the hidden state read: 0 is the embeddings' output (chosen by benchmarks/routing.py)
 SHRINKAGE = (0.05, 0.2, 0.5, 0.9)  # the shared covariance's pull toward its diagonal's average, fitted per router
 FAR_QUANTILE, FAR_MARGIN = 0.99, 2.0
-MIN_ROWS = 8  # a signature of fewer rows says too little about its domain
+MIN_ROWS = MIN_SIGNATURE_ROWS  # a signature of fewer rows says too little about its domain
 
 
 class _Reached(Exception):
@@ -214,9 +219,14 @@ class _Discriminant:
         self.precision = torch.linalg.inv((1 - shrinkage) * covariance + shrinkage * average * eye)
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, domains] squared Mahalanobis distances."""
-        diff = x.double().unsqueeze(1) - self.means.unsqueeze(0)
-        return torch.einsum("rdh,hk,rdk->rd", diff, self.precision, diff)
+        """[rows, domains] squared Mahalanobis distances, expanded as x'Px - 2x'Pm + m'Pm: rows x hidden^2 work,
+        where the difference of every row from every mean (rows x domains x hidden^2) grew with the square of the
+        domains a router names (16 names: 44 s and 580 MiB on a 576-wide base)."""
+        x = x.double()
+        px = x @ self.precision
+        own = (px * x).sum(-1, keepdim=True)
+        means = ((self.means @ self.precision) * self.means).sum(-1)
+        return (own - 2 * px @ self.means.T + means).clamp(min=0)
 
 
 class Router:
@@ -320,10 +330,13 @@ def is_auto(name) -> bool:
 # ---------------------------------------------------------------- routers over the registry
 
 
-def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[str, object]]:
+def members(registry, selector: str, fingerprint: str, task: str,
+            shape: tuple[int, int] | None = None) -> list[tuple[str, object, Signature]]:
     """The registry entries a router selector names, each checked to be of this base and task and to carry a
-    signature whose checksum holds. `auto` takes the latest version of every signed adapter of the base and task
-    (task adapters that stack on a domain adapter are left out: they are served as stacks)."""
+    signature whose checksum holds and which fits the base (`shape`: its hidden width and layers). `auto` takes the
+    latest version of every signed adapter of the base and task (task adapters that stack on a domain adapter are
+    left out: they are served as stacks); one whose signature is unusable is left out with a log line, so it
+    never fails the others' requests. An adapter named outright must be usable."""
 
     router = parse_ref(selector)
     if not isinstance(router, Auto):
@@ -350,37 +363,71 @@ def members(registry, selector: str, fingerprint: str, task: str) -> list[tuple[
                 raise UserInputError(f"{e.ref} has no domain signature: give it one with `peft-adapt registry sign "
                                      f"{e.name} TEXT_FILE`")
             continue
-        if sha256_file(e.path / SIGNATURE) != manifest.files[SIGNATURE]:
-            raise UserInputError(f"{e.ref}: its signature does not match the manifest's checksum")
-        chosen.append((serve_as, e))
+        try:
+            signature = _usable_signature(e, shape)
+        except UserInputError as exc:
+            if named:
+                raise
+            log.warning("routing leaves %s out: %s", e.ref, exc)
+            continue
+        chosen.append((serve_as, e, signature))
     if not chosen:
         raise UserInputError(f"router {selector!r}: no signed {task} adapter of this base in the registry; adapters "
                              f"trained by this version are signed, others take `peft-adapt registry sign NAME FILE`")
     return chosen
 
 
+def _usable_signature(entry, shape: tuple[int, int] | None) -> Signature:
+    """The entry's signature, read only if its checksum holds and it is well formed, and checked against the base."""
+    path = entry.path / SIGNATURE
+    if sha256_file(path) != entry.manifest.files[SIGNATURE]:
+        raise UserInputError(f"{entry.ref}: its signature does not match the manifest's checksum")
+    check_signature_file(path)
+    signature = read_signature(entry.path)
+    if shape is not None:
+        width, layers = shape
+        if signature.features.shape[1] != width or signature.layer > layers:
+            raise UserInputError(f"{entry.ref}: its signature reads {signature.features.shape[1]} features at layer "
+                                 f"{signature.layer}; this base has {width} features and {layers} layers. Sign it "
+                                 f"again (peft-adapt registry sign {entry.name} TEXT_FILE)")
+    return signature
+
+
 class Routers:
     """The routers one base and task has built, one per canonical selector, each rebuilt when the registry changes;
-    bounded, since selectors come from requests."""
+    bounded, since selectors come from requests. A build reads only the registry and the signatures, never the
+    model: it runs in whichever thread asks (the server asks from a worker thread, before the batcher needs it),
+    and requests for one selector wait for one build."""
 
-    def __init__(self, fingerprint: str, task: str, limit: int = 64):
-        self.fingerprint, self.task, self.limit = fingerprint, task, limit
+    def __init__(self, fingerprint: str, task: str, limit: int = 64, shape: tuple[int, int] | None = None):
+        self.fingerprint, self.task, self.limit, self.shape = fingerprint, task, limit, shape
         self._built: dict[str, tuple[int, Router]] = {}  # selector -> (registry changes when built, router)
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
 
     def get(self, registry, selector: str) -> Router:
-        changes = registry.changes()
         selector = str(parse_ref(selector))
-        cached = self._built.get(selector)
-        if cached is not None and cached[0] == changes:
-            return cached[1]
-        chosen = members(registry, selector, self.fingerprint, self.task)
-        router = Router([name for name, _ in chosen], [read_signature(e.path) for _, e in chosen])
-        manifests = [e.manifest for _, e in chosen]
+        with self._lock:
+            building = self._building.setdefault(selector, threading.Lock())
+        with building:  # one build per selector at a time; the others find it built
+            changes = registry.changes()
+            cached = self._built.get(selector)
+            if cached is not None and cached[0] == changes:
+                return cached[1]
+            router = self._build(registry, selector)
+            with self._lock:
+                if len(self._built) >= self.limit:
+                    self._built.clear()
+                    self._building = {selector: building}
+                self._built[selector] = (changes, router)
+            return router
+
+    def _build(self, registry, selector: str) -> Router:
+        chosen = members(registry, selector, self.fingerprint, self.task, self.shape)
+        router = Router([name for name, _, _ in chosen], [signature for _, _, signature in chosen])
+        manifests = [e.manifest for _, e, _ in chosen]
         # classifiers mix only with one label map and pooling; otherwise a low-confidence row takes the nearest
         router.mixable = self.task == "causal_lm" or len({(tuple(m.labels or ()), m.pooling) for m in manifests}) == 1
-        if len(self._built) >= self.limit:
-            self._built.clear()
-        self._built[selector] = (changes, router)
         return router
 
 

@@ -69,7 +69,9 @@ class AdapterRuntime:
         self.context = self.adapters.context
         # each row runs alone, unpadded: its outputs never depend on its batch-mates (see `batch_invariant` below)
         self.batch_invariant = batch_invariant
-        self._routers = Routers(self.backbone.fingerprint["id"], task)
+        width, layers = (getattr(self.model.config, k, None) for k in ("hidden_size", "num_hidden_layers"))
+        self._routers = Routers(self.backbone.fingerprint["id"], task,
+                                shape=(width, layers) if width and layers else None)
 
     # ------------------------------------------------------------ adapters in and out: ResidentAdapters's
 
@@ -117,9 +119,9 @@ class AdapterRuntime:
 
     def router(self, selector: str = AUTO) -> Router:
         """The router `selector` names (`auto`, `auto:TAG`, `auto:a,b`), built from the registry's signatures of
-        this base and task; rebuilt when the registry changes."""
-        with self._lock:
-            return self._routers.get(self.registry, selector)
+        this base and task; rebuilt when the registry changes. Built without the runtime's lock (a build reads
+        signatures, not the model), so serving goes on while one is built."""
+        return self._routers.get(self.registry, selector)
 
     def route(self, inputs, router: str = AUTO, threshold: float = 0.5, top_k: int = 2,
               fallback: str | None = None) -> list[Route]:
@@ -130,8 +132,8 @@ class AdapterRuntime:
             raise UserInputError("pass a list of texts (one per row), not a single string")
         if not is_auto(router):
             raise UserInputError(f"router {router!r}: name one as auto, auto:TAG or auto:NAME,NAME,...")
+        chosen = self.router(router)  # built (or found) before the lock: serving goes on meanwhile
         with self._lock:
-            chosen = self.router(router)
             rows = token_rows(self.tokenizer, list(inputs)) if inputs and isinstance(inputs[0], str) else \
                 [list(r)[:ROUTE_TOKENS] for r in inputs]
             features = features_of_rows(self.model, rows, self.tokenizer.pad_token_id, chosen.layer, self.device)

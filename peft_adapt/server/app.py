@@ -9,14 +9,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import UserInputError
+from ..errors import ServiceUnavailable, UserInputError
 from ..runtime.batcher import DynamicBatcher
 from .guard import Guard, flat_routes
+from .public import private_locations, public_message, without_locations
 from .routes import ServerState, router
 from .schemas import APIError, ServerSettings, error_response
 from .telemetry import ServerMetrics
 
 log = logging.getLogger("peft_adapt.server")
+RETRY_AFTER_S = 5  # what a 503 for a registry outage asks clients to wait
 
 
 def create_app(runtime, registry, settings: ServerSettings, from_folders: set[str] | None = None) -> FastAPI:
@@ -35,6 +37,7 @@ def create_app(runtime, registry, settings: ServerSettings, from_folders: set[st
                              on_batch=metrics.batch_sizes.observe)
     state = ServerState(runtime, registry, batcher, settings, metrics, set(from_folders or ()))
     app.state.server = state
+    app.state.private = private_locations(registry, runtime)
     app.state.batcher = batcher
     app.include_router(router)
     _add_error_handlers(app)
@@ -55,11 +58,12 @@ def _bound_prompt_limit(settings: ServerSettings, positions: int) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
+        exc.message = without_locations(exc.message, getattr(request.app.state, "private", {}))
         return exc.response()
 
     @app.exception_handler(UserInputError)
     async def bad_input(request: Request, exc: UserInputError):
-        return error_response(400, str(exc))
+        return user_error_response(exc, getattr(request.app.state, "private", {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -71,6 +75,16 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
 
+def user_error_response(exc: UserInputError, private: dict[str, str]):
+    """A client's mistake is a 400; an outage of the registry is a 503 to retry. Either way the client reads the
+    error's public message, without the registry's location, its other adapters or the server's files."""
+    if isinstance(exc, ServiceUnavailable):
+        log.warning("answered 503: %s", exc)  # the operator reads the whole message, the client the public one
+        return error_response(503, public_message(exc, private), "service_unavailable", code="registry_unavailable",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+    return error_response(400, public_message(exc, private))
+
+
 def _validation_error(errors: list[dict]):
     """The first problem, named by its field (`temperature: ...`); a body that is not JSON says so, with where."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
@@ -79,4 +93,5 @@ def _validation_error(errors: list[dict]):
         where = f" (at character {position})" if position is not None else ""
         return error_response(400, f"the request body is not valid JSON{where}: {first['msg']}")
     param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)
+    message = first["msg"].removeprefix("Value error, ")  # a validator's own message names its field already
+    return error_response(400, f"{param}: {message}" if param else message, param=param)

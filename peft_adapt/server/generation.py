@@ -15,6 +15,7 @@ from ..data import render_chat
 from ..errors import UserInputError
 from ..runtime.batcher import GenerationJob, QueueFull, RouteJob
 from ..runtime.decoding import Sampling
+from .public import public_message
 from .schemas import APIError
 
 log = logging.getLogger("peft_adapt.server")
@@ -100,7 +101,7 @@ async def routed(batcher, inputs: list, selector: str) -> list:
 
 
 async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
-                  stops: list[str], stream: bool, batcher, headers: dict | None = None):
+                  stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None):
     """The whole answer as one JSON body, or (stream) server-sent events."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -117,10 +118,10 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
                        "usage": usage(sum(len(p) for p in prompts), sum(counts))}
         return JSONResponse(body, headers=headers)
     first = await events.__anext__()  # errors before the first piece still get a status code
-    return StreamingResponse(_sse_events(kind, head, first, events), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(_sse_events(kind, head, first, events, private or {}), media_type="text/event-stream", headers=headers)
 
 
-async def _sse_events(kind: str, head: dict, first, events):
+async def _sse_events(kind: str, head: dict, first, events, private: dict):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     if kind == "chat":
         yield _sse(head | {"object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -135,7 +136,7 @@ async def _sse_events(kind: str, head: dict, first, events):
             break
         except Exception as exc:  # the status line is gone: the error travels as an event, logged here
             error = as_api_error(exc, "generation failed")
-            message = error.message if isinstance(error, APIError) else str(error)
+            message = error.message if isinstance(error, APIError) else public_message(error, private)
             yield _sse({"error": {"message": message, "type": getattr(error, "kind", "invalid_request_error"),
                                   "param": None, "code": None}})
             break

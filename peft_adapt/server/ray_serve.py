@@ -39,7 +39,7 @@ def _requested_adapter(body: bytes) -> str:
     """The `model` of a JSON request body (the adapter to route by), or '' when there is none."""
     try:
         data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: the replica's parser refuses it
         return ""
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) and 0 < len(model) <= 300 else ""

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import UserInputError
+from ..errors import ServiceUnavailable, UserInputError
 from ..faults import fault_point
 from ..registry.refs import Auto, Base, Mix, Stack, is_folder_ref, parse_ref
 from ..registry.stacks import DOMAIN_TASKS
@@ -74,6 +74,8 @@ class ServerState:
     def _check_servable(self, ref, top: bool, stacked: bool) -> None:
         try:
             entry = self.registry.get(ref)
+        except ServiceUnavailable:
+            raise
         except UserInputError:
             raise self._not_found(str(ref)) from None
         fingerprint = self.runtime.backbone.fingerprint["id"]
@@ -122,6 +124,8 @@ async def route_inputs(state: ServerState, inputs: list, adapter: str | None) ->
     the one adapter chosen for all inputs (None if they differ). Otherwise the adapter as it was, no headers."""
     if adapter is None or not is_auto(adapter):
         return adapter, {}, None
+    # the router is built here, in a worker thread: a slow or failing build is this client's wait or 400 alone
+    await run_in_threadpool(state.runtime.router, adapter)
     routes = await routed(state.batcher, inputs, adapter)
     state.metrics.count_routes(routes)
     chosen = [r.serve_as for r in routes]
@@ -140,7 +144,7 @@ async def completions(body: CompletionRequest, request: Request):
     sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     return await respond("completion", chosen or body.model, ids, adapter, sampling, body.stops, body.stream,
-                         state.batcher, headers)
+                         state.batcher, headers, request.app.state.private)
 
 
 @router.post("/v1/chat/completions")
@@ -154,7 +158,7 @@ async def chat(body: ChatRequest, request: Request):
     sampling = state.sampling_of(max_tokens, body, len(ids[0]))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     return await respond("chat", chosen or body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher,
-                         headers)
+                         headers, request.app.state.private)
 
 
 @router.post("/v1/classify")

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 4  # as OpenAI allows
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -50,8 +50,42 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
                         status_code=status, headers=headers)
 
 
+# fields of OpenAI's API this server does not implement: a request setting one to anything but its default is
+# refused naming it (answered as if it were absent, a client would get what it did not ask for)
+UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "response_format": (None,)}
+
+
+def _strings(value, where: str = ""):
+    """(where, string) for every string in a parsed JSON body, keys included, without recursion."""
+    stack = [(where, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            yield where, item
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                yield where, str(k)
+                stack.append((f"{where}.{k}" if where else str(k), v))
+        elif isinstance(item, list):
+            stack.extend((f"{where}.{i}", v) for i, v in enumerate(item))
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        """JSON lets a string hold a lone surrogate (\\ud800), which no tokenizer or header can encode."""
+        for where, text in _strings(data):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where or 'body'} holds a lone surrogate (an unpaired \\ud800-\\udfff escape); "
+                                 f"send valid Unicode text") from None
+        return data
 
 
 class _GenerationBody(_Body):
@@ -64,6 +98,17 @@ class _GenerationBody(_Body):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_fields(cls, data):
+        if isinstance(data, dict):
+            for name, defaults in UNSUPPORTED.items():
+                value = data.get(name)
+                if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
+                    raise ValueError(f"{name}: this server does not implement {name}; leave it out (or at its "
+                                     f"default)")
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -10,6 +10,7 @@ from ..registry.refs import is_folder_ref
 from ..registry.store import Registry
 from ..runtime import AdapterRuntime
 from .app import create_app
+from .public import public_base_name
 from .schemas import ServerSettings
 
 
@@ -19,7 +20,7 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
     import uvicorn
 
 
-    settings = settings or ServerSettings(base_name=base)
+    settings = settings or ServerSettings(base_name=public_base_name(base))
     registry = registry_root if isinstance(registry_root, Registry) else Registry(registry_root)
     from_folders = check_served_folders(adapters, base)
     runtime = AdapterRuntime(base, task=_task_of(base) if task == "auto" else task, quantization=quantization,

@@ -1,0 +1,119 @@
+"""The second hardening round's probes (issue 30) re-run against real servers in subprocesses: spellings of one
+version, routers with bad members, text no tokenizer can encode, fields the server does not implement, and what an
+answer may say about where the server keeps things. Each test failed on main before that round."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from test_runtime import make_lora
+from test_server import _auth, _error, _start
+
+from peft_adapt import Registry
+from peft_adapt.routing.router import SIGNATURE, write_signature
+
+PROMPT = "def add(a, b):"
+
+
+def _signature(folder: Path, width: int, shift: float, seed: int) -> Path:
+    torch.manual_seed(seed)
+    return write_signature(folder, torch.randn(16, width) + shift, 0, 8.0)
+
+
+def signed(registry: Registry, base: Path, work: Path, name: str, width: int, shift: float, seed: int):
+    """A LoRA registered as `name`, then signed with features of `width` around `shift` (a new version)."""
+    registry.import_peft(make_lora(base, work / name, 4, ["q_proj", "v_proj"], seed=seed), base=str(base), name=name)
+    with tempfile.TemporaryDirectory() as scratch:
+        return registry.add_files(name, {SIGNATURE: _signature(Path(scratch), width, shift, seed)})
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, tiny_llama):
+    """A server over `code` and `math` (signed, far apart) and `wide` (signed with features of another base's
+    width: well formed, so the registry takes it; routing must leave it out)."""
+    root = tmp_path_factory.mktemp("probed")
+    registry = Registry(root / "reg")
+    signed(registry, tiny_llama, root, "code", 64, 4.0, 1)
+    signed(registry, tiny_llama, root, "math", 64, -4.0, 2)
+    signed(registry, tiny_llama, root, "wide", 32, 0.0, 3)
+    proc, url = _start(tiny_llama, registry.root, "--max-tokens", "16", "--max-adapters", "4")
+    yield url, registry, proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:
+    """JSON as a client may write it: `\\ud800` escapes included (json.dumps escapes what UTF-8 cannot hold)."""
+    return httpx.post(f"{url}{path}", content=json.dumps(body), timeout=120,
+                      headers=_auth() | {"content-type": "application/json"})
+
+
+def _complete(url: str, model: str, **extra) -> httpx.Response:
+    return _post(url, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 2, "temperature": 0} | extra)
+
+
+def _no_locations(response: httpx.Response, registry: Registry, base: Path) -> None:
+    text = response.text
+    for private in (str(registry.root), str(Path(registry.root).resolve()), str(base), "registry.db", "/tmp/"):
+        assert private not in text, (private, text)
+
+
+def test_one_version_has_one_resident_whatever_its_spelling(probed):
+    url, _, _ = probed
+    for spelling in ("code@01", "code@001", "code@" + "0" * 280 + "2", "code@١", "code@𝟙", "code@²",
+                     "code@99999999999999999999", "code@2147483648"):
+        response = _complete(url, spelling)
+        assert response.status_code == 400, (spelling, response.text)
+    for spelling in ("code", "code@latest", "code@2", "code", "code@latest"):
+        assert _complete(url, spelling).status_code == 200
+    resident = httpx.get(f"{url}/health").json()["resident"]
+    assert len(resident) <= 4 and len([r for r in resident if r.startswith("code")]) <= 2, resident
+
+
+def test_a_default_residency_budget_bounds_what_requests_make_resident():
+    from peft_adapt.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--base", "x"])
+    assert args.max_adapters == 32  # no budget at all kept every name a client sent resident until restart
+
+
+def test_a_malformed_signature_leaves_out_only_its_adapter(probed):
+    url, registry, proc = probed
+    routed = _complete(url, "auto")  # `wide` is signed at another width: left out, the rest route
+    assert routed.status_code == 200, routed.text
+    assert routed.headers["x-peft-adapt-adapter"] in ("code", "math", "base")
+    named = _complete(url, "auto:code,wide")  # named outright: that client hears why
+    _error(named, 400, "wide@2: its signature reads 32 features")
+    assert "routing leaves wide@2 out" in proc.log_path.read_text()
+
+
+def test_lone_surrogates_and_odd_versions_are_400s(probed):
+    url, _, _ = probed
+    chat = {"model": "code", "messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 2}
+    for response in (_complete(url, "code", prompt="x\ud800"), _complete(url, "code", prompt=["ok", "\udfff"]),
+                     _post(url, "/v1/chat/completions", chat),
+                     _complete(url, "auto:code@١,math"), _complete(url, "auto:code,math@²")):
+        assert response.status_code == 400, response.text
+    assert _complete(url, "code").status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("field,value", [("best_of", 2), ("logprobs", 1), ("echo", True), ("suffix", "x"),
+                                         ("logit_bias", {"1": 5}), ("presence_penalty", 0.5)])
+def test_fields_the_server_does_not_implement_are_refused_by_name(probed, field, value):
+    url, _, _ = probed
+    _error(_complete(url, "code", **{field: value}), 400, f"does not implement {field}")
+    assert _complete(url, "code", **{field: None}).status_code == 200  # the default, as SDKs send it
+
+
+def test_answers_never_say_where_the_registry_or_the_base_lie(probed, tiny_llama):
+    url, registry, _ = probed
+    for response in (_complete(url, "auto:nosuch,code"), _complete(url, "nosuch"), _complete(url, str(tiny_llama)),
+                     _complete(url, "code@7"), httpx.get(f"{url}/v1/models", headers=_auth())):
+        _no_locations(response, registry, tiny_llama)
+    refused = _complete(url, "auto:nosuch,code")
+    assert refused.status_code == 400 and "math" not in refused.text  # nor what else the registry holds
