@@ -92,3 +92,83 @@ def test_meta_train_cli_says_which_flag_in_one_line(tmp_path, tiny_llama, docs_f
     done = _cli(tmp_path, "meta-train", "r.yaml", "--no-register", "--meta-lr", "nan")
     assert done.returncode != 0 and "--meta-lr" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# ---- item 11: data files that do not parse are one clear line, never a traceback or a 6 GB label map
+
+
+def _rows(tmp_path: Path, text: str, suffix: str = ".csv"):
+    from peft_adapt.data.readers import read_rows
+
+    path = tmp_path / f"d{suffix}"
+    path.write_text(text, encoding="utf-8")
+    return read_rows(path)
+
+
+def test_a_csv_row_longer_than_its_header_is_named(tmp_path):
+    with pytest.raises(UserInputError, match="row 2: 4 fields, the header names 2"):
+        _rows(tmp_path, "label,text\n1,fine\n0,a,b,c\n")
+
+
+def test_a_csv_field_of_200_kb_is_read_and_one_past_the_limit_is_named(tmp_path):
+    from peft_adapt.data.readers import MAX_CSV_FIELD
+
+    rows = _rows(tmp_path, f'label,text\n1,"{"word " * 40_000}"\n')
+    assert len(rows[0][1]["text"]) == 200_000
+    with pytest.raises(UserInputError, match="row 1: not CSV this reader takes"):
+        _rows(tmp_path, f'label,text\n1,"{"x" * (MAX_CSV_FIELD + 1)}"\n')
+
+
+@pytest.mark.parametrize("labels,message", [(["²", "a"], "digits other than 0-9"), (["٣", "a"], "digits other than 0-9"),
+                                            (["", "a"], "is empty"), (["  ", "a"], "is empty"),
+                                            ([0, 10**12], "past 100,000")])
+def test_labels_that_cannot_be_classes_are_named(tmp_path, labels, message):
+    from peft_adapt.data.examples import build_label_map
+
+    rows = [(i + 1, {"text": "t", "label": label}) for i, label in enumerate(labels)]
+    with pytest.raises(UserInputError, match=message):
+        build_label_map(rows, tmp_path / "d.jsonl")
+
+
+def test_ascii_ids_and_names_still_build_their_maps(tmp_path):
+    from peft_adapt.data.examples import build_label_map
+
+    assert build_label_map([(1, {"label": "2"}), (2, {"label": 0})], tmp_path).names == ["0", "1", "2"]
+    assert build_label_map([(1, {"label": "pos"}), (2, {"label": "neg"})], tmp_path).names == ["neg", "pos"]
+
+
+# ---- item 12: `classify --file` reads its file as it goes, and bounds a line
+
+
+def test_inputs_are_read_as_they_are_consumed(tmp_path):
+    from peft_adapt.data import iter_texts
+
+    path = tmp_path / "texts.txt"
+    path.write_bytes(b"first text\n" * 1000 + b"\xff broken\n")
+    items = iter_texts(path)
+    assert next(items) == (1, "first text")  # the broken line far below is not read yet
+    with pytest.raises(UserInputError, match="line 1001: byte 0xff is not UTF-8"):
+        list(items)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_line_past_the_bound_is_refused_once_that_much_is_read(tmp_path, suffix):
+    from peft_adapt.data import iter_texts
+
+    path = tmp_path / f"one-line{suffix}"
+    with open(path, "wb") as f:  # a 2 GiB single line, sparse: only what is read costs anything
+        f.truncate(2 << 30)
+    with pytest.raises(UserInputError, match="line 1 is longer than 16 MiB"):
+        next(iter_texts(path))
+
+
+def test_jsonl_and_text_files_give_what_they_gave_before(tmp_path):
+    from peft_adapt.data import read_texts
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "id": "r1"}\n\n{"text": "y\\u2028z"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "a.jsonl") == [("r1", "x"), (3, "y\u2028z")]
+    (tmp_path / "b.txt").write_text("one\r\n\n two\x0cthree\n", encoding="utf-8")
+    assert read_texts(tmp_path / "b.txt") == [(1, "one"), (3, " two\x0cthree")]
+    (tmp_path / "c.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(UserInputError, match="every line is blank"):
+        read_texts(tmp_path / "c.txt")

@@ -46,17 +46,28 @@ def headline(metrics: dict) -> str:
 def read_inputs(args, unescape: bool = False) -> list[tuple[int | str, str]]:
     """(id, text) pairs from the arguments (ids 1..N) and from --file: a data file's `--text-field` (ids: its `id`
     field or row numbers), or a text file with one text per line (ids: line numbers)."""
-    from ..data import read_texts  # lazy: the CLI starts without torch
+    return list(iter_inputs(args, unescape))
 
-    items: list[tuple[int | str, str]] = list(enumerate(args.prompts, start=1))
+
+def iter_inputs(args, unescape: bool = False):
+    """`read_inputs` one at a time, the file read as it is consumed (a file of any size costs a chunk's memory)."""
+    from ..data import iter_texts  # lazy: the CLI starts without torch
+
+    yield from enumerate(args.prompts, start=1)
     if args.file:
-        from_file = read_texts(args.file, args.text_field)
-        if unescape:  # prompt files write a newline inside a prompt as \n
-            from_file = [(i, text.replace("\\n", "\n")) for i, text in from_file]
-        items += from_file
-    if not items:
+        for item_id, text in iter_texts(args.file, args.text_field):
+            yield item_id, text.replace("\\n", "\n") if unescape else text  # prompt files write a newline as \\n
+    elif not args.prompts:
         raise UserInputError("no inputs: give texts as arguments or with --file")
-    return items
+
+
+def chunks(items, size: int):
+    """Lists of up to `size` items, taken from an iterator as they are needed."""
+    import itertools
+
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def one_line(text: str, width: int = 80) -> str:

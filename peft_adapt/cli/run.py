@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
 from ..errors import UserInputError
 from ..formats import read_manifest
 from ..registry.refs import Auto, Base, Stack, parse_ref, resolve
-from .common import add_registry_arguments, one_line, open_registry, predictions_file, read_inputs
+from .common import add_registry_arguments, chunks, iter_inputs, one_line, open_registry, predictions_file, read_inputs
 
 
 def add_eval(sub) -> None:
@@ -237,15 +238,21 @@ def _cmd_route(args) -> int:
 
 
 def _cmd_classify(args) -> int:
-    items = read_inputs(args)
-    texts = [text for _, text in items]
-    per_text = _per_prompt(_adapter_names(args), texts, args)
+    items = chunks(iter_inputs(args), args.batch_size)  # the file is read as predictions are made
+    first = next(items)  # a bad file or argument fails here, before the model loads
+    one_each = bool(args.adapters)
+    if one_each:  # --adapters names one adapter per argument text: they are few, and all in hand
+        first += [item for chunk in items for item in chunk]
+        per_text = _per_prompt(_adapter_names(args), [text for _, text in first], args)
+        items = iter([])
     runtime = _runtime_with_mix(args, "classification")
+    count = 0
     with predictions_file(args) as out:
         # a chunk at a time, printed as it is done: a file of any size never goes through as one batch
-        for start in range(0, len(items), args.batch_size):
-            chunk = slice(start, start + args.batch_size)
-            for (item_id, text), result in zip(items[chunk], runtime.classify(texts[chunk], per_text[chunk], args.batch_size)):
+        for chunk in itertools.chain([first], items):
+            texts = [text for _, text in chunk]
+            names = per_text[count : count + len(chunk)] if one_each else _per_prompt(_adapter_names(args), texts, args)
+            for (item_id, text), result in zip(chunk, runtime.classify(texts, names, args.batch_size)):
                 record = {"id": item_id, "adapter": result["adapter"], "label": result["label"],
                           "label_id": result["label_id"], "probs": result["probs"]}
                 if "route" in result:  # routed: how sure the router was
@@ -257,6 +264,7 @@ def _cmd_classify(args) -> int:
                 else:
                     print(f"{item_id}\t{result['label']}\t{max(result['probs'].values()):.3f}\t[{result['adapter']}] "
                           f"{one_line(text)}", flush=True)
+            count += len(chunk)
     if out is not None:
-        print(f"wrote {len(items)} predictions to {args.out}")
+        print(f"wrote {count} predictions to {args.out}")
     return 0

@@ -29,7 +29,7 @@ from .examples import (
     read_eval_file,
     split_off_eval,
 )
-from .readers import DATA_SUFFIXES, file_sha256, read_rows, read_texts, read_utf8, text_of
+from .readers import DATA_SUFFIXES, file_sha256, iter_texts, read_rows, read_texts, read_utf8, text_of
 from .tokenize import (
     DomainData,
     render_chat,
@@ -46,7 +46,7 @@ __all__ = [
     "IGNORE_INDEX", "Collator", "MaskingCollator", "mask_tokens", "pad_batch", "CHAT_ROLES", "DomainExamples",
     "Example", "LabelMap", "TaskSpec", "build_label_map", "build_tag_map", "chat_messages", "few_shot",
     "label_value", "parse_examples", "read_domain", "read_eval_file", "split_off_eval", "DATA_SUFFIXES",
-    "file_sha256", "read_rows", "read_texts", "read_utf8", "text_of", "DomainData", "render_chat", "tokenize",
+    "file_sha256", "iter_texts", "read_rows", "read_texts", "read_utf8", "text_of", "DomainData", "render_chat", "tokenize",
     "tokenize_causal_lm", "tokenize_chat", "tokenize_classification", "tokenize_domain", "tokenize_masked_lm",
     "tokenize_token_classification",
 ]

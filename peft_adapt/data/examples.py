@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,10 @@ class Example:
     messages: list[dict] | None = None  # chat: [{role, content}, ...], the loss on assistant turns only
 
 
+INT_LABEL = re.compile(r"-?[0-9]+")
+MAX_LABEL_ID = 100_000  # classes a label map may count
+
+
 @dataclass
 class LabelMap:
     """Class names by id. Built from the training data, saved with the adapter."""
@@ -54,7 +59,7 @@ class LabelMap:
     names: list[str] = field(default_factory=list)
 
     def id_of(self, value, where: str) -> int:
-        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        if _is_int_label(value):
             index = int(value)
             if 0 <= index < len(self.names):
                 return index
@@ -70,9 +75,21 @@ class LabelMap:
 
 
 def _is_int_label(value) -> bool:
+    """An id: an int, or a string of ASCII digits (`'²'` and `'٣'` are digits to str.isdigit, not ids)."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+    return isinstance(value, int) or (isinstance(value, str) and INT_LABEL.fullmatch(value.strip()) is not None)
+
+
+def check_label_name(value: str, where: str) -> str:
+    """A class name is text a person reads: not empty, and not a number written in other digits than 0-9 (which
+    would read as an id to one person and a name to another)."""
+    if not value.strip():
+        raise UserInputError(f"{where}: label {value!r} is empty; give each row a class name or an integer id")
+    if value.strip().lstrip("-").isdigit() or value.strip().lstrip("-").isdecimal():
+        raise UserInputError(f"{where}: label {value!r} is a number in digits other than 0-9; write the id in "
+                             f"0-9, or use a name")
+    return value
 
 
 def build_tag_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
@@ -118,10 +135,13 @@ def build_label_map(rows: list[tuple[int, dict]], source: Path) -> LabelMap:
             index = int(value)
             if index < 0:
                 raise UserInputError(f"{source}: row {row_no}: label {value!r} is negative; label ids start at 0")
+            if index > MAX_LABEL_ID:  # the label map has an entry per id up to the largest
+                raise UserInputError(f"{source}: row {row_no}: label id {value!r} is past {MAX_LABEL_ID:,}; label "
+                                     f"ids count classes from 0 (use names for sparse codes)")
             ids[index] = str(row.get("label_name", ids.get(index, index)))
             first_id_row = first_id_row or (row_no, value)
         else:
-            names.add(str(value))
+            names.add(check_label_name(str(value), f"{source}: row {row_no}"))
             first_name_row = first_name_row or (row_no, value)
     if ids and names:
         raise UserInputError(

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..errors import UserInputError
 
+MAX_CSV_FIELD = 16 << 20  # bytes in one CSV field
+MAX_LINE_BYTES = 16 << 20  # bytes in one line of a text or JSONL file read for inference
+
 
 def read_utf8(path: Path) -> str:
     """A text file's content; a byte that is not UTF-8 is named with its line, instead of a traceback."""
@@ -39,9 +42,20 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     import io
 
+    csv.field_size_limit(MAX_CSV_FIELD)  # the module's own limit (128 KiB) stopped a long document with a traceback
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
-    # row numbers count data rows; the header is row 0
-    return [(i, dict(row)) for i, row in enumerate(reader, start=1)]
+    rows = []
+    try:
+        # row numbers count data rows; the header is row 0
+        for i, row in enumerate(reader, start=1):
+            if None in row:  # DictReader keeps what a row has beyond the header under the key None
+                raise UserInputError(f"{path}: row {i}: {len(reader.fieldnames or []) + len(row[None])} fields, the "
+                                     f"header names {len(reader.fieldnames or [])}; quote fields that hold commas")
+            rows.append((i, dict(row)))
+    except csv.Error as exc:
+        raise UserInputError(f"{path}: row {reader.line_num}: not CSV this reader takes ({exc}); fields hold at "
+                             f"most {MAX_CSV_FIELD // (1 << 20)} MiB, quoted with \"") from None
+    return rows
 
 
 def _read_parquet(path: Path) -> list[tuple[int, dict]]:
@@ -102,18 +116,78 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[tuple[int | s
     """(id, text) pairs to run a model on: a data file's rows (`text_field`; the id is the row's `id` field or its
     row number), or a plain text file with one text per line, split on "\\n" only (a "\\r" inside a line, form
     feeds and Unicode line separators stay part of the text), its ids the line numbers. Blank lines are skipped."""
+    return list(iter_texts(path, text_field))
+
+
+def iter_texts(path: str | Path, text_field: str = "text", max_line_bytes: int = MAX_LINE_BYTES):
+    """`read_texts` one item at a time, reading the file as it goes: a file of any length costs a line's memory,
+    and a line past `max_line_bytes` is refused once that much of it is read (JSONL and plain text; CSV fields
+    are bounded by MAX_CSV_FIELD, Parquet is read a batch of rows at a time)."""
     path = Path(path)
-    if path.is_dir() or path.suffix in DATA_SUFFIXES:
-        return [(row.get("id", n) if isinstance(row.get("id"), (int, str)) else n, text_of(row, text_field, f"row {n}", path))
-                for n, row in read_rows(path, "test")]
+    if path.is_dir() or path.suffix in (".csv", ".parquet", ".pq"):
+        rows = _iter_parquet(path) if path.suffix in (".parquet", ".pq") else read_rows(path, "test")
+        yield from ((_id_of(row, n), text_of(row, text_field, f"row {n}", path)) for n, row in rows)
+        return
     if not path.is_file():
         raise UserInputError(f"input file {path} does not exist")
-    lines = read_utf8(path).split("\n")
-    items = [(n, line[:-1] if line.endswith("\r") else line) for n, line in enumerate(lines, start=1)]
-    items = [(n, text) for n, text in items if text.strip()]
-    if not items:
-        raise UserInputError(f"{path}: no text in the file (every line is blank)")
-    return items
+    jsonl, found = path.suffix in DATA_SUFFIXES, False
+    for n, line in _lines(path, max_line_bytes):
+        if jsonl:
+            if not line.strip():
+                continue
+            row = _json_row(line, n, path)
+            found = True
+            yield _id_of(row, n), text_of(row, text_field, f"row {n}", path)
+        elif line.strip():
+            found = True
+            yield n, line[:-1] if line.endswith("\r") else line
+    if not found:
+        raise UserInputError(f"{path}: {'the dataset is empty (no rows)' if jsonl else 'no text in the file (every line is blank)'}")
+
+
+def _id_of(row: dict, n: int):
+    return row.get("id", n) if isinstance(row.get("id"), (int, str)) else n
+
+
+def _json_row(line: str, line_no: int, path: Path) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise UserInputError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
+    return row
+
+
+def _lines(path: Path, max_line_bytes: int):
+    """(line number, line) split on b"\\n" only, each decoded as UTF-8; a line longer than `max_line_bytes` is
+    refused without reading the rest of it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), start=1):
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise UserInputError(f"{path}: line {n} is longer than {max_line_bytes // (1 << 20)} MiB; split it "
+                                     f"(one text per line)")
+            try:
+                yield n, raw.rstrip(b"\n").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserInputError(f"{path}: line {n}: byte {raw[exc.start]:#x} is not UTF-8; save the file as "
+                                     f"UTF-8") from None
+
+
+def _iter_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{path}: not a readable Parquet file ({exc})") from None
+    if n == 0:
+        raise UserInputError(f"{path}: the dataset is empty (no rows); add examples or point to another file")
 
 
 def file_sha256(path: str | Path) -> str:
