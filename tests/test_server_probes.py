@@ -117,3 +117,57 @@ def test_answers_never_say_where_the_registry_or_the_base_lie(probed, tiny_llama
         _no_locations(response, registry, tiny_llama)
     refused = _complete(url, "auto:nosuch,code")
     assert refused.status_code == 400 and "math" not in refused.text  # nor what else the registry holds
+
+
+def test_spellings_of_one_router_share_one_build(probed, tiny_llama):
+    from peft_adapt import AdapterRuntime
+
+    _, registry, _ = probed
+    runtime = AdapterRuntime(str(tiny_llama), quantization="none", registry=registry)
+    routers = {id(runtime.router(s)) for s in ("auto:code,math", "auto:math,code", "auto: math , code",
+                                                 "auto:code@latest,math", "auto:math,code@latest")}
+    assert len(routers) == 1 and len(runtime._routers._built) == 1
+
+
+def test_a_chat_of_30000_messages_is_refused_before_it_is_templated(probed):
+    url, _, _ = probed
+    messages = [{"role": "user", "content": ""}] * 30_000  # 930 kB, under the body limit
+    _error(_post(url, "/v1/chat/completions", {"model": "code", "messages": messages}), 400, "messages")
+
+
+def test_a_long_classify_text_is_cut_off_the_batcher_thread_to_what_the_base_reads(tiny_bert):
+    from peft_adapt import AdapterRuntime
+    from peft_adapt.server.routes import ServerState
+    from peft_adapt.server.schemas import ServerSettings
+
+    runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none")
+    state = ServerState(runtime, None, None, ServerSettings("b", max_prompt_tokens=runtime.max_positions), None)
+    long = "apple banana cherry grape " * 36_000  # 900 kB
+    (cut,) = state.cut_texts([long])
+    assert len(cut) < 20_000
+    ids = runtime.tokenizer(long, truncation=True, max_length=runtime.max_positions)["input_ids"]
+    assert runtime.tokenizer(cut, truncation=True, max_length=runtime.max_positions)["input_ids"] == ids
+    assert state.cut_texts(["short text"]) == ["short text"]
+
+
+def test_an_abandoned_generation_stops_instead_of_running_to_its_end(tiny_llama, tmp_path):
+    import time
+
+    registry = Registry(tmp_path / "reg")
+    registry.import_peft(make_lora(tiny_llama, tmp_path / "a", 4, ["q_proj"], seed=0), base=str(tiny_llama), name="a")
+    proc, url = _start(tiny_llama, registry.root, "--max-tokens", "400",
+                       env={"PEFT_ADAPT_DELAY_AT": "decode_step", "PEFT_ADAPT_DELAY_S": "0.05"})
+    try:
+        body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "temperature": 0}  # 20 s of steps if left to run
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+            httpx.post(f"{url}/v1/completions", json=body, headers=_auth(), timeout=2)
+        deadline, cancelled = time.monotonic() + 15, 0.0
+        while time.monotonic() < deadline and cancelled < 1:
+            metrics = httpx.get(f"{url}/metrics").text
+            cancelled = max([float(line.split()[-1]) for line in metrics.splitlines()
+                             if line.startswith("peft_adapt_generations_cancelled ")] or [0.0])
+            time.sleep(0.2)
+        assert cancelled >= 1  # stopped within 15 s of a 20 s run: the batcher is free again
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UserInputError
-from ..faults import fault_point
+from ..faults import delay_point, fault_point
 from .decoding import Sampling, TextStream
 
 log = logging.getLogger("peft_adapt.batcher")
@@ -74,6 +74,7 @@ class DynamicBatcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._on_batch = on_batch
         self._stop = threading.Event()
+        self.cancelled = 0  # generations stopped because their client went away
         self._thread = threading.Thread(target=self._work, name="peft-adapt-batcher", daemon=True)
         self._thread.start()
 
@@ -150,6 +151,7 @@ class DynamicBatcher:
             fault_point("generation")
             stream = self.runtime.generate_stream([j.prompt for j in jobs], [j.adapter for j in jobs], sampling)
             for step in stream:
+                delay_point("decode_step")
                 for i in list(active):
                     if self._advance(jobs[i], step[i]):
                         active.discard(i)
@@ -173,6 +175,8 @@ class DynamicBatcher:
     def _advance(self, job: GenerationJob, token: int | None) -> bool:
         """Take the row's next token; True once the job is done (EOS, its limit, a stop sequence, or cancelled)."""
         if job.cancelled or token is None:
+            if job.cancelled:
+                self.cancelled += 1  # the client went away: its row stops here
             _finish(job, "stop")
             return True
         job.generated += 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceUnavailable, UserInputError
 from ..runtime.batcher import DynamicBatcher
+from .generation import ClientGone
 from .guard import Guard, flat_routes
 from .public import private_locations, public_message, without_locations
 from .routes import ServerState, router
@@ -32,7 +33,7 @@ def create_app(runtime, registry, settings: ServerSettings, from_folders: set[st
         state.batcher.close()
 
     app = FastAPI(title="peft-adapt", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = ServerMetrics(runtime, waiting=lambda: batcher.waiting)
+    metrics = ServerMetrics(runtime, waiting=lambda: batcher.waiting, cancelled=lambda: batcher.cancelled)
     batcher = DynamicBatcher(runtime, settings.max_batch, settings.batch_window_ms / 1000, settings.max_queue,
                              on_batch=metrics.batch_sizes.observe)
     state = ServerState(runtime, registry, batcher, settings, metrics, set(from_folders or ()))
@@ -60,6 +61,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: APIError):
         exc.message = without_locations(exc.message, getattr(request.app.state, "private", {}))
         return exc.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the log counts it
 
     @app.exception_handler(UserInputError)
     async def bad_input(request: Request, exc: UserInputError):

@@ -101,7 +101,8 @@ async def routed(batcher, inputs: list, selector: str) -> list:
 
 
 async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
-                  stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None):
+                  stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None,
+                  request=None):
     """The whole answer as one JSON body, or (stream) server-sent events."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -109,16 +110,42 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
     events = text_events(batcher, prompts, adapter, sampling, stops)
     if not stream:
         texts, reasons, counts = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
-        async for index, piece, reason, count in events:
-            texts[index] += piece
-            counts[index] = count
-            reasons[index] = reason or reasons[index]
+
+        async def collect():
+            async for index, piece, reason, count in events:
+                texts[index] += piece
+                counts[index] = count
+                reasons[index] = reason or reasons[index]
+
+        await until_done_or_gone(collect(), request)
         choices = [_choice(kind, i, t, r, False) for i, (t, r) in enumerate(zip(texts, reasons))]
         body = head | {"object": "chat.completion" if kind == "chat" else "text_completion", "choices": choices,
                        "usage": usage(sum(len(p) for p in prompts), sum(counts))}
         return JSONResponse(body, headers=headers)
     first = await events.__anext__()  # errors before the first piece still get a status code
     return StreamingResponse(_sse_events(kind, head, first, events, private or {}), media_type="text/event-stream", headers=headers)
+
+
+async def until_done_or_gone(work, request, poll_s: float = 0.25) -> None:
+    """Await `work`; if the client disconnects first, stop it (its jobs are cancelled in `text_events`' finally,
+    so an abandoned generation no longer runs to its end holding the batcher) and answer nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if request is not None and await request.is_disconnected():
+                task.cancel()
+                await asyncio.wait({task})  # the cancellation runs `text_events`' finally: its jobs stop
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
 
 
 async def _sse_events(kind: str, head: dict, first, events, private: dict):

@@ -95,6 +95,19 @@ class ServerState:
             raise APIError(400, "the prompt is empty", param="prompt")
         return ids
 
+    def cut_texts(self, texts: list[str]) -> list[str]:
+        """Runs in a worker thread: each text cut after the token the base can no longer read (a few past it), so
+        the batcher's thread, which tokenizes again with the adapter's own limit, never reads a 900 kB text."""
+        limit, tokenizer = self.settings.max_prompt_tokens + 8, self.runtime.tokenizer
+        cut = []
+        for text in texts:
+            if len(text) > limit and getattr(tokenizer, "is_fast", False):
+                ends = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                                 max_length=limit)["offset_mapping"]
+                text = text[: ends[-1][1]] if len(ends) >= limit else text
+            cut.append(text)
+        return cut
+
     def sampling_of(self, max_tokens: int, body, prompt_tokens: int) -> Sampling:
         if max_tokens > self.settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {self.settings.max_tokens}",
@@ -144,7 +157,7 @@ async def completions(body: CompletionRequest, request: Request):
     sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     return await respond("completion", chosen or body.model, ids, adapter, sampling, body.stops, body.stream,
-                         state.batcher, headers, request.app.state.private)
+                         state.batcher, headers, request.app.state.private, request)
 
 
 @router.post("/v1/chat/completions")
@@ -158,7 +171,7 @@ async def chat(body: ChatRequest, request: Request):
     sampling = state.sampling_of(max_tokens, body, len(ids[0]))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     return await respond("chat", chosen or body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher,
-                         headers, request.app.state.private)
+                         headers, request.app.state.private, request)
 
 
 @router.post("/v1/classify")
@@ -172,6 +185,7 @@ async def classify(body: ClassifyRequest, request: Request):
     adapter = await run_in_threadpool(state.adapter_for, body.model)
     if adapter is None:
         raise APIError(400, "classification needs an adapter: the base has no head", param="model")
+    texts = await run_in_threadpool(state.cut_texts, texts)
     adapter, headers, chosen = await route_inputs(state, texts, adapter)
     loop = asyncio.get_running_loop()
     done: asyncio.Future = loop.create_future()

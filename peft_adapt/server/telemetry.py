@@ -10,7 +10,7 @@ UNMATCHED = "unmatched"  # every path that names no route shares this label
 
 
 class ServerMetrics:
-    def __init__(self, runtime, waiting):
+    def __init__(self, runtime, waiting, cancelled=lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("peft_adapt_requests", "HTTP requests", ["route", "status"], registry=self.registry)
         self.latency = Histogram("peft_adapt_request_seconds", "request latency", ["route"], registry=self.registry)
@@ -19,7 +19,7 @@ class ServerMetrics:
         # label: the registered adapter chosen, `mix` or `base` (bounded by the registry, not by requests)
         self.routes = Counter("peft_adapt_routes", "inputs routed, by the adapter chosen", ["adapter"],
                               registry=self.registry)
-        self.registry.register(_RuntimeCollector(runtime, waiting))
+        self.registry.register(_RuntimeCollector(runtime, waiting, cancelled))
 
     def count_routes(self, routes) -> None:
         for route in routes:
@@ -36,8 +36,8 @@ class ServerMetrics:
 class _RuntimeCollector:
     """Residency counters, read without the runtime's lock (a scrape never waits for a batch)."""
 
-    def __init__(self, runtime, waiting):
-        self.runtime, self.waiting = runtime, waiting
+    def __init__(self, runtime, waiting, cancelled):
+        self.runtime, self.waiting, self.cancelled = runtime, waiting, cancelled
 
     def collect(self):
         stats = self.runtime.stats()
@@ -47,4 +47,7 @@ class _RuntimeCollector:
             yield gauge
         gauge = GaugeMetricFamily("peft_adapt_queue_waiting", "requests waiting for a batch")
         gauge.add_metric([], self.waiting())
+        yield gauge
+        gauge = GaugeMetricFamily("peft_adapt_generations_cancelled", "generations stopped because the client left")
+        gauge.add_metric([], self.cancelled())
         yield gauge
