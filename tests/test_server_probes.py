@@ -171,3 +171,83 @@ def test_an_abandoned_generation_stops_instead_of_running_to_its_end(tiny_llama,
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- item 6: slow clients
+
+
+def _closed_within(sock, seconds: float, trickle: bytes = b"") -> bool:
+    """True once the server closes `sock` (recv gives b"" or a reset) within `seconds`, while sending `trickle`
+    every 0.3 s (a header line at a time, as a slowloris client does)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    sock.settimeout(min(0.3, seconds))
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            if sock.recv(1024) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset, or a send on a closed socket
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, tiny_llama):
+    registry = Registry(tmp_path_factory.mktemp("guarded") / "reg")
+    proc, url = _start(tiny_llama, registry.root, "--header-timeout", "3", "--body-timeout", "3",
+                       "--max-connections-per-peer", "8", "--max-connections", "64")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _connect(url: str, source: str = "127.0.0.1"):
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect((host, int(port)))
+    return sock
+
+
+def test_a_client_trickling_its_headers_is_dropped_at_the_header_deadline(guarded):
+    sock = _connect(guarded)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    assert _closed_within(sock, 20, trickle=b"X-a: b\r\n")  # held for ever before
+    sock.close()
+
+
+def test_a_body_that_never_ends_is_dropped_at_the_body_deadline(guarded):
+    sock = _connect(guarded)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"model\": ")
+    assert _closed_within(sock, 20)
+    sock.close()
+
+
+def test_one_address_cannot_hold_every_connection(guarded):
+    held = [_connect(guarded) for _ in range(8)]  # the peer's cap, idle (as half-open connections are)
+    extra = _connect(guarded)
+    assert _closed_within(extra, 10)  # refused at once, before it is read ...
+    assert not any(_closed_within(sock, 0.02) for sock in held)  # ... not at the header deadline, which the older ones
+    # would have reached first
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    assert other.get(f"{guarded}/health", timeout=10).status_code == 200  # another address is served meanwhile
+    for sock in held + [extra]:
+        sock.close()
+
+
+def test_at_the_total_cap_a_new_client_is_served_and_the_oldest_waiting_connection_goes(guarded):
+    held = [_connect(guarded, f"127.0.1.{1 + i // 8}") for i in range(64)]  # the total cap, 8 addresses x 8
+    client = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.2.1"))
+    assert client.get(f"{guarded}/health", timeout=10).status_code == 200
+    assert _closed_within(held[0], 5) and not _closed_within(held[-1], 0.02)  # the oldest made room
+    for sock in held:
+        sock.close()

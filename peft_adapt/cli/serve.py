@@ -34,6 +34,11 @@ def add_serve(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take to arrive")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds its body may take after them")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open")
+    p.add_argument("--max-connections", type=int, default=512, help="connections open at once, in all")
+    p.add_argument("--max-connections-per-peer", type=int, default=64, help="connections open at once from one address")
     p.add_argument("--ray", action="store_true", help="serve as replicas on Ray Serve, each request routed to a "
                                                       "replica holding its adapter (pip install 'peft-adapt[ray]')")
     p.add_argument("--replicas", type=int, default=2, help="with --ray: server replicas, one base each")
@@ -52,6 +57,8 @@ def _cmd_serve(args) -> int:
         admin_key=args.admin_key or os.environ.get("PEFT_ADAPT_ADMIN_KEY"), max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, batch_invariant=args.batch_invariant,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)

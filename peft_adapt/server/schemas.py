@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..errors import UserInputError
+
 MAX_STOPS = 4  # as OpenAI allows
 MAX_MESSAGES = 2048  # turns in one chat request (templating 30,000 of them held the interpreter for seconds)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -25,6 +27,19 @@ class ServerSettings:
     batch_window_ms: float = 10.0
     max_queue: int = 256
     batch_invariant: bool = False
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    body_timeout_s: float = 30.0  # and its body within this after them
+    keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
+    max_connections: int = 512  # open at once, in all
+    max_connections_per_peer: int = 64  # open at once from one address
+
+    def __post_init__(self):
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections",
+                     "max_connections_per_peer"):
+            value = getattr(self, name)
+            if not (value > 0 and value < float("inf")):
+                flag = "--" + name.removesuffix("_s").replace("_", "-")
+                raise UserInputError(f"{flag} {value!r}: give a positive number")
 
     def loggable(self) -> dict:
         """The settings as a log line may show them: whether a key is set, never the key."""

@@ -10,6 +10,7 @@ from ..registry.refs import is_folder_ref
 from ..registry.store import Registry
 from ..runtime import AdapterRuntime
 from .app import create_app
+from .connections import ConnectionLimits, guarded_protocol, raise_open_file_limit
 from .public import public_base_name
 from .schemas import ServerSettings
 
@@ -28,7 +29,11 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
     for name in adapters or []:
         runtime.load(name, pin=True)
     app = create_app(runtime, registry, settings, from_folders)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    limits = ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s,
+                              settings.max_connections, settings.max_connections_per_peer)
+    raise_open_file_limit(limits.max_connections + 256)  # the caps, not the descriptor limit, refuse clients
+    uvicorn.run(app, host=host, port=port, log_level="warning", http=guarded_protocol(limits),
+                timeout_keep_alive=limits.keep_alive_s)
 
 
 def _task_of(base: str) -> str:
