@@ -25,6 +25,7 @@ from ..errors import ServiceUnavailable, UserInputError
 from ..faults import crash_point
 from ..formats import MANIFEST, is_adapter_file, read_manifest, verify_checksums
 from ..models.builtin_models import sha256_file
+from .index import redact
 
 BLOBS = "blobs"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -44,7 +45,7 @@ class ObjectStore:
         except (ImportError, ValueError) as exc:
             raise UserInputError(f"store {url!r}: {exc}. Use s3://bucket/prefix (pip install 'peft-adapt[team]') "
                                  f"or a folder path") from None
-        self.url = url
+        self.url = redact(url)  # shown in messages: a key in the URL never is
         self.prefix = prefix.rstrip("/")
         self.atomic_put = "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.cache = Path(cache)

@@ -50,7 +50,7 @@ from ..formats import (
 )
 from .checks import collect_garbage, verify
 from .entries import AdapterEntry, VerifyReport
-from .index import PostgresIndex, SQLiteIndex, is_postgres_url
+from .index import PostgresIndex, SQLiteIndex, is_postgres_url, redact
 from .objects import ObjectStore
 from .refs import Named, check_name, parse_ref, resolve
 from .stacks import check_stack
@@ -124,7 +124,7 @@ class Registry:
             if self.read_only and not db_path.is_file():
                 raise UserInputError(f"{self.root} is read-only and holds no registry (no registry.db)")
             self.index = SQLiteIndex(db_path, self.read_only)
-        self.where = self.index.where + (f" (files in {store})" if store else "")
+        self.where = self.index.where + (f" (files in {redact(store)})" if store else "")
         if self.read_only:
             return
         with self._writing("open the registry"):
