@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,21 @@ from peft_adapt import UserInputError, parse_recipe
 from peft_adapt.training.domain import train_recipe
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peft_adapt.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path, env=os.environ)
+def _cli(tmp_path: Path, *args: str):
+    """The CLI in this process (its start costs 10 s as a subprocess): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from peft_adapt.cli.main import main
+
+    err, here = io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 def _precious(folder: Path) -> Path:

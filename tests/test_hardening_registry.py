@@ -39,18 +39,24 @@ def test_every_password_spelling_is_redacted(url):
     assert SECRET not in scrub(f"driver says: could not parse {url!r}", url)
 
 
-def test_registry_list_and_a_failed_connection_never_print_the_password(tmp_path, team, trained_adapter):
+def test_registry_list_and_a_failed_connection_never_print_the_password(tmp_path, team, trained_adapter, capsys,
+                                                                        caplog):
     from peft_adapt.errors import ServiceUnavailable
 
     leaky = f"{team.location}&password={SECRET}"  # the test server trusts local connections: any password opens it
     registry = Registry(leaky, store=team.store, cache=team.cache)
     registry.add(trained_adapter)
-    env = team.env | {"PEFT_ADAPT_REGISTRY": leaky}
-    for argv in (["-v", "registry", "list"], ["-v", "registry", "show", "t-docs"], ["registry", "rm", "nosuch"],
-                 ["registry", "show", "nosuch"]):
-        done = subprocess.run([sys.executable, "-m", "peft_adapt.cli", *argv], capture_output=True, text=True,
-                              env=env, timeout=300)
-        assert SECRET not in done.stdout + done.stderr, (argv, done.stdout, done.stderr)
+    from peft_adapt.cli.main import main
+
+    for argv in (["-v", "registry", "list"], ["-v", "registry", "show", "t-docs"], ["registry", "rm", "nosuch", "--all-versions"],
+                 ["registry", "show", "nosuch"]):  # in this process, its log captured too
+        main([argv[0], *argv[1:2], "--registry", leaky, "--store", team.store, *argv[2:]] if argv[0] == "-v" else
+             [argv[0], "--registry", leaky, "--store", team.store, *argv[1:]])
+        out = capsys.readouterr()
+        shown = out.out + out.err + caplog.text
+        assert SECRET not in shown, (argv, shown)
+        if "nosuch" in argv:
+            assert "password=***" in shown, shown  # the location is named, without its password
     down = leaky.replace("/t_", "/nosuch_")  # a database that is not there: the connection fails
     with pytest.raises(ServiceUnavailable) as failed:
         Registry(down, store=team.store, cache=team.cache).list()
