@@ -108,6 +108,31 @@ def test_sampled_generation_is_seeded_and_top_k_1_is_greedy(tiny_llama, adapters
     assert top1 == rt.generate(TEXTS, adapters=names, max_new_tokens=8, return_tokens=True)
 
 
+def test_each_row_samples_with_its_own_settings_and_seed_whatever_its_batch_mates(tiny_llama, adapters):
+    """Requests of different seeds and temperatures share one batch (issue 31): a seeded row gives the tokens it
+    gives alone, and a row past its own max_new_tokens stops."""
+    from peft_adapt.runtime.decoding import Sampling
+
+    rt = AdapterRuntime(str(tiny_llama), quantization="none")
+    names = [str(adapters[0]), None, str(adapters[1]), str(adapters[2])]
+    rows = [Sampling(10, do_sample=True, temperature=0.9, seed=7), Sampling(4), Sampling(10, do_sample=True, seed=8),
+            Sampling(6, do_sample=True, temperature=1.3, top_p=0.8, seed=9)]
+
+    def tokens(prompts, adapter_names, samplings):
+        out = [[] for _ in prompts]
+        for step in rt.generate_stream(prompts, adapter_names, samplings):
+            for row, token in zip(out, step):
+                if token is not None:
+                    row.append(token)
+        return out
+
+    together = tokens(TEXTS, names, rows)
+    alone = [tokens([t], [n], [s])[0] for t, n, s in zip(TEXTS, names, rows)]
+    assert together == alone
+    assert [len(t) <= s.max_new_tokens for t, s in zip(together, rows)] == [True] * 4 and len(together[1]) <= 4
+    assert tokens([TEXTS[0]], [names[0]], [Sampling(10, do_sample=True, temperature=0.9, seed=1)])[0] != together[0]
+
+
 def test_unload_and_reuse_of_a_slot_leave_no_trace(tiny_llama, adapters):
     rt = AdapterRuntime(str(tiny_llama), quantization="none")
     big, small = str(adapters[1]), str(adapters[2])  # rank 8 on every layer, then rank 2 on two

@@ -3,9 +3,9 @@ mixed batch through the runtime; each request gets its own text back as it is ge
 
 One worker thread owns the runtime: every tokenizer call and forward pass happens there, never on a
 server's event loop. Requests wait in a bounded queue (a full queue is refused at once, so callers can
-answer 429). Generation jobs with the same sampling settings share a batch; each job keeps its own
-`max_tokens` and stop sequences (the batch runs to the longest, rows stop at their own limit, EOS or
-stop sequence). Classification jobs are batched the same way. Before each batch the runtime is told of
+answer 429). Generation jobs share a batch whatever their sampling: each row samples with its own settings
+and its own seeded generator, and keeps its own `max_tokens` and stop sequences (the batch runs to the
+longest, rows stop at their own limit, EOS or stop sequence). Classification jobs are batched the same way. Before each batch the runtime is told of
 registry changes made by any process (a name now meaning another version, or nothing).
 """
 
@@ -39,10 +39,6 @@ class GenerationJob:
     cancelled: bool = False  # set by the caller (the client went away)
     generated: int = 0
     text: TextStream | None = None
-
-    def group_key(self) -> tuple:
-        s = self.sampling
-        return (s.do_sample, s.temperature, s.top_p, s.top_k, s.seed)
 
 
 @dataclass
@@ -109,12 +105,9 @@ class DynamicBatcher:
             for job in jobs:
                 if isinstance(job, RouteJob):
                     self._route(job)
-            groups: dict[tuple, list[GenerationJob]] = {}
-            for job in jobs:
-                if isinstance(job, GenerationJob) and not job.cancelled:
-                    groups.setdefault(job.group_key(), []).append(job)
-            for group in groups.values():
-                self._generate(group)
+            generation = [j for j in jobs if isinstance(j, GenerationJob) and not j.cancelled]
+            if generation:  # one batch whatever each samples: every row has its own settings and seed
+                self._generate(generation)
             classify = [j for j in jobs if isinstance(j, ClassifyJob)]
             if classify:
                 self._classify(classify)
@@ -139,11 +132,7 @@ class DynamicBatcher:
             return
         if self._on_batch:
             self._on_batch(len(jobs))
-        first = jobs[0].sampling
-        sampling = Sampling(
-            max_new_tokens=max(j.sampling.max_new_tokens for j in jobs), do_sample=first.do_sample,
-            temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=first.seed,
-        )
+        sampling = [j.sampling for j in jobs]
         for job in jobs:
             job.text = TextStream(self.runtime.tokenizer, job.stops)
         active = set(range(len(jobs)))

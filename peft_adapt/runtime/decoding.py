@@ -24,6 +24,30 @@ class Sampling:
     seed: int | None = None
 
 
+def per_row(sampling: Sampling | list[Sampling], rows: int) -> list[Sampling]:
+    """One Sampling per row: a batch's rows may each sample their own way (their own request's settings)."""
+    samplings = [sampling] * rows if isinstance(sampling, Sampling) else list(sampling)
+    if len(samplings) != rows:
+        raise ValueError(f"{len(samplings)} sampling settings for {rows} rows")
+    return samplings
+
+
+def generators_for(samplings: list[Sampling]) -> list[torch.Generator | None]:
+    """Each seeded row its own generator, so its draws never depend on its batch-mates (a seeded request gives the
+    same tokens alone and in any batch); unseeded rows draw from the global generator."""
+    return [torch.Generator().manual_seed(s.seed) if s.do_sample and s.seed is not None else None for s in samplings]
+
+
+def choose_next_rows(logits: torch.Tensor, samplings: list[Sampling],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    """[batch] next tokens, each row chosen with its own settings and generator."""
+    tokens = logits.argmax(-1)
+    for i, (sampling, generator) in enumerate(zip(samplings, generators)):
+        if sampling.do_sample:
+            tokens[i] = choose_next(logits[i : i + 1], sampling, generator)[0]
+    return tokens
+
+
 def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """[batch] next tokens from [batch, vocab] logits."""
     if not sampling.do_sample:
@@ -41,31 +65,43 @@ def choose_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
-           eos_token_id: int | None) -> Iterator[list[int | None]]:
-    """Yield, per step, each row's new token (None once the row has ended).
+def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+           sampling: Sampling | list[Sampling], eos_token_id: int | None,
+           max_position: int | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, each row's new token (None once the row has ended). `sampling`: one for every row, or one
+    per row (each row then samples with its own settings and, when seeded, its own generator); the batch runs to
+    its longest `max_new_tokens`.
 
     `forward(input_ids, attention_mask, position_ids, cache)` returns the logits of the last position;
     `ids`/`mask` are left-padded prompts.
     """
     from transformers import DynamicCache
 
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    samplings = per_row(sampling, ids.shape[0])
+    shared = isinstance(sampling, Sampling)  # one request's rows: one generator, as before
+    generators = ([torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None] * ids.shape[0]
+                  if shared else generators_for(samplings))
+    steps = max(s.max_new_tokens for s in samplings)
+    least = torch.tensor([s.min_new_tokens for s in samplings], device=ids.device)
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = forward(ids, mask, positions, cache)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for step in range(sampling.max_new_tokens):
-        if eos_token_id is not None and step < sampling.min_new_tokens:
-            logits[:, eos_token_id] = float("-inf")
-        tokens = choose_next(logits, sampling, generator)
+    for step in range(steps):
+        if eos_token_id is not None and bool((step < least).any()):
+            logits[step < least, eos_token_id] = float("-inf")
+        tokens = choose_next(logits, sampling, generators[0]) if shared else \
+            choose_next_rows(logits, samplings, generators)
         yield [None if done else int(t) for t, done in zip(tokens.tolist(), finished.tolist())]
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
-        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+        finished |= step + 1 >= torch.tensor([s.max_new_tokens for s in samplings], device=ids.device)
+        if bool(finished.all()) or step + 1 == steps:
             return
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
+        if max_position is not None:  # a row past its own limit runs on with the batch; its tokens are not used
+            positions = positions.clamp(max=max_position - 1)
         logits = forward(tokens[:, None], mask, positions, cache)
 
 

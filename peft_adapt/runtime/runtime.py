@@ -40,7 +40,7 @@ from ..routing.router import (
 )
 from .adapters import ResidentAdapters
 from .batch import AdapterBatch
-from .decoding import Sampling, decode
+from .decoding import Sampling, decode, per_row
 from .encoding import encode
 from .residency import Residency, ResidentAdapter
 
@@ -266,22 +266,26 @@ class AdapterRuntime:
             return new
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
-    def generate_stream(self, prompts, adapters, sampling: Sampling) -> Iterator[list[int | None]]:
-        """Yield each step's new token for every row (None for a row that has ended). Holds the runtime's
-        lock until the stream is exhausted or closed."""
+    def generate_stream(self, prompts, adapters, sampling: Sampling | list[Sampling]) -> Iterator[list[int | None]]:
+        """Yield each step's new token for every row (None for a row that has ended). `sampling`: one for all
+        rows, or one per row (a batch of requests: each row samples with its own settings and seed, and ends at its
+        own `max_new_tokens`). Holds the runtime's lock until the stream is exhausted or closed."""
         if self.task != "causal_lm":
             raise UserInputError("generate() is for causal LM runtimes; use classify()")
-        if sampling.max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
-        if self.batch_invariant and not isinstance(prompts, str) and len(prompts) > 1:
-            yield from self._generate_row_by_row(prompts, adapters, sampling)
+        rows = 1 if isinstance(prompts, str) else len(prompts)
+        samplings = per_row(sampling, rows)
+        if min(s.max_new_tokens for s in samplings) < 1:
+            raise UserInputError(f"max_new_tokens must be at least 1, got {min(s.max_new_tokens for s in samplings)}")
+        if self.batch_invariant and rows > 1:
+            yield from self._generate_row_by_row(prompts, adapters, samplings)
             return
         with self._lock:
             ids, mask = self._encode(prompts, padding_side="left")  # generation appends on the right
-            longest = int(mask.sum(1).max())
-            if longest + sampling.max_new_tokens > self.max_positions:
-                raise UserInputError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new tokens exceeds the "
-                                     f"{self.max_positions} positions this base takes; shorten the prompt or max_new_tokens")
+            for length, row in zip(mask.sum(1).tolist(), samplings):
+                if length + row.max_new_tokens > self.max_positions:
+                    raise UserInputError(f"a prompt of {length} tokens plus {row.max_new_tokens} new tokens exceeds "
+                                         f"the {self.max_positions} positions this base takes; shorten the prompt or "
+                                         f"max_new_tokens")
             ids, mask = ids.to(self.device), mask.to(self.device)
             if any(is_auto(n) for n in _per_row(adapters, ids.shape[0])):
                 adapters, _ = self._routed([r[m.bool()].tolist() for r, m in zip(ids, mask)], adapters)
@@ -289,15 +293,20 @@ class AdapterRuntime:
             eos = self.tokenizer.eos_token_id
             # grouped adapters run through their group model's generate, one group each, before the stacked rows stream
             done: dict[int, list[int]] = {}
-            for rows in grouped.values():
-                done.update(self._group_generate(resident[rows[0]], rows, ids, mask, sampling))
+            for group in grouped.values():
+                by_sampling: dict[Sampling, list[int]] = {}
+                for i in group:  # one generate() per setting: rows of one request (or equal requests) together
+                    by_sampling.setdefault(samplings[i], []).append(i)
+                for same, rows_alike in by_sampling.items():
+                    done.update(self._group_generate(resident[rows_alike[0]], rows_alike, ids, mask, same))
             steps = iter(())
             if stacked:
                 index = torch.tensor(stacked, device=self.device)
                 sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
                 batch = self._stacked_batch([resident[i] for i in stacked])
-                steps = decode(lambda *a: self._step(batch, *a), sub_ids, sub_mask, sampling, eos)
-            for step in range(sampling.max_new_tokens):
+                chosen = sampling if isinstance(sampling, Sampling) else [samplings[i] for i in stacked]
+                steps = decode(lambda *a: self._step(batch, *a), sub_ids, sub_mask, chosen, eos, self.max_positions)
+            for step in range(max(s.max_new_tokens for s in samplings)):
                 tokens: list[int | None] = [None] * ids.shape[0]
                 stacked_step = next(steps, None)
                 for i, token in zip(stacked, stacked_step or []):
@@ -308,14 +317,14 @@ class AdapterRuntime:
                     return
                 yield tokens
 
-    def _generate_row_by_row(self, prompts, adapters, sampling: Sampling) -> Iterator[list[int | None]]:
+    def _generate_row_by_row(self, prompts, adapters, samplings: list[Sampling]) -> Iterator[list[int | None]]:
         """Batch-invariant decoding: every row is its own stream (its own cache and, when sampling, its own seeded
         generator), stepped in turn; each produces exactly what it produces alone."""
-        streams = [self.generate_stream([prompt], [name], sampling)
-                   for prompt, name in zip(prompts, _per_row(adapters, len(prompts)))]
+        streams = [self.generate_stream([prompt], [name], row)
+                   for prompt, name, row in zip(prompts, _per_row(adapters, len(prompts)), samplings)]
         try:
             with self._lock:
-                for _ in range(sampling.max_new_tokens):
+                for _ in range(max(s.max_new_tokens for s in samplings)):
                     tokens = [(next(stream, None) or [None])[0] for stream in streams]
                     if all(t is None for t in tokens):
                         return
