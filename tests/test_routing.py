@@ -237,3 +237,19 @@ def test_one_router_per_set_of_adapters_however_a_request_spells_it(routed, tiny
     assert runtime.router(f"auto:{a},{b}") is runtime.router(f"auto:{b}, {a},{b}")
     with pytest.raises(UserInputError, match="at most 64 adapters"):
         runtime.router("auto:" + ",".join(f"x{i}" for i in range(65)))
+
+
+def test_route_names_the_task_to_use_and_the_adapters_it_routes_among(tmp_path, routed, tiny_bert, capsys):
+    """A new user's path (issue 31): classifiers only, `route` without --task, then with it."""
+    source, _, classifiers = routed
+    registry = Registry(tmp_path / "reg")
+    for name in classifiers.values():
+        registry.add(source.get(name).path)
+    flags = ["--registry", str(registry.root), "--quantization", "none"]
+    assert main(["route", "apple pear", *flags]) == 2
+    assert "add --task classification" in capsys.readouterr().err
+    assert main(["route", "apple pear", *flags, "--base", str(tiny_bert)]) == 2
+    assert "--task classification" in capsys.readouterr().err
+    assert main(["route", "apple pear", *flags, "--task", "classification"]) == 0
+    err = capsys.readouterr().err
+    assert f"routing among 2 adapters (auto): {', '.join(sorted(classifiers.values()))}" in err

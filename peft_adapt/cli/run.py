@@ -135,9 +135,16 @@ def _runtime_for(args, task: str):
     named = [ref for ref in map(parse_ref, _adapter_names(args)) if not isinstance(ref, Base)]
     base, quantization = args.base, args.quantization
     if base is None and (not named or isinstance(named[0], Auto)) and (named or args.command == "route"):
-        bases = {(e.base_model, e.quantization) for e in registry.list() if e.task == task}
-        if len(bases) != 1:
-            raise UserInputError(f"the registry holds {task} adapters of {len(bases)} bases: give --base MODEL")
+        entries = registry.list()
+        bases = {(e.base_model, e.quantization) for e in entries if e.task == task}
+        if not bases:
+            others = sorted({e.task for e in entries if e.task in ("causal_lm", "classification")})
+            fix = f"add --task {others[0]}" if others else "register (or train) adapters first"
+            raise UserInputError(f"the registry holds no {task} adapters"
+                                 + (f" (it holds {', '.join(others)} ones)" if others else "") + f": {fix}")
+        if len(bases) > 1:
+            raise UserInputError(f"the registry holds {task} adapters of {len(bases)} bases "
+                                 f"({', '.join(sorted(b for b, _ in bases))}): give --base MODEL")
         (base, trained_under), = bases
         quantization = quantization or trained_under
     if base is None:
@@ -224,6 +231,8 @@ def _cmd_generate(args) -> int:
 def _cmd_route(args) -> int:
     items = read_inputs(args)
     runtime = _runtime_for(args, args.task)
+    chosen_from = runtime.router(args.router).names
+    print(f"routing among {len(chosen_from)} adapters ({args.router}): {', '.join(chosen_from)}", file=sys.stderr)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         routes = runtime.route([text for _, text in chunk], args.router, args.threshold, args.top_k, args.fallback)

@@ -372,8 +372,12 @@ def members(registry, selector: str, fingerprint: str, task: str,
             continue
         chosen.append((serve_as, e, signature))
     if not chosen:
-        raise UserInputError(f"router {selector!r}: no signed {task} adapter of this base in the registry; adapters "
-                             f"trained by this version are signed, others take `peft-adapt registry sign NAME FILE`")
+        other = sorted({e.task for e in registry.list(base=fingerprint) if e.task != task
+                        and SIGNATURE in e.manifest.files})
+        hint = (f"the signed adapters of this base are {', '.join(other)} ones: route with that task "
+                f"(--task {other[0]})" if other else "adapters trained by this version are signed, others take "
+                "`peft-adapt registry sign NAME FILE`")
+        raise UserInputError(f"router {selector!r}: no signed {task} adapter of this base in the registry; {hint}")
     return chosen
 
 
