@@ -102,8 +102,8 @@ def test_lone_surrogates_and_odd_versions_are_400s(probed):
     assert _complete(url, "code").status_code == 200  # still serving
 
 
-@pytest.mark.parametrize("field,value", [("best_of", 2), ("logprobs", 1), ("echo", True), ("suffix", "x"),
-                                         ("logit_bias", {"1": 5}), ("presence_penalty", 0.5)])
+@pytest.mark.parametrize("field,value", [("best_of", 2), ("top_logprobs", 1), ("frequency_penalty", 0.5),
+                                         ("suffix", "x"), ("logit_bias", {"1": 5}), ("presence_penalty", 0.5)])
 def test_fields_the_server_does_not_implement_are_refused_by_name(probed, field, value):
     url, _, _ = probed
     _error(_complete(url, "code", **{field: value}), 400, f"does not implement {field}")
@@ -251,3 +251,35 @@ def test_at_the_total_cap_a_new_client_is_served_and_the_oldest_waiting_connecti
     assert _closed_within(held[0], 5) and not _closed_within(held[-1], 0.02)  # the oldest made room
     for sock in held:
         sock.close()
+
+
+def test_echo_and_logprobs_are_the_runtimes_own_log_softmax(probed, tiny_llama):
+    """What lm-evaluation-harness's loglikelihood asks a completions server for (issue 31)."""
+    from peft_adapt import AdapterRuntime
+
+    url, registry, _ = probed
+    response = _complete(url, "code", max_tokens=3, logprobs=2, echo=True)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    runtime = AdapterRuntime(str(tiny_llama), quantization="none", registry=registry)
+    prompt = runtime.tokenizer(PROMPT)["input_ids"]
+    generated = runtime.generate([PROMPT], "code", max_new_tokens=3, return_tokens=True)[0]
+    ids = prompt + generated
+    expected = runtime.logits([ids], adapters="code")[0].float().log_softmax(-1)
+    scores = choice["logprobs"]
+    assert choice["text"].startswith(PROMPT) and len(scores["tokens"]) == len(ids)
+    assert scores["token_logprobs"][0] is None and scores["top_logprobs"][0] is None
+    for p in range(1, len(ids)):
+        assert abs(scores["token_logprobs"][p] - float(expected[p - 1, ids[p]])) < 1e-4, p
+        assert len(scores["top_logprobs"][p]) == 2
+    for p in range(len(prompt), len(ids)):  # greedy: each generated token is the top alternative
+        assert max(scores["top_logprobs"][p].values()) == pytest.approx(scores["token_logprobs"][p], abs=1e-6)
+    plain = _complete(url, "code", max_tokens=3, logprobs=0)
+    assert plain.status_code == 200 and len(plain.json()["choices"][0]["logprobs"]["tokens"]) == 3
+    _error(_complete(url, "code", logprobs=1, stream=True), 400, "without stream")
+    from openai import OpenAI  # the official client reads them as it reads OpenAI's
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="test-key")
+    read = client.completions.create(model="code", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    assert read.choices[0].logprobs.token_logprobs == scores["token_logprobs"]
+    assert read.choices[0].logprobs.tokens == scores["tokens"]

@@ -38,6 +38,7 @@ class GenerationJob:
     stops: list[str] = field(default_factory=list)
     cancelled: bool = False  # set by the caller (the client went away)
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # what it generated (its logprobs are scored from these)
     text: TextStream | None = None
 
 
@@ -169,6 +170,7 @@ class DynamicBatcher:
             _finish(job, "stop")
             return True
         job.generated += 1
+        job.tokens.append(token)
         eos = token == self.runtime.tokenizer.eos_token_id
         piece = "" if eos else job.text.add(token)
         if piece:

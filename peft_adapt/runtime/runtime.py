@@ -191,6 +191,24 @@ class AdapterRuntime:
         finally:
             self.context.current = None
 
+    def token_logprobs(self, ids: list[int], adapter: str | None, start: int, top: int
+                       ) -> list[tuple[float | None, dict[int, float]]]:
+        """For each position p >= `start` of a token-id sequence: the log-probability the model (with `adapter`)
+        gave ids[p] after ids[:p], and its `top` most likely tokens there (None and {} at position 0, which nothing
+        predicts). Computed in one forward over the whole sequence, in fp32, from the model's own distribution (no
+        temperature): what a completion's `logprobs` and `echo` report."""
+        with torch.no_grad():
+            logprobs = self.logits([list(ids)], adapters=[adapter])[0].float().log_softmax(-1)
+        result = []
+        for p in range(start, len(ids)):
+            if p == 0:
+                result.append((None, {}))
+                continue
+            row = logprobs[p - 1]
+            best = row.topk(top) if top > 0 else None
+            result.append((float(row[ids[p]]), {int(i): float(v) for v, i in zip(*best)} if best else {}))
+        return result
+
     def logits(self, inputs, adapters=None, attention_mask: torch.Tensor | None = None,
                padding_side: str = "right") -> torch.Tensor:
         """Next-token logits [rows, tokens, vocab]. `inputs`: texts, token-id lists, or an id tensor with

@@ -42,7 +42,7 @@ def submit(batcher, job) -> None:
 
 
 async def text_events(batcher, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
-                      stops: list[str]) -> AsyncIterator[tuple[int, str, str | None, int]]:
+                      stops: list[str], jobs_out: list | None = None) -> AsyncIterator[tuple[int, str, str | None, int]]:
     """Submit one job per prompt (`adapter`: one for all, or a list of one per prompt); yield (index, text piece,
     finish_reason or None, completion tokens) as they come."""
     loop = asyncio.get_running_loop()
@@ -53,6 +53,8 @@ async def text_events(batcher, prompts: list[list[int]], adapter: str | None | l
         def emit(kind, value, index=index):
             loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
         jobs.append(GenerationJob(prompt, name, sampling, emit, stops=stops))
+    if jobs_out is not None:
+        jobs_out.extend(jobs)
     for job in jobs:
         submit(batcher, job)
     open_jobs = set(range(len(prompts)))
@@ -102,12 +104,14 @@ async def routed(batcher, inputs: list, selector: str) -> list:
 
 async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
                   stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None,
-                  request=None):
-    """The whole answer as one JSON body, or (stream) server-sent events."""
+                  request=None, finish=None):
+    """The whole answer as one JSON body, or (stream) server-sent events. `finish(index, text, tokens)`, for a
+    completion that asked for `echo` or `logprobs`: awaited per choice, it gives the choice's text and logprobs."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     head = {"id": request_id, "created": created, "model": model}
-    events = text_events(batcher, prompts, adapter, sampling, stops)
+    jobs: list = []
+    events = text_events(batcher, prompts, adapter, sampling, stops, jobs)
     if not stream:
         texts, reasons, counts = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
 
@@ -119,6 +123,9 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
 
         await until_done_or_gone(collect(), request)
         choices = [_choice(kind, i, t, r, False) for i, (t, r) in enumerate(zip(texts, reasons))]
+        if finish is not None:
+            for i, choice in enumerate(choices):
+                choice["text"], choice["logprobs"] = await finish(i, texts[i], jobs[i].tokens)
         body = head | {"object": "chat.completion" if kind == "chat" else "text_completion", "choices": choices,
                        "usage": usage(sum(len(p) for p in prompts), sum(counts))}
         return JSONResponse(body, headers=headers)

@@ -156,8 +156,40 @@ async def completions(body: CompletionRequest, request: Request):
     ids = await run_in_threadpool(lambda: [state.tokens_of(p) for p in prompts])
     sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
+    finish = None
+    if body.logprobs is not None or body.echo:
+        finish = scored_choice(state, prompts, ids, adapter, body.logprobs, body.echo)
     return await respond("completion", chosen or body.model, ids, adapter, sampling, body.stops, body.stream,
-                         state.batcher, headers, request.app.state.private, request)
+                         state.batcher, headers, request.app.state.private, request, finish)
+
+
+def scored_choice(state: ServerState, prompts: list[str], ids: list[list[int]], adapter, top: int | None, echo: bool):
+    """A completion choice's text with the prompt first (`echo`), and its logprobs in OpenAI's legacy shape
+    (tokens, token_logprobs, top_logprobs, text_offset): the prompt's tokens too with `echo`, the first of which
+    nothing predicts (None). Scored by the runtime in one forward over prompt and completion."""
+    tokenizer = state.runtime.tokenizer
+
+    async def finish(index: int, text: str, generated: list[int]):
+        shown = (prompts[index] if echo else "") + text
+        if top is None:
+            return shown, None
+        name = adapter[index] if isinstance(adapter, list) else adapter
+        prompt = ids[index]
+        start = 0 if echo else len(prompt)
+        scores = await run_in_threadpool(state.runtime.token_logprobs, prompt + generated, name, start, top)
+        listed = (prompt if echo else []) + generated
+        offsets, at = [], 0 if echo else len(prompts[index])
+        for token in listed:
+            offsets.append(at)
+            at += len(tokenizer.decode([token]))
+        # tokens in the vocabulary's own spelling: unique per id (decoding one byte of a character gives U+FFFD for
+        # many), so a top alternative and the chosen token compare as equal strings exactly when they are one token
+        return shown, {"tokens": tokenizer.convert_ids_to_tokens(listed), "token_logprobs": [lp for lp, _ in scores],
+                       "top_logprobs": [None if lp is None else dict(zip(tokenizer.convert_ids_to_tokens(list(alts)),
+                                                                         alts.values())) for lp, alts in scores],
+                       "text_offset": offsets}
+
+    return finish
 
 
 @router.post("/v1/chat/completions")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..errors import UserInputError
 
 MAX_STOPS = 4  # as OpenAI allows
+MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI's completions allow
 MAX_MESSAGES = 2048  # turns in one chat request (templating 30,000 of them held the interpreter for seconds)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -120,6 +121,8 @@ class _GenerationBody(_Body):
     def _no_unsupported_fields(cls, data):
         if isinstance(data, dict):
             for name, defaults in UNSUPPORTED.items():
+                if name in cls.model_fields:  # implemented by this endpoint
+                    continue
                 value = data.get(name)
                 if value is not None and not any(type(value) is type(d) and value == d for d in defaults):
                     raise ValueError(f"{name}: this server does not implement {name}; leave it out (or at its "
@@ -142,6 +145,15 @@ class _GenerationBody(_Body):
 class CompletionRequest(_GenerationBody):
     prompt: str | Annotated[list[str], Field(min_length=1)]
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and "
+                                                                           "its top alternatives")
+    echo: bool = Field(False, description="the prompt first in the text (and in logprobs)")
+
+    @model_validator(mode="after")
+    def _not_streamed_with_scores(self):
+        if self.stream and (self.logprobs is not None or self.echo):
+            raise ValueError("logprobs and echo are answered in one body: send them without stream")
+        return self
 
 
 class ChatMessage(_Body):
