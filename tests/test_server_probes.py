@@ -283,3 +283,17 @@ def test_echo_and_logprobs_are_the_runtimes_own_log_softmax(probed, tiny_llama):
     read = client.completions.create(model="code", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)
     assert read.choices[0].logprobs.token_logprobs == scores["token_logprobs"]
     assert read.choices[0].logprobs.tokens == scores["tokens"]
+
+
+def test_stream_options_include_usage_ends_the_stream_with_the_counts(probed):
+    from openai import OpenAI
+
+    url, _, _ = probed
+    client = OpenAI(base_url=f"{url}/v1", api_key="test-key")
+    chunks = list(client.completions.create(model="code", prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    whole = client.completions.create(model="code", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.completions.create(model="code", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+    assert all(c.usage is None for c in plain)

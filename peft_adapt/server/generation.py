@@ -104,7 +104,7 @@ async def routed(batcher, inputs: list, selector: str) -> list:
 
 async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str | None | list, sampling: Sampling,
                   stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None,
-                  request=None, finish=None):
+                  request=None, finish=None, include_usage: bool = False):
     """The whole answer as one JSON body, or (stream) server-sent events. `finish(index, text, tokens)`, for a
     completion that asked for `echo` or `logprobs`: awaited per choice, it gives the choice's text and logprobs."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -130,7 +130,8 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
                        "usage": usage(sum(len(p) for p in prompts), sum(counts))}
         return JSONResponse(body, headers=headers)
     first = await events.__anext__()  # errors before the first piece still get a status code
-    return StreamingResponse(_sse_events(kind, head, first, events, private or {}), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(_sse_events(kind, head, first, events, private or {},
+                                         sum(len(p) for p in prompts) if include_usage else None), media_type="text/event-stream", headers=headers)
 
 
 async def until_done_or_gone(work, request, poll_s: float = 0.25) -> None:
@@ -155,14 +156,17 @@ class ClientGone(Exception):
     """The client closed its connection before its answer was ready."""
 
 
-async def _sse_events(kind: str, head: dict, first, events, private: dict):
+async def _sse_events(kind: str, head: dict, first, events, private: dict, prompt_tokens: int | None = None):
+    """`prompt_tokens` (stream_options.include_usage): a last chunk carries the usage, with no choices."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    counts: dict[int, int] = {}
     if kind == "chat":
         yield _sse(head | {"object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                         "finish_reason": None}]})
     item = first
     while True:
-        index, piece, reason, _ = item
+        index, piece, reason, count = item
+        counts[index] = count
         yield _sse(head | {"object": obj, "choices": [_choice(kind, index, piece, reason, True)]})
         try:
             item = await events.__anext__()
@@ -174,6 +178,8 @@ async def _sse_events(kind: str, head: dict, first, events, private: dict):
             yield _sse({"error": {"message": message, "type": getattr(error, "kind", "invalid_request_error"),
                                   "param": None, "code": None}})
             break
+    if prompt_tokens is not None:
+        yield _sse(head | {"object": obj, "choices": [], "usage": usage(prompt_tokens, sum(counts.values()))})
     yield "data: [DONE]\n\n"
 
 

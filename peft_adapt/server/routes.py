@@ -160,7 +160,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.logprobs is not None or body.echo:
         finish = scored_choice(state, prompts, ids, adapter, body.logprobs, body.echo)
     return await respond("completion", chosen or body.model, ids, adapter, sampling, body.stops, body.stream,
-                         state.batcher, headers, request.app.state.private, request, finish)
+                         state.batcher, headers, request.app.state.private, request, finish, body.include_usage)
 
 
 def scored_choice(state: ServerState, prompts: list[str], ids: list[list[int]], adapter, top: int | None, echo: bool):
@@ -203,7 +203,7 @@ async def chat(body: ChatRequest, request: Request):
     sampling = state.sampling_of(max_tokens, body, len(ids[0]))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     return await respond("chat", chosen or body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher,
-                         headers, request.app.state.private, request)
+                         headers, request.app.state.private, request, include_usage=body.include_usage)
 
 
 @router.post("/v1/classify")

@@ -105,6 +105,10 @@ class _Body(BaseModel):
         return data
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False  # a last chunk with the request's token counts (and no choices)
+
+
 class _GenerationBody(_Body):
     """What completions and chat completions share."""
 
@@ -115,6 +119,11 @@ class _GenerationBody(_Body):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     @model_validator(mode="before")
     @classmethod
