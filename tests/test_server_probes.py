@@ -150,27 +150,19 @@ def test_a_long_classify_text_is_cut_off_the_batcher_thread_to_what_the_base_rea
     assert state.cut_texts(["short text"]) == ["short text"]
 
 
-def test_an_abandoned_generation_stops_instead_of_running_to_its_end(tiny_llama, tmp_path):
+def test_an_abandoned_generation_stops_instead_of_running_to_its_end(guarded):
     import time
 
-    registry = Registry(tmp_path / "reg")
-    registry.import_peft(make_lora(tiny_llama, tmp_path / "a", 4, ["q_proj"], seed=0), base=str(tiny_llama), name="a")
-    proc, url = _start(tiny_llama, registry.root, "--max-tokens", "400",
-                       env={"PEFT_ADAPT_DELAY_AT": "decode_step", "PEFT_ADAPT_DELAY_S": "0.05"})
-    try:
-        body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "temperature": 0}  # 20 s of steps if left to run
-        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
-            httpx.post(f"{url}/v1/completions", json=body, headers=_auth(), timeout=2)
-        deadline, cancelled = time.monotonic() + 15, 0.0
-        while time.monotonic() < deadline and cancelled < 1:
-            metrics = httpx.get(f"{url}/metrics").text
-            cancelled = max([float(line.split()[-1]) for line in metrics.splitlines()
-                             if line.startswith("peft_adapt_generations_cancelled ")] or [0.0])
-            time.sleep(0.2)
-        assert cancelled >= 1  # stopped within 15 s of a 20 s run: the batcher is free again
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "temperature": 0}  # 20 s of steps if left to run
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+        httpx.post(f"{guarded}/v1/completions", json=body, headers=_auth(), timeout=2)
+    deadline, cancelled = time.monotonic() + 15, 0.0
+    while time.monotonic() < deadline and cancelled < 1:
+        metrics = httpx.get(f"{guarded}/metrics").text
+        cancelled = max([float(line.split()[-1]) for line in metrics.splitlines()
+                         if line.startswith("peft_adapt_generations_cancelled ")] or [0.0])
+        time.sleep(0.2)
+    assert cancelled >= 1  # stopped within 15 s of a 20 s run: the batcher is free again
 
 
 # ---- item 6: slow clients
@@ -200,8 +192,11 @@ def _closed_within(sock, seconds: float, trickle: bytes = b"") -> bool:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_llama):
     registry = Registry(tmp_path_factory.mktemp("guarded") / "reg")
+    registry.import_peft(make_lora(tiny_llama, registry.root.parent / "a", 4, ["q_proj"], seed=0), base=str(tiny_llama),
+                         name="a")
     proc, url = _start(tiny_llama, registry.root, "--header-timeout", "3", "--body-timeout", "3",
-                       "--max-connections-per-peer", "8", "--max-connections", "64")
+                       "--max-connections-per-peer", "8", "--max-connections", "64", "--max-tokens", "400",
+                       env={"PEFT_ADAPT_DELAY_AT": "decode_step", "PEFT_ADAPT_DELAY_S": "0.05"})  # slow decoding
     yield url
     proc.terminate()
     proc.wait(timeout=30)

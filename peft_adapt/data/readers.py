@@ -24,19 +24,9 @@ def read_utf8(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
     # lines end at "\n" only: a stray "\r" or U+2028 inside a line must not split a record
-    for line_no, line in enumerate(read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserInputError(f"{path}: line {line_no}: expected a JSON object, found {type(row).__name__}")
-        rows.append((line_no, row))
-    return rows
+    return [(line_no, _json_row(line, line_no, path))
+            for line_no, line in enumerate(read_utf8(path).split("\n"), start=1) if line.strip()]
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
