@@ -292,3 +292,29 @@ def test_stream_options_include_usage_ends_the_stream_with_the_counts(probed):
     assert all(c.usage is None for c in chunks[:-1])
     plain = list(client.completions.create(model="code", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
     assert all(c.usage is None for c in plain)
+
+
+def test_chat_logprobs_are_the_runtimes_own_log_softmax_of_the_answer(probed, tiny_llama):
+    from openai import OpenAI
+
+    from peft_adapt import AdapterRuntime
+    from peft_adapt.server.generation import chat_prompt
+
+    url, registry, _ = probed
+    client = OpenAI(base_url=f"{url}/v1", api_key="test-key")
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    answer = client.chat.completions.create(model="code", messages=messages, max_tokens=3, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content
+    runtime = AdapterRuntime(str(tiny_llama), quantization="none", registry=registry)
+    prompt = runtime.tokenizer(chat_prompt(runtime.tokenizer, messages))["input_ids"]
+    generated = runtime.generate([prompt], "code", max_new_tokens=3, return_tokens=True)[0]
+    expected = runtime.logits([prompt + generated], adapters="code")[0].float().log_softmax(-1)
+    assert len(content) == len(generated)
+    for k, (token, item) in enumerate(zip(generated, content)):
+        assert abs(item.logprob - float(expected[len(prompt) + k - 1, token])) < 1e-4
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
+    plain = client.chat.completions.create(model="code", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+    _error(_post(url, "/v1/chat/completions", {"model": "code", "messages": messages, "top_logprobs": 2}), 400,
+           "top_logprobs needs logprobs")

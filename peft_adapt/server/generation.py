@@ -87,7 +87,8 @@ def _choice(kind: str, index: int, text: str, reason: str | None, streaming: boo
         return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
     if streaming:
         return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+            "logprobs": None}
 
 
 async def routed(batcher, inputs: list, selector: str) -> list:
@@ -125,7 +126,11 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
         choices = [_choice(kind, i, t, r, False) for i, (t, r) in enumerate(zip(texts, reasons))]
         if finish is not None:
             for i, choice in enumerate(choices):
-                choice["text"], choice["logprobs"] = await finish(i, texts[i], jobs[i].tokens)
+                text, choice["logprobs"] = await finish(i, texts[i], jobs[i].tokens)
+                if kind == "chat":
+                    choice["message"]["content"] = text
+                else:
+                    choice["text"] = text
         body = head | {"object": "chat.completion" if kind == "chat" else "text_completion", "choices": choices,
                        "usage": usage(sum(len(p) for p in prompts), sum(counts))}
         return JSONResponse(body, headers=headers)

@@ -202,8 +202,27 @@ async def chat(body: ChatRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_CHAT_TOKENS, state.settings.max_tokens)
     sampling = state.sampling_of(max_tokens, body, len(ids[0]))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
+    finish = chat_scored(state, ids[0], adapter, body.top_logprobs or 0) if body.logprobs else None
     return await respond("chat", chosen or body.model, ids, adapter, sampling, body.stops, body.stream, state.batcher,
-                         headers, request.app.state.private, request, include_usage=body.include_usage)
+                         headers, request.app.state.private, request, finish, body.include_usage)
+
+
+def chat_scored(state: ServerState, prompt: list[int], adapter, top: int):
+    """A chat answer's logprobs in OpenAI's chat shape: per generated token its text, logprob, UTF-8 bytes and top
+    alternatives; scored as a completion's are (one forward over prompt and answer)."""
+    tokenizer = state.runtime.tokenizer
+
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    async def finish(index: int, text: str, generated: list[int]):
+        name = adapter[index] if isinstance(adapter, list) else adapter
+        scores = await run_in_threadpool(state.runtime.token_logprobs, prompt + generated, name, len(prompt), top)
+        return text, {"content": [entry(t, lp) | {"top_logprobs": [entry(k, v) for k, v in alts.items()]}
+                                  for t, (lp, alts) in zip(generated, scores)]}
+
+    return finish
 
 
 @router.post("/v1/classify")

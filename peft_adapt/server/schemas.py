@@ -12,6 +12,7 @@ from ..errors import UserInputError
 
 MAX_STOPS = 4  # as OpenAI allows
 MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI's completions allow
+MAX_TOP_LOGPROBS = 20  # and as its chat completions allow
 MAX_MESSAGES = 2048  # turns in one chat request (templating 30,000 of them held the interpreter for seconds)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -174,6 +175,16 @@ class ChatRequest(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="the log-probability of each generated token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="and its top alternatives")
+
+    @model_validator(mode="after")
+    def _scores_asked_right(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.stream and self.logprobs:
+            raise ValueError("logprobs are answered in one body: send them without stream")
+        return self
 
 
 class ClassifyRequest(_Body):
