@@ -357,3 +357,18 @@ def test_batch_invariant_mode_gives_each_row_what_it_gets_alone_on_nf4(tiny_llam
         for i, alone in enumerate(alone_logits):
             row = padded[i, -len(alone):] if side == "left" else padded[i, : len(alone)]
             assert (row - alone).abs().max() < 1e-6, (side, i)
+
+
+def test_token_logprobs_across_blocks_equal_one_log_softmax(tiny_llama, adapters):
+    from peft_adapt.runtime.runtime import LOGPROB_BLOCK
+
+    rt = AdapterRuntime(str(tiny_llama), quantization="none")
+    ids = rt.tokenizer(" ".join(TEXTS) * 20)["input_ids"][: LOGPROB_BLOCK + 40]
+    assert len(ids) > LOGPROB_BLOCK + 1  # the scored positions span two blocks
+    whole = rt.logits([ids], adapters=str(adapters[0]))[0].float().log_softmax(-1)
+    for start in (0, 5):
+        scores = rt.token_logprobs(ids, str(adapters[0]), start, top=3)
+        assert len(scores) == len(ids) - start and (scores[0][0] is None) == (start == 0)
+        for p, (logprob, alternatives) in zip(range(max(start, 1), len(ids)), scores[1 - min(start, 1):]):
+            assert abs(logprob - float(whole[p - 1, ids[p]])) < 1e-5
+            assert list(alternatives) == whole[p - 1].topk(3).indices.tolist()

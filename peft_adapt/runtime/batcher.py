@@ -5,8 +5,9 @@ One worker thread owns the runtime: every tokenizer call and forward pass happen
 server's event loop. Requests wait in a bounded queue (a full queue is refused at once, so callers can
 answer 429). Generation jobs share a batch whatever their sampling: each row samples with its own settings
 and its own seeded generator, and keeps its own `max_tokens` and stop sequences (the batch runs to the
-longest, rows stop at their own limit, EOS or stop sequence). Classification jobs are batched the same way. Before each batch the runtime is told of
-registry changes made by any process (a name now meaning another version, or nothing).
+longest, rows stop at their own limit, EOS or stop sequence). Classification jobs are batched the same way.
+Before each batch the runtime is told of registry changes made by any process (a name now meaning another
+version, or nothing).
 """
 
 from __future__ import annotations

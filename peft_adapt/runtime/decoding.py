@@ -81,8 +81,9 @@ def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.
     shared = isinstance(sampling, Sampling)  # one request's rows: one generator, as before
     generators = ([torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None] * ids.shape[0]
                   if shared else generators_for(samplings))
-    steps = max(s.max_new_tokens for s in samplings)
+    limits = torch.tensor([s.max_new_tokens for s in samplings], device=ids.device)
     least = torch.tensor([s.min_new_tokens for s in samplings], device=ids.device)
+    steps = int(limits.max())
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = forward(ids, mask, positions, cache)
@@ -95,7 +96,7 @@ def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.
         yield [None if done else int(t) for t, done in zip(tokens.tolist(), finished.tolist())]
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
-        finished |= step + 1 >= torch.tensor([s.max_new_tokens for s in samplings], device=ids.device)
+        finished |= step + 1 >= limits
         if bool(finished.all()) or step + 1 == steps:
             return
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -47,6 +47,9 @@ from .residency import Residency, ResidentAdapter
 TASKS = ("causal_lm", "classification")
 
 
+LOGPROB_BLOCK = 256  # positions scored at once by token_logprobs
+
+
 class AdapterRuntime:
     def __init__(self, base: str | BaseSpec, task: str = "causal_lm", quantization: str = "nf4",
                  registry=None, max_adapters: int | None = None, max_bytes: int | None = None,
@@ -198,15 +201,17 @@ class AdapterRuntime:
         predicts). Computed in one forward over the whole sequence, in fp32, from the model's own distribution (no
         temperature): what a completion's `logprobs` and `echo` report."""
         with torch.no_grad():
-            logprobs = self.logits([list(ids)], adapters=[adapter])[0].float().log_softmax(-1)
-        result = []
-        for p in range(start, len(ids)):
-            if p == 0:
-                result.append((None, {}))
-                continue
-            row = logprobs[p - 1]
-            best = row.topk(top) if top > 0 else None
-            result.append((float(row[ids[p]]), {int(i): float(v) for v, i in zip(*best)} if best else {}))
+            logits = self.logits([list(ids)], adapters=[adapter])[0]
+        result = [(None, {})] if start == 0 else []
+        first = max(start, 1)
+        # a block of positions at a time: the fp32 log-softmax of a long prompt over a large vocabulary (4k tokens x
+        # 128k entries: 2 GB) is never held whole beside the logits
+        for block in range(first, len(ids), LOGPROB_BLOCK):
+            rows = logits[block - 1 : min(block - 1 + LOGPROB_BLOCK, len(ids) - 1)].float().log_softmax(-1)
+            for offset, row in enumerate(rows):
+                best = row.topk(top) if top > 0 else None
+                result.append((float(row[ids[block + offset]]),
+                               {int(i): float(v) for v, i in zip(*best)} if best else {}))
         return result
 
     def logits(self, inputs, adapters=None, attention_mask: torch.Tensor | None = None,

@@ -107,7 +107,7 @@ async def respond(kind: str, model: str, prompts: list[list[int]], adapter: str 
                   stops: list[str], stream: bool, batcher, headers: dict | None = None, private: dict | None = None,
                   request=None, finish=None, include_usage: bool = False):
     """The whole answer as one JSON body, or (stream) server-sent events. `finish(index, text, tokens)`, for a
-    completion that asked for `echo` or `logprobs`: awaited per choice, it gives the choice's text and logprobs."""
+    request that asked for `echo` or `logprobs`: awaited per choice, it gives the choice's text and logprobs."""
     request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     head = {"id": request_id, "created": created, "model": model}
