@@ -191,7 +191,7 @@ def test_linear_averaging_of_one_method_and_what_export_says(tmp_path, tiny_llam
         report = export_model(trained, f"{method}0", tmp_path / "folded", dtype="fp32", probe=None, fidelity="logits")
         assert report["variants"]["export_fp32"]["max_abs_logit_diff"] < 1e-4
         return
-    with pytest.raises(UserInputError, match=f"cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
+    with pytest.raises(UserInputError, match="cannot be exported into base weights: (a bottleneck adapter adds new layers|prefix tuning adds learned key/value)"):
         export_model(trained, f"{method}0", tmp_path / "never")
     assert not (tmp_path / "never").exists()
 

@@ -31,6 +31,12 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--scheduler", default="step", choices=["step", "request"],
+                   help="step: continuous batching, requests join and leave the running batch at each decode step "
+                        "(default); request: whole requests per batch")
+    p.add_argument("--kv-budget", type=int, help="cache positions (tokens x rows) running requests may hold; more "
+                                                  "wait (default: 32768, or one longest request)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens read per decode step")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default and upper bound: the base's positions)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
@@ -59,6 +65,7 @@ def _cmd_serve(args) -> int:
         batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, batch_invariant=args.batch_invariant,
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
         max_connections=args.max_connections, max_connections_per_peer=args.max_connections_per_peer,
+        scheduler=args.scheduler, kv_budget=args.kv_budget, prefill_chunk=args.prefill_chunk,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr)

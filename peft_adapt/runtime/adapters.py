@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import torch
 
@@ -38,6 +39,9 @@ class ResidentAdapters:
         self._capacity = max(2, initial_capacity)
         self._lock = lock or threading.RLock()
         self._registry_changes: int | None = None
+        # rows now generating with each adapter (continuous batching): never evicted or replaced under them
+        self.in_use: Counter[str] = Counter()
+        self.refresh_pending: set[str] = set()  # in use when the registry changed them: new rows wait for the refresh
 
     @property
     def registry(self):
@@ -124,8 +128,9 @@ class ResidentAdapters:
         if adapting.stacked:
             sites = self._sites_for(adapting, weights)  # every site checked before anything is evicted or written
         if name in self.residency:
+            self._refuse_if_in_use(name, "replace")
             self._evict(name, count=False)
-        for victim in self.residency.victims_for(weights.nbytes, keep=keep | {name}):
+        for victim in self.residency.victims_for(weights.nbytes, keep=keep | {name} | set(self.in_use)):
             self._evict(victim)
         slot = self.residency.allocate_slot()
         adapter = ResidentAdapter(
@@ -235,17 +240,21 @@ class ResidentAdapters:
         if changes == self._registry_changes:
             return []
         with self._lock:
-            self._registry_changes = changes
             stale = []
+            self.refresh_pending = set()
             for name, adapter in list(self.residency.adapters.items()):
                 if adapter.version is None:  # a folder, a mix or weights in memory: not the registry's to change
                     continue
                 now = self._version_now(name)
-                if now != adapter.version:
+                if now != adapter.version and name in self.in_use:
+                    self.refresh_pending.add(name)  # its running rows finish on the version they began with
+                elif now != adapter.version:
                     stale.append(name)
                     self._evict(name, count=False)
                     if adapter.pinned and now is not None:
                         self._load(name, None, True, False, keep=set())
+            if not self.refresh_pending:
+                self._registry_changes = changes
             return stale
 
     def _version_now(self, name: str):
@@ -263,7 +272,13 @@ class ResidentAdapters:
             name = self.key(name)
             if name not in self.residency:
                 raise UserInputError(f"adapter {name!r} is not resident; resident: {sorted(self.residency.adapters)}")
+            self._refuse_if_in_use(name, "unload")
             self._evict(name, count=False)
+
+    def _refuse_if_in_use(self, name: str, what: str) -> None:
+        if self.in_use.get(name):
+            raise UserInputError(f"adapter {name!r} is generating for {self.in_use[name]} running request(s); "
+                                 f"{what} it once they finish")
 
     def ensure_resident(self, name: str) -> ResidentAdapter:
         """Load `name` now if it is not resident (a miss); a resident one is left as it is."""

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from ..errors import UserInputError
 
 
+class NoRoom(UserInputError):
+    """Every resident adapter that could make room is pinned or in use."""
+
+
 @dataclass
 class ResidentAdapter:
     name: str
@@ -62,7 +66,7 @@ class Residency:
         ):
             if not candidates:
                 limit = f"max_adapters={self.max_adapters}" if self.max_adapters else f"max_bytes={self.max_bytes}"
-                raise UserInputError(
+                raise NoRoom(
                     f"no room for another adapter ({limit}, {count} resident, all pinned or in use by this call); "
                     f"unpin or unload one, or raise the limit"
                 )

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceUnavailable, UserInputError
 from ..runtime.batcher import DynamicBatcher
+from ..runtime.continuous import DEFAULT_KV_BUDGET
 from .generation import ClientGone
 from .guard import Guard, flat_routes
 from .public import private_locations, public_message, without_locations
@@ -34,8 +35,11 @@ def create_app(runtime, registry, settings: ServerSettings, from_folders: set[st
 
     app = FastAPI(title="peft-adapt", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = ServerMetrics(runtime, waiting=lambda: batcher.waiting, cancelled=lambda: batcher.cancelled)
+    # by default the cache budget takes at least one longest request the server accepts
+    budget = settings.kv_budget or max(DEFAULT_KV_BUDGET, settings.max_prompt_tokens + settings.max_tokens)
     batcher = DynamicBatcher(runtime, settings.max_batch, settings.batch_window_ms / 1000, settings.max_queue,
-                             on_batch=metrics.batch_sizes.observe)
+                             on_batch=metrics.batch_sizes.observe, scheduler=settings.scheduler, kv_budget=budget,
+                             prefill_chunk=settings.prefill_chunk)
     state = ServerState(runtime, registry, batcher, settings, metrics, set(from_folders or ()))
     app.state.server = state
     app.state.private = private_locations(registry, runtime)

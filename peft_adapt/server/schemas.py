@@ -29,6 +29,9 @@ class ServerSettings:
     batch_window_ms: float = 10.0
     max_queue: int = 256
     batch_invariant: bool = False
+    scheduler: str = "step"  # continuous batching; "request": whole requests per batch (the baseline)
+    kv_budget: int | None = None  # cache positions running rows may hold (default: 32768, or one longest request)
+    prefill_chunk: int = 128  # prompt tokens read per decode step
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
     body_timeout_s: float = 30.0  # and its body within this after them
     keep_alive_s: float = 5.0  # an idle connection between requests is closed after this
@@ -36,8 +39,10 @@ class ServerSettings:
     max_connections_per_peer: int = 64  # open at once from one address
 
     def __post_init__(self):
+        if self.scheduler not in ("step", "request"):
+            raise UserInputError(f"--scheduler {self.scheduler!r}: use step or request")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections",
-                     "max_connections_per_peer"):
+                     "max_connections_per_peer", "prefill_chunk") + (("kv_budget",) if self.kv_budget is not None else ()):
             value = getattr(self, name)
             if not (value > 0 and value < float("inf")):
                 flag = "--" + name.removesuffix("_s").replace("_", "-")
