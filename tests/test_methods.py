@@ -166,6 +166,33 @@ def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path, quantizatio
     assert greedy == [rt.generate([t], adapters=n, max_new_tokens=6, return_tokens=True)[0] for t, n in zip(texts, names)]
 
 
+def test_continuous_batching_serves_rows_of_every_method(tiny_llama, trained, tmp_path):
+    """Bottleneck, IA3, LoRA and base rows share the running batch; a prefix-tuning row (a group method) is served
+    whole between steps: every row gives what it gives alone."""
+    from test_continuous import Job, alone
+    from test_runtime import make_lora
+
+    from peft_adapt.runtime.batcher import DynamicBatcher
+    from peft_adapt.runtime.decoding import Sampling
+
+    if "lora-mix" not in {e.name for e in trained.list()}:
+        trained.import_peft(make_lora(tiny_llama, tmp_path / "lora", 4, ["q_proj", "v_proj"], seed=0),
+                            base=str(tiny_llama), name="lora-mix")
+    rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)
+    names = ["bottleneck0", "prefix0", "lora-mix", None, "ia30", "ia31"]
+    prompts = [rt.tokenizer(t)["input_ids"] for t in TEXTS + TEXTS[:2]]
+    samplings = [Sampling(6, do_sample=i % 2 == 0, seed=i) for i in range(len(names))]
+    expected = [alone(rt, p, n, s) for p, n, s in zip(prompts, names, samplings)]
+    batcher = DynamicBatcher(rt, prefill_chunk=4)
+    jobs = [Job(p, n, s) for p, n, s in zip(prompts, names, samplings)]
+    try:
+        for job in jobs:
+            batcher.submit(job.job)
+        assert [job.wait() for job in jobs] == expected
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
 def test_runtime_computes_what_the_trained_model_computes(tiny_llama, trained, method):
     rt = AdapterRuntime(str(tiny_llama), quantization="none", registry=trained)

@@ -165,6 +165,34 @@ def test_an_abandoned_generation_stops_instead_of_running_to_its_end(guarded):
     assert cancelled >= 1  # stopped within 15 s of a 20 s run: the batcher is free again
 
 
+def _cancelled(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return max([float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("peft_adapt_generations_cancelled ")] or [0.0])
+
+
+def test_a_short_request_is_answered_while_a_long_one_streams(guarded):
+    """Continuous batching through the server: a 3-token request sent while a 400-token one streams joins the
+    running batch and is answered while the long one still runs (closing the long one then cancels it; under
+    whole-request scheduling the short one waited for the long one's end, and there was nothing left to cancel)."""
+    import time
+
+    before = _cancelled(guarded)
+    long = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    short = {"model": "a", "prompt": "def", "max_tokens": 3, "temperature": 0}
+    with httpx.stream("POST", f"{guarded}/v1/completions", json=long, headers=_auth(), timeout=60) as streamed:
+        lines = streamed.iter_lines()  # held: a dropped line iterator closes the response
+        while not next(lines).startswith("data: "):  # until the long one is decoding
+            pass
+        answer = httpx.post(f"{guarded}/v1/completions", json=short, headers=_auth(), timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        assert _cancelled(guarded) == before  # the long one runs on
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _cancelled(guarded) <= before:
+        time.sleep(0.2)
+    assert _cancelled(guarded) == before + 1  # the long one was still running when the short one was answered
+
+
 # ---- item 6: slow clients
 
 
