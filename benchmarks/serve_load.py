@@ -8,6 +8,15 @@ tokens/s, p50/p99 latency and failures, then the ratio line.
 
     python benchmarks/serve_load.py [--model smollm2-135m] [--clients 16] [--requests 4] [--adapters 4]
 
+With --schedulers: continuous batching (`--scheduler step`, the default) against whole-request scheduling
+(`--scheduler request`, the scheduler before it), both servers up at once and loaded in turn (interleaved, medians
+of --repeats runs), on four workloads: short requests from one client (unloaded), mixed lengths (a quarter of the
+requests --long-tokens long, the rest --max-tokens) greedy and seeded (each request its own seed), and the uniform
+workload above. Every request asks min_tokens = max_tokens so both servers generate the same lengths. Prints each
+run, the medians, and the goal ratios: short-request p50 under load against unloaded, tokens/s seeded and uniform.
+
+    python benchmarks/serve_load.py --schedulers [--clients 16] [--requests 4] [--long-tokens 400] [--repeats 3]
+
 With --ray: `serve --ray` with 2 replicas against 1 (both on a local Ray cluster the command starts, adapters not
 preloaded: Ray's multiplexing places them), tokens/s ratio, and the share of requests answered by a replica that
 had already served their adapter (the header x-peft-adapt-replica names it), of all requests (each adapter's first
@@ -66,6 +75,98 @@ def _start(model: str, quantization: str, registry: Path, extra: list[str]) -> t
     raise SystemExit("the server did not start")
 
 
+async def _mixed(url: str, clients: int, requests: int, adapters: list[str], short: int, long: int, seeded: bool,
+                 seed: int) -> dict:
+    """Each client sends its requests one after another; a quarter of all requests are long. Latencies per kind."""
+    import httpx
+
+    rng = random.Random(seed)
+    kinds = ["long" if i % 4 == 0 else "short" for i in range(clients * requests)]
+    rng.shuffle(kinds)
+    plan = [[(kinds[c * requests + r], rng.choice(adapters), rng.choice(PROMPTS), rng.randrange(1 << 30))
+             for r in range(requests)] for c in range(clients)]
+    latencies: dict[str, list[float]] = {"short": [], "long": []}
+    tokens, failures = 0, 0
+
+    async def client(jobs):
+        nonlocal tokens, failures
+        async with httpx.AsyncClient(timeout=1800, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            for kind, adapter, prompt, request_seed in jobs:
+                length = long if kind == "long" else short
+                body = {"model": adapter, "prompt": prompt, "max_tokens": length, "min_tokens": length,
+                        "temperature": 0.8 if seeded else 0}
+                if seeded:
+                    body["seed"] = request_seed
+                started = time.perf_counter()
+                r = await http.post(f"{url}/v1/completions", json=body)
+                latencies[kind].append(time.perf_counter() - started)
+                if r.status_code != 200:
+                    failures += 1
+                else:
+                    tokens += r.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(jobs) for jobs in plan))
+    wall = time.perf_counter() - started
+    result = {"tokens_per_s": tokens / wall, "wall_s": wall, "failed_requests": failures, "tokens": tokens}
+    for kind, values in latencies.items():
+        if values:
+            ordered = sorted(values)
+            result[f"{kind}_p50_s"] = statistics.median(ordered)
+            result[f"{kind}_p99_s"] = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return result
+
+
+def _compare_schedulers(args, registry, names: list[str], device: str) -> None:
+    """Continuous batching against whole-request scheduling: both servers up, loaded in turn."""
+    common = ["--max-batch", "32", "--batch-window-ms", "10", "--max-tokens", str(max(512, args.long_tokens)),
+              "--adapters", ",".join(names)]
+    servers = {label: _start(args.model, args.quantization, registry.root, common + ["--scheduler", label])
+               for label in ("step", "request")}
+    workloads = {
+        "unloaded": lambda url, rep: _mixed(url, 1, 8, names, args.max_tokens, args.max_tokens, False, rep),
+        "mixed": lambda url, rep: _mixed(url, args.clients, args.requests, names, args.max_tokens, args.long_tokens,
+                                         False, rep),
+        "mixed_seeded": lambda url, rep: _mixed(url, args.clients, args.requests, names, args.max_tokens,
+                                                args.long_tokens, True, rep),
+        "uniform": lambda url, rep: _mixed(url, args.clients, args.requests, names, args.max_tokens, args.max_tokens,
+                                           False, rep),
+    }
+    runs: dict[tuple[str, str], list[dict]] = {}
+    try:
+        for rep in range(args.repeats):
+            for workload, load in workloads.items():
+                for label, (_, url) in servers.items():
+                    result = asyncio.run(load(url, rep))
+                    runs.setdefault((workload, label), []).append(result)
+                    print(json.dumps({"name": "serve_schedulers_run", "workload": workload, "scheduler": label,
+                                      "repeat": rep, **result}), flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    medians = {key: {k: statistics.median(r[k] for r in results) for k in results[0] if isinstance(results[0][k], float)}
+               for key, results in runs.items()}
+    head = {"model": args.model, "quantization": args.quantization, "clients": args.clients,
+            "requests_per_client": args.requests, "short_tokens": args.max_tokens, "long_tokens": args.long_tokens,
+            "repeats": args.repeats, "threads": os.environ.get("OMP_NUM_THREADS", "default"), "device": device}
+    for (workload, label), values in medians.items():
+        print(json.dumps({"name": "serve_schedulers_median", "workload": workload, "scheduler": label, **values,
+                          **head}), flush=True)
+    for label in ("step", "request"):
+        print(json.dumps({"name": "short_p50_under_load_over_unloaded", "scheduler": label,
+                          "value": medians[("mixed", label)]["short_p50_s"],
+                          "baseline": medians[("unloaded", label)]["short_p50_s"],
+                          "ratio": medians[("mixed", label)]["short_p50_s"] / medians[("unloaded", label)]["short_p50_s"],
+                          "goal": "<= 2 (step)", **head}), flush=True)
+    for workload, goal in (("mixed_seeded", ">= 1.5"), ("mixed", None), ("uniform", ">= 0.95")):
+        step, request = medians[(workload, "step")], medians[(workload, "request")]
+        print(json.dumps({"name": f"{workload}_tokens_per_s_step_over_request", "value": step["tokens_per_s"],
+                          "baseline": request["tokens_per_s"], "ratio": step["tokens_per_s"] / request["tokens_per_s"],
+                          "short_p99_ratio": step["short_p99_s"] / request["short_p99_s"], "goal": goal, **head}),
+              flush=True)
+
+
 async def _load(url: str, clients: int, requests: int, adapters: list[str], max_tokens: int, seed: int) -> dict:
     import httpx
 
@@ -121,6 +222,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--ray", action="store_true", help="serve --ray: 2 replicas against 1")
+    parser.add_argument("--schedulers", action="store_true", help="continuous batching against whole requests")
+    parser.add_argument("--long-tokens", type=int, default=400, help="with --schedulers: a long request's tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="with --schedulers: runs per workload (medians)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -137,6 +241,9 @@ def main() -> None:
             registry.import_peft(work / "adapters" / f"a{i}", base=args.model, name=f"adapter{i}")
         del model, base
         names = [f"adapter{i}" for i in range(args.adapters)]
+        if args.schedulers:
+            _compare_schedulers(args, registry, names, device)
+            return
         results = {}
         servers = (("batched", ["--max-batch", "64", "--batch-window-ms", "10"]),
                    ("batched_invariant", ["--max-batch", "64", "--batch-window-ms", "10", "--batch-invariant"]),

@@ -129,6 +129,31 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_among_others(runtime, 
     assert alone(runtime, prompt, loras[3], Sampling(12, do_sample=True, temperature=0.9, top_p=0.9, seed=1)) != expected
 
 
+def test_penalties_and_bias_follow_openai_and_agree_between_schedulers(runtime, loras):
+    import torch
+
+    from peft_adapt.runtime.decoding import adjust_rows
+
+    logits = torch.zeros(2, 6)
+    rows = [Sampling(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((1, 3.0),)), Sampling()]
+    adjusted = adjust_rows(logits, rows, [[2, 2, 4], [2]])
+    assert adjusted[0].tolist() == [0.0, 3.0, -1.0, 0.0, -0.75, 0.0] and adjusted[1].tolist() == [0.0] * 6
+    assert logits.abs().sum() == 0  # the input is left as it was
+    samplings = [Sampling(10, presence_penalty=1.5, frequency_penalty=0.5),
+                 Sampling(10, do_sample=True, seed=4, frequency_penalty=-1.0, logit_bias=((70, 2.0),)), Sampling(10)]
+    prompts = [ids(runtime, t) for t in TEXTS[:3]]
+    batcher = DynamicBatcher(runtime)
+    jobs = [Job(p, loras[i], s) for i, (p, s) in enumerate(zip(prompts, samplings))]
+    try:
+        for job in jobs:
+            batcher.submit(job.job)
+        got = [job.wait() for job in jobs]
+    finally:
+        batcher.close()
+    assert got == [alone(runtime, p, loras[i], s) for i, (p, s) in enumerate(zip(prompts, samplings))]
+    assert got[0] != alone(runtime, prompts[0], loras[0], Sampling(10))  # the penalty changed something
+
+
 def test_a_cancelled_row_leaves_at_the_next_step_and_frees_its_adapter(runtime, loras):
     batcher = DynamicBatcher(runtime)
     after = Job(ids(runtime, TEXTS[2]), loras[1], Sampling(3))

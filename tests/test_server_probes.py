@@ -102,12 +102,35 @@ def test_lone_surrogates_and_odd_versions_are_400s(probed):
     assert _complete(url, "code").status_code == 200  # still serving
 
 
-@pytest.mark.parametrize("field,value", [("best_of", 2), ("top_logprobs", 1), ("frequency_penalty", 0.5),
-                                         ("suffix", "x"), ("logit_bias", {"1": 5}), ("presence_penalty", 0.5)])
+@pytest.mark.parametrize("field,value", [("best_of", 2), ("top_logprobs", 1), ("suffix", "x")])
 def test_fields_the_server_does_not_implement_are_refused_by_name(probed, field, value):
     url, _, _ = probed
     _error(_complete(url, "code", **{field: value}), 400, f"does not implement {field}")
     assert _complete(url, "code", **{field: None}).status_code == 200  # the default, as SDKs send it
+
+
+def test_penalties_bias_and_min_tokens_act_and_bad_values_are_400s(probed, tiny_llama):
+    """logit_bias +100 on one token makes greedy decoding choose it every step; a presence penalty changes what a
+    repeating greedy row says; min_tokens holds the end off; out-of-range values are refused by name."""
+    url, _, _ = probed
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    a = tokenizer.convert_tokens_to_ids("a")
+    forced = _complete(url, "code", max_tokens=4, temperature=0, logit_bias={str(a): 100})
+    assert forced.status_code == 200 and forced.json()["choices"][0]["text"] == "aaaa", forced.text
+    plain = _complete(url, "code", max_tokens=8, temperature=0).json()["choices"][0]["text"]
+    penalized = _complete(url, "code", max_tokens=8, temperature=0, presence_penalty=2, frequency_penalty=2)
+    assert penalized.status_code == 200 and penalized.json()["choices"][0]["text"] != plain
+    eos = {str(tokenizer.eos_token_id): 100}
+    assert _complete(url, "code", max_tokens=6, temperature=0, logit_bias=eos).json()["usage"]["completion_tokens"] == 1
+    held = _complete(url, "code", max_tokens=6, min_tokens=6, temperature=0, logit_bias=eos)
+    assert held.json()["usage"]["completion_tokens"] == 6
+    for body, field in (({"logit_bias": {str(i): 1 for i in range(301)}}, "at most 300"),
+                        ({"logit_bias": {"99999999": 1}}, "token ids run 0-"),
+                        ({"logit_bias": {"x1": 1}}, "decimal strings"), ({"logit_bias": {"1": 101}}, "outside"),
+                        ({"presence_penalty": 3}, "presence_penalty"), ({"min_tokens": 20, "max_tokens": 4}, "exceeds")):
+        _error(_complete(url, "code", **body), 400, field)
 
 
 def test_answers_never_say_where_the_registry_or_the_base_lie(probed, tiny_llama):

@@ -22,6 +22,13 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token generated at least once
+    frequency_penalty: float = 0.0  # and this times the number of times it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 def per_row(sampling: Sampling | list[Sampling], rows: int) -> list[Sampling]:
@@ -36,6 +43,25 @@ def generators_for(samplings: list[Sampling]) -> list[torch.Generator | None]:
     """Each seeded row its own generator, so its draws never depend on its batch-mates (a seeded request gives the
     same tokens alone and in any batch); unseeded rows draw from the global generator."""
     return [torch.Generator().manual_seed(s.seed) if s.do_sample and s.seed is not None else None for s in samplings]
+
+
+def adjust_rows(logits: torch.Tensor, samplings: list[Sampling], generated: list[list[int]]) -> torch.Tensor:
+    """[batch, vocab] logits with each row's logit bias and presence/frequency penalties applied (over the tokens it
+    generated so far), as OpenAI defines them: logit - frequency x count - presence x (count > 0) + bias. Rows without
+    any are left as they are (and the tensor itself when no row has any)."""
+    rows = [i for i, s in enumerate(samplings) if s.adjusts]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        sampling, row = samplings[i], logits[i]
+        if generated[i] and (sampling.presence_penalty or sampling.frequency_penalty):
+            seen = torch.tensor(generated[i], device=row.device)
+            counts = torch.zeros_like(row).index_add_(0, seen, torch.ones(len(seen), dtype=row.dtype, device=row.device))
+            row -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0).to(row.dtype)
+        for token, bias in sampling.logit_bias:
+            row[token] += bias
+    return logits
 
 
 def choose_next_rows(logits: torch.Tensor, samplings: list[Sampling],
@@ -88,12 +114,17 @@ def decode(forward: Callable[..., torch.Tensor], ids: torch.Tensor, mask: torch.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = forward(ids, mask, positions, cache)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    generated: list[list[int]] = [[] for _ in samplings]
     for step in range(steps):
+        logits = adjust_rows(logits, samplings, generated)
         if eos_token_id is not None and bool((step < least).any()):
             logits[step < least, eos_token_id] = float("-inf")
         tokens = choose_next(logits, sampling, generators[0]) if shared else \
             choose_next_rows(logits, samplings, generators)
-        yield [None if done else int(t) for t, done in zip(tokens.tolist(), finished.tolist())]
+        chosen = tokens.tolist()
+        for row, token in zip(generated, chosen):
+            row.append(token)
+        yield [None if done else int(t) for t, done in zip(chosen, finished.tolist())]
         if eos_token_id is not None:
             finished |= tokens == eos_token_id
         finished |= step + 1 >= limits

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import Sampling, choose_next_rows
+from .decoding import Sampling, adjust_rows, choose_next_rows
 
 
 @dataclass
@@ -25,7 +25,7 @@ class LiveRow:
     adapter: object  # its ResidentAdapter, None for the base
     sampling: Sampling
     generator: torch.Generator | None
-    produced: int = 0
+    generated: list[int] = field(default_factory=list)
     reserved: int = field(init=False)  # cache positions it may come to hold: prompt + max_new_tokens
 
     def __post_init__(self):
@@ -112,17 +112,19 @@ class LiveBatch:
         self._rebatch()
 
     def choose(self) -> list[int]:
-        """Each row's next token, with its own settings and generator (EOS held off below min_new_tokens)."""
-        logits = self.logits
+        """Each row's next token, with its own settings, penalties and generator (EOS held off below
+        min_new_tokens)."""
+        samplings = [r.sampling for r in self.rows]
+        logits = adjust_rows(self.logits, samplings, [r.generated for r in self.rows])
         eos = self.runtime.tokenizer.eos_token_id
-        early = [i for i, r in enumerate(self.rows) if r.produced < r.sampling.min_new_tokens]
+        early = [i for i, r in enumerate(self.rows) if len(r.generated) < r.sampling.min_new_tokens]
         if eos is not None and early:
-            logits = logits.clone()
+            logits = logits.clone() if logits is self.logits else logits
             logits[early, eos] = float("-inf")
-        tokens = choose_next_rows(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
-        for row in self.rows:
-            row.produced += 1
-        return tokens.tolist()
+        tokens = choose_next_rows(logits, samplings, [r.generator for r in self.rows]).tolist()
+        for row, token in zip(self.rows, tokens):
+            row.generated.append(token)
+        return tokens
 
     def keep(self, kept: list[int]) -> None:
         """Only these rows stay; the columns no remaining row uses are cut."""

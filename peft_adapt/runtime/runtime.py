@@ -367,6 +367,9 @@ class AdapterRuntime:
         return out.logits[:, -1]
 
     def _group_generate(self, adapter: ResidentAdapter, rows: list[int], ids, mask, sampling: Sampling) -> dict[int, list[int]]:
+        if sampling.adjusts:
+            raise UserInputError(f"{adapter.name} runs through its group model's generate(), which takes no "
+                                 f"presence_penalty, frequency_penalty or logit_bias; leave them out for this adapter")
         index = torch.tensor(rows, device=self.device)
         sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
         if sampling.seed is not None:

@@ -116,8 +116,18 @@ class ServerState:
             raise APIError(400, f"the prompt's {prompt_tokens} tokens plus max_tokens {max_tokens} exceed the "
                                 f"{self.runtime.max_positions} positions of the base", param="max_tokens",
                            code="context_length_exceeded")
-        return Sampling(max_new_tokens=max_tokens, do_sample=body.temperature > 0, temperature=body.temperature or 1.0,
-                        top_p=body.top_p, seed=body.seed)
+        if (body.min_tokens or 0) > max_tokens:
+            raise APIError(400, f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
+        vocabulary = int(getattr(self.runtime.model.config, "vocab_size", 0) or len(self.runtime.tokenizer))
+        bias = tuple(sorted((int(k), float(v)) for k, v in (body.logit_bias or {}).items()))
+        if bias and bias[-1][0] >= vocabulary:
+            raise APIError(400, f"logit_bias names token {bias[-1][0]}; this base's token ids run 0-{vocabulary - 1}",
+                           param="logit_bias")
+        return Sampling(max_new_tokens=max_tokens, min_new_tokens=body.min_tokens or 0, do_sample=body.temperature > 0,
+                        temperature=body.temperature or 1.0, top_p=body.top_p, seed=body.seed,
+                        presence_penalty=body.presence_penalty or 0.0,
+                        frequency_penalty=body.frequency_penalty or 0.0,
+                        logit_bias=bias)
 
     def check_generation(self, n: int, count: int) -> None:
         if n != 1:

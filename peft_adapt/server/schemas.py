@@ -13,6 +13,7 @@ from ..errors import UserInputError
 MAX_STOPS = 4  # as OpenAI allows
 MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI's completions allow
 MAX_TOP_LOGPROBS = 20  # and as its chat completions allow
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's own cap)
 MAX_MESSAGES = 2048  # turns in one chat request (templating 30,000 of them held the interpreter for seconds)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
@@ -76,8 +77,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 # fields of OpenAI's API this server does not implement: a request setting one to anything but its default is
 # refused naming it (answered as if it were absent, a client would get what it did not ask for)
 UNSUPPORTED = {"best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-               "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-               "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "response_format": (None,)}
+               "suffix": (None, ""), "tools": (None, []), "response_format": (None,)}
 
 
 def _strings(value, where: str = ""):
@@ -126,6 +126,25 @@ class _GenerationBody(_Body):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # None (as SDKs may send it): 0
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description=f"token id -> bias in [-100, 100], at most "
+                                                                   f"{MAX_LOGIT_BIAS} tokens")
+    min_tokens: int | None = Field(None, ge=0, description="tokens generated before end-of-sequence may end it (vLLM's field)")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _small_bias(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(value)}")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 9):
+                raise ValueError(f"key {token[:20]!r}: give token ids as decimal strings, e.g. {{\"50256\": -100}}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"token {token}: bias {bias} is outside [-100, 100]")
+        return value
 
     @property
     def include_usage(self) -> bool:
