@@ -133,6 +133,24 @@ def test_penalties_bias_and_min_tokens_act_and_bad_values_are_400s(probed, tiny_
         _error(_complete(url, "code", **body), 400, field)
 
 
+def test_token_array_prompts_are_read_as_the_text_they_spell(probed, tiny_llama):
+    """OpenAI's API (and lm-evaluation-harness's local-completions) may send prompts as token ids."""
+    from transformers import AutoTokenizer
+
+    url, _, _ = probed
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(PROMPT)["input_ids"]
+    as_text = _complete(url, "code", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1, echo=True).json()
+    for prompt in (ids, [ids]):
+        as_ids = _complete(url, "code", prompt=prompt, max_tokens=5, temperature=0, logprobs=1, echo=True).json()
+        assert as_ids["choices"][0]["logprobs"] == as_text["choices"][0]["logprobs"]
+        assert as_ids["choices"][0]["text"] == as_text["choices"][0]["text"]
+    two = _complete(url, "code", prompt=[ids, ids[:3]], max_tokens=2, temperature=0).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    _error(_complete(url, "code", prompt=[ids[0], 10**7]), 400, "token ids outside")
+    for bad in ([], [[]], [1, "a"], [-1]):
+        assert _complete(url, "code", prompt=bad).status_code == 400
+
+
 def test_answers_never_say_where_the_registry_or_the_base_lie(probed, tiny_llama):
     url, registry, _ = probed
     for response in (_complete(url, "auto:nosuch,code"), _complete(url, "nosuch"), _complete(url, str(tiny_llama)),

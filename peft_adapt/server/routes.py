@@ -85,9 +85,16 @@ class ServerState:
             raise APIError(400, f"{entry.ref} is a {entry.task} adapter of base {entry.base_model!r}; this server "
                                 f"serves {' or '.join(tasks)}{role} on {self.settings.base_name!r}", param="model")
 
-    def tokens_of(self, text: str) -> list[int]:
-        """Runs in a worker thread (tokenizing a long text takes time)."""
-        ids = self.runtime.tokenizer(text)["input_ids"]
+    def tokens_of(self, text: str | list[int]) -> list[int]:
+        """A prompt's token ids: a text tokenized (in a worker thread: a long text takes time), or ids as given
+        (OpenAI's token-array prompt, which lm-evaluation-harness sends), checked against the vocabulary."""
+        if isinstance(text, list):
+            vocabulary = self.vocabulary
+            if any(not 0 <= token < vocabulary for token in text):
+                raise APIError(400, f"the prompt holds token ids outside 0-{vocabulary - 1}", param="prompt")
+            ids = list(text)
+        else:
+            ids = self.runtime.tokenizer(text)["input_ids"]
         if len(ids) > self.settings.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is {self.settings.max_prompt_tokens}",
                            param="prompt", code="context_length_exceeded")
@@ -108,6 +115,11 @@ class ServerState:
             cut.append(text)
         return cut
 
+    @property
+    def vocabulary(self) -> int:
+        """How many token ids the base has logits for."""
+        return int(getattr(self.runtime.model.config, "vocab_size", 0) or len(self.runtime.tokenizer))
+
     def sampling_of(self, max_tokens: int, body, prompt_tokens: int) -> Sampling:
         if max_tokens > self.settings.max_tokens:
             raise APIError(400, f"max_tokens {max_tokens} exceeds the limit of {self.settings.max_tokens}",
@@ -118,7 +130,7 @@ class ServerState:
                            code="context_length_exceeded")
         if (body.min_tokens or 0) > max_tokens:
             raise APIError(400, f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
-        vocabulary = int(getattr(self.runtime.model.config, "vocab_size", 0) or len(self.runtime.tokenizer))
+        vocabulary = self.vocabulary
         bias = tuple(sorted((int(k), float(v)) for k, v in (body.logit_bias or {}).items()))
         if bias and bias[-1][0] >= vocabulary:
             raise APIError(400, f"logit_bias names token {bias[-1][0]}; this base's token ids run 0-{vocabulary - 1}",
@@ -160,10 +172,12 @@ async def route_inputs(state: ServerState, inputs: list, adapter: str | None) ->
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts
     state.check_generation(body.n, len(prompts))
     adapter = await run_in_threadpool(state.adapter_for, body.model)
     ids = await run_in_threadpool(lambda: [state.tokens_of(p) for p in prompts])
+    if not all(isinstance(p, str) for p in prompts):  # token arrays: their text, for echo
+        prompts = [state.runtime.tokenizer.decode(row) for row in ids]
     sampling = state.sampling_of(body.max_tokens, body, max(map(len, ids)))
     adapter, headers, chosen = await route_inputs(state, ids, adapter)
     finish = None

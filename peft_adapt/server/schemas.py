@@ -177,11 +177,19 @@ class _GenerationBody(_Body):
 
 
 class CompletionRequest(_GenerationBody):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    # a text, texts, a token array or token arrays (as OpenAI's API takes them)
+    prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+             | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and "
                                                                            "its top alternatives")
     echo: bool = Field(False, description="the prompt first in the text (and in logprobs)")
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
 
     @model_validator(mode="after")
     def _not_streamed_with_scores(self):
