@@ -89,7 +89,9 @@ class DynamicBatcher:
         max_batch); while rows are decoding, only what is already queued (the next step does not wait)."""
         if not wait:
             jobs = []
-            while len(jobs) < self.max_batch:
+            # jobs stay in the bounded queue (a full one answers 429) until the scheduler has room to hold them
+            room = self.max_batch - len(self.steps.waiting) if self.steps is not None else self.max_batch
+            while len(jobs) < room:
                 try:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
