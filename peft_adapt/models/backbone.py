@@ -109,7 +109,7 @@ def load_backbone(
         use_safetensors=not spec.allow_pickle,
     )
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    is_decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in _DECODER_TYPES
+    is_decoder = is_causal_decoder(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is expected for heads
     hf_logging.disable_progress_bar()  # a bar per load is noise; training keeps its own bar
@@ -164,7 +164,22 @@ def quantized_load_dtype(path: Path) -> torch.dtype:
     return saved if saved in (torch.bfloat16, torch.float16) else torch.float32
 
 
-_DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "gemma", "gemma2", "olmo"}
+def is_causal_decoder(config) -> bool:
+    """Whether the model reads left to right (its last token sees the whole text), decided from what transformers
+    knows of the architecture rather than a list of names: a decoder config, or a type with a causal-LM head and
+    neither a masked-LM head (BERT's family) nor an encoder-decoder head (T5, BART)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_decoder", False):
+        return True
+    kind = config.model_type
+    return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False))
 
 
 def disable_cpu_repacking(model: torch.nn.Module) -> None:
