@@ -372,3 +372,26 @@ def test_token_logprobs_across_blocks_equal_one_log_softmax(tiny_llama, adapters
         for p, (logprob, alternatives) in zip(range(max(start, 1), len(ids)), scores[1 - min(start, 1):]):
             assert abs(logprob - float(whole[p - 1, ids[p]])) < 1e-5
             assert list(alternatives) == whole[p - 1].topk(3).indices.tolist()
+
+
+def test_a_mixed_batch_on_opt_whose_mlp_sees_tokens_flattened_equals_each_row_alone(tmp_path):
+    """Issue 32: OPT's MLP reads [rows x tokens, features]; its rows of different adapters crashed the batch."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from peft_adapt.testing.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    folders = [str(make_lora(tmp_path / "opt", tmp_path / f"l{i}", 4, ["q_proj", "v_proj", "fc1", "fc2"], seed=i))
+               for i in range(2)]
+    rt = AdapterRuntime(str(tmp_path / "opt"), quantization="none")
+    names = [folders[0], None, folders[1], folders[0]]
+    _rows_match_alone(rt, TEXTS, names, atol=1e-5, padding_side="left")
+    greedy = rt.generate(TEXTS, adapters=names, max_new_tokens=5, return_tokens=True)
+    assert greedy == [rt.generate([t], adapters=n, max_new_tokens=5, return_tokens=True)[0] for t, n in zip(TEXTS, names)]

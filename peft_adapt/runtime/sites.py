@@ -34,14 +34,29 @@ class AdaptedSite(nn.Module):
         if batch is None:
             return self.base_layer(x, *args, **kwargs)
         active = [c for name, c in self.components.items() if batch.extent(name)]
+        flat = _flattened(x, batch)  # tokens as [rows x tokens, features] (OPT's MLP): components see them by row
+        xs = x.view(len(batch.slot_list), -1, x.shape[-1]) if flat else x
         for component in active:
             if component.stage == INPUT:
-                x = component.apply(x, batch).to(x.dtype)
-        y = self.base_layer(x, *args, **kwargs)
+                xs = component.apply(xs, batch).to(x.dtype)
+        y = self.base_layer(xs.reshape(x.shape) if flat else xs, *args, **kwargs)
+        ys = y.view(len(batch.slot_list), -1, y.shape[-1]) if flat else y
         for component in active:
             if component.stage == DELTA:
-                y = y + component.apply(x, batch).to(y.dtype)
+                ys = ys + component.apply(xs, batch).to(y.dtype)
         for component in active:
             if component.stage == OUTPUT:
-                y = component.apply(y, batch)
-        return y
+                ys = component.apply(ys, batch)
+        return ys.reshape(y.shape) if flat else ys
+
+
+def _flattened(x, batch: AdapterBatch) -> bool:
+    """True when a mixed batch's rows reach this layer flattened into one token dimension; refused when the tokens
+    cannot be mapped back to rows (packed sequences of unequal lengths)."""
+    rows = len(batch.slot_list)
+    if batch.single is not None or x.dim() != 2 or x.shape[0] == rows:
+        return False
+    if x.shape[0] % rows:
+        raise RuntimeError(f"this layer takes {x.shape[0]} tokens flattened from a batch of {rows} rows: they cannot "
+                           f"be mapped to rows, so rows of different adapters cannot share this batch")
+    return True
