@@ -233,3 +233,56 @@ def test_a_merge_holds_one_dense_delta_at_a_time(two_adapters, monkeypatch):
     monkeypatch.setattr(LORA, "from_deltas", recording)
     entry = combine_adapters(two_adapters, ["a", "b"], "ties", "one-at-a-time", density=0.5)
     assert sizes == [1] * len(LORA.read(entry.path).sites) and len(sizes) == 6
+
+
+# ---- GPT-2: Conv1D layers (weights stored [in, out]) through registry, runtime and export (issue 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from peft_adapt.testing.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2", "gpt2")
+
+
+def test_a_gpt2_lora_imports_serves_mixed_and_exports_as_plain_peft_computes(tmp_path, tiny_gpt2):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    targets = ["c_attn", "c_proj", "c_fc"]  # Conv1D, every one
+    folders = [make_lora(tiny_gpt2, tmp_path / f"g{i}", 4, targets, seed=i) for i in range(2)]
+    registry = Registry(tmp_path / "reg")
+    for i, folder in enumerate(folders):
+        registry.import_peft(folder, base=str(tiny_gpt2), name=f"g{i}")  # the fit check read Conv1D as [out, in]
+    rt = AdapterRuntime(str(tiny_gpt2), quantization="none", registry=registry)
+    ids = rt.tokenizer(TEXTS, return_tensors="pt", padding=True)
+    real = ids["attention_mask"].bool()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), folders[0]).eval()
+    with torch.no_grad():
+        expected = plain(**ids).logits
+    assert (rt.logits(TEXTS, adapters="g0") - expected)[real].abs().max() < 1e-4
+    names = ["g0", None, "g1", "g0"]
+    mixed = rt.logits(TEXTS, adapters=names)
+    for i, name in enumerate(names):
+        n = int(real[i].sum())
+        assert (mixed[i, :n] - rt.logits([TEXTS[i]], adapters=name)[0]).abs().max() < 1e-5
+    report = export_model(registry, "g0", tmp_path / "out", dtype="fp32", fidelity="logits")
+    assert report["variants"]["export_fp32"]["max_abs_logit_diff"] < 1e-4
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(**ids).logits
+    assert (exported - expected)[real].abs().max() < 1e-4
+
+
+def test_a_gpt2_adapter_trained_on_nf4_exports_as_close_as_the_noise_floor(tmp_path, tiny_gpt2, docs_file):
+    from conftest import causal_recipe
+
+    from peft_adapt import parse_recipe, train_domain
+
+    recipe = causal_recipe(tiny_gpt2, docs_file, "nf4", max_steps=10)
+    result = train_domain(parse_recipe(recipe), "docs", tmp_path / "run")
+    registry = Registry(tmp_path / "reg")
+    registry.add(result.out_dir)
+    report = export_model(registry, "t-docs", tmp_path / "out", dtype="fp32", probe=docs_file, fidelity="logits")
+    assert report["variants"]["export_fp32"]["top1_agreement"] >= report["noise_floor"]["top1_agreement"] - 0.005
+    served = AdapterRuntime(str(tiny_gpt2), quantization="nf4", registry=registry)
+    assert served.generate(["def add(a, b):"], adapters="t-docs", max_new_tokens=4)[0] is not None

@@ -51,20 +51,14 @@ def adapter_fit_problems(shapes: dict[str, list[int]], fingerprint: dict, base_c
     modules = fingerprint["module_shapes"]
     matched = 0
     attached: dict[tuple[str, str], list] = {}  # (layer, part) -> [layer's shape, any tensor sharing a size with it]
+    lora: dict[str, dict[str, list[int]]] = {}  # layer -> {"A": shape, "B": shape}
     for key, shape in sorted(shapes.items()):
         bare = next((key[len(w):] for w in _WRAPPERS if key.startswith(w)), key)
         if _HEAD_TENSOR.match(key) or _MLM_HEAD_TENSOR.search(key):
             continue
         matched += 1
         if m := _LORA_TENSOR.match(bare):
-            path, which = m.group(1), m.group(2)
-            base = base_module_shape(path, modules)
-            if base is None:
-                problems.setdefault(path, f"{path} is not a layer of the base")
-            elif which == "A" and shape[-1] != base[1]:
-                problems.setdefault(path, f"{path}: lora_A takes {shape[-1]} inputs, the base layer has {base[1]}")
-            elif which == "B" and shape[0] != base[0]:
-                problems.setdefault(path, f"{path}: lora_B gives {shape[0]} outputs, the base layer has {base[0]}")
+            lora.setdefault(m.group(1), {})[m.group(2)] = shape
         elif bare == "prompt_embeddings" and adapter_config is not None:
             problem = _prefix_problem(adapter_config.data, base_config)
             if problem:
@@ -79,12 +73,31 @@ def adapter_fit_problems(shapes: dict[str, list[int]], fingerprint: dict, base_c
             part = bare[len(owner[0]) + 1:].split(".")[0]
             group = attached.setdefault((owner[0], part), [owner[1], False])
             group[1] = group[1] or bool(set(s for s in shape if s > 1) & set(owner[1])) or all(s <= 1 for s in shape)
+    for path, pair in lora.items():
+        problem = _lora_problem(path, pair, base_module_shape(path, modules))
+        if problem:
+            problems.setdefault(path, problem)
     for (layer, part), (layer_shape, fits) in attached.items():
         if not fits:
             problems.setdefault(layer, f"{layer}: the adapter's {part} shares no size with the base layer {layer_shape}")
     if not matched and not problems:
         problems["-"] = "no adapter weight names a layer of the base"
     return list(problems.values())
+
+
+def _lora_problem(path: str, pair: dict[str, list[int]], base: list[int] | None) -> str | None:
+    """Whether lora_A takes the layer's inputs and lora_B gives its outputs. A checkpoint stores a linear layer's
+    weight [out, in] and a Conv1D's (GPT-2) [in, out]: a pair that fits either reading fits (the runtime checks the
+    loaded layer itself)."""
+    if base is None:
+        return f"{path} is not a layer of the base"
+    a, b = pair.get("A"), pair.get("B")
+    for outputs, inputs in ((base[0], base[1]), (base[1], base[0])):
+        if (a is None or a[-1] == inputs) and (b is None or b[0] == outputs):
+            return None
+    if a is not None and a[-1] not in base:
+        return f"{path}: lora_A takes {a[-1]} inputs, the base layer has {base[1]}"
+    return f"{path}: lora_B gives {b[0] if b else '?'} outputs, the base layer has {base[0]}"
 
 
 def _prefix_problem(config: dict, base_config: dict) -> str | None:

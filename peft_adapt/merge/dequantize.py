@@ -67,6 +67,12 @@ class QuantizedLayout:
     def dequantize(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """`weight` (as stored in the checkpoint) quantized as the loader does and dequantized, in the dtype the loaded
         layer dequantizes to (the load dtype)."""
+        if key.removesuffix(".weight") in self.transposed:  # quantized [out, in], as the loader does; returned as stored
+            return self.dequantize_linear(key, weight.T.contiguous()).T.contiguous()
+        return self.dequantize_linear(key, weight)
+
+    def dequantize_linear(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """A weight stored [out, in], quantized and dequantized."""
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
 

@@ -50,10 +50,6 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
         raise UserInputError(f"the base {base} names its weights otherwise than the model transformers builds from it "
                              f"(no {unnamed[0]!r} in the checkpoint); export cannot map them: serve the adapter "
                              f"instead")
-    transposed = sorted(p for p in sites if p in layout.transposed)
-    if transposed:
-        raise UserInputError(f"{transposed[0]} is a Conv1D layer (its weight is stored [in, out]); export cannot fold "
-                             f"into Conv1D layers yet: serve the adapter with the runtime")
     site_of = {f"{p}.{part}": p for p in sites for part in ("weight", "bias") if f"{p}.{part}" in checkpoint}
     cast = DTYPES[dtype]
 
@@ -77,8 +73,14 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
                 continue
             if path not in folded:
                 state = {k: served(k).float() for k, p in site_of.items() if p == path}
+                conv1d = path in layout.transposed  # GPT-2's Conv1D stores [in, out]: folded as [out, in]
+                if conv1d:
+                    state[f"{path}.weight"] = state[f"{path}.weight"].T
                 before = state[f"{path}.weight"]
                 adapting.fold(state, path, sites[path])
+                if conv1d:
+                    state[f"{path}.weight"] = state[f"{path}.weight"].T.contiguous()
+                    before = before.T
                 if measure:
                     fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
                 folded[path] = state

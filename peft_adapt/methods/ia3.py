@@ -21,7 +21,16 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .base import INPUT, OUTPUT, AdapterWeights, PeftTrainedMethod, StackComponent, gathered, weighted_average
+from .base import (
+    INPUT,
+    OUTPUT,
+    AdapterWeights,
+    PeftTrainedMethod,
+    StackComponent,
+    gathered,
+    layer_features,
+    weighted_average,
+)
 from .peft_state import read_peft_state
 
 VECTOR = "ia3_l"
@@ -116,7 +125,11 @@ class IA3(PeftTrainedMethod):
 
     def check_site(self, path: str, site, base_layer: nn.Module) -> None:
         vector, stage = site
-        features = base_layer.in_features if stage == INPUT else base_layer.out_features
+        features = layer_features(base_layer)
+        if features is None:
+            raise UserInputError(f"the adapter scales {path!r}, a {type(base_layer).__name__}; only linear layers "
+                                 f"(and GPT-2's Conv1D) are served")
+        features = features[0] if stage == INPUT else features[1]
         if vector.shape[0] != features:
             raise UserInputError(f"the adapter scales {vector.shape[0]} {stage}s of {path}, which has {features}")
 

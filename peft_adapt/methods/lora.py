@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered
+from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered, layer_features
 from .lora_kernels import lora_delta_into, use_kernels
 from .peft_state import read_peft_state
 
@@ -88,7 +88,7 @@ class StackedLora(StackComponent):
 
     def __init__(self, base_layer: nn.Module, capacity: int, dtype: torch.dtype, device):
         super().__init__()
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         self.register_buffer("A", torch.zeros(capacity, 1, self.in_features, dtype=dtype, device=device), persistent=False)
         self.register_buffer("B", torch.zeros(capacity, self.out_features, 1, dtype=dtype, device=device), persistent=False)
 
@@ -182,11 +182,13 @@ class Lora(PeftTrainedMethod):
 
     def check_site(self, path: str, site, base_layer: nn.Module) -> None:
         a, b, _ = site
-        if not isinstance(base_layer, nn.Linear):
-            raise UserInputError(f"the adapter adapts {path!r}, a {type(base_layer).__name__}; only linear layers are served")
-        if a.shape[1] != base_layer.in_features or b.shape[0] != base_layer.out_features:
+        features = layer_features(base_layer)
+        if features is None:
+            raise UserInputError(f"the adapter adapts {path!r}, a {type(base_layer).__name__}; only linear layers "
+                                 f"(and GPT-2's Conv1D) are served")
+        if (a.shape[1], b.shape[0]) != features:
             raise UserInputError(f"the adapter's {path} maps {a.shape[1]} -> {b.shape[0]} features, the base layer "
-                                 f"{base_layer.in_features} -> {base_layer.out_features}")
+                                 f"{features[0]} -> {features[1]}")
 
     def component(self, site, base_layer: nn.Module, capacity: int, dtype, device) -> StackComponent:
         return StackedLora(base_layer, capacity, dtype, device)
