@@ -389,6 +389,8 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)
+    elif task == "decoder_classification":
+        data = classification_recipe(tiny_llama, sentiment_file, max_steps=3)
     else:
         data = classification_recipe(tiny_bert, sentiment_file if task == "classification" else _ner_file(tmp_path),
                                      max_steps=2)
@@ -413,10 +415,11 @@ def test_export_then_import_then_load_computes_what_the_original_computes(tmp_pa
     assert second.verify().ok
 
 
-@pytest.mark.parametrize("task", ["classification", "token_classification", "causal_lm"])
+@pytest.mark.parametrize("task", ["classification", "token_classification", "causal_lm", "decoder_classification"])
 def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tiny_llama, tiny_bert, docs_file,
                                                                    sentiment_file, task, monkeypatch):
-    """README.md's snippet, run as written (no peft_adapt import), computes the logits peft_adapt computes."""
+    """README.md's snippet, run as written (no peft_adapt import), computes the logits peft_adapt computes (for a
+    decoder's classifier too: the snippet passed add_pooling_layer, which only BERT's family takes)."""
     from conftest import causal_recipe, classification_recipe
 
     from peft_adapt import parse_recipe, train_domain
@@ -424,6 +427,8 @@ def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tin
 
     if task == "causal_lm":
         data = causal_recipe(tiny_llama, docs_file, max_steps=2)
+    elif task == "decoder_classification":
+        data = classification_recipe(tiny_llama, sentiment_file, max_steps=3)
     else:
         data = classification_recipe(tiny_bert, sentiment_file if task == "classification" else _ner_file(tmp_path),
                                      max_steps=3)
@@ -433,7 +438,8 @@ def test_the_exported_model_card_loads_the_adapter_with_plain_peft(tmp_path, tin
     registry.add(result.out_dir, name="carded")
     out = registry.export("carded", tmp_path / "exported")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_llama if task == "causal_lm" else tiny_bert)
+    on_llama = task in ("causal_lm", "decoder_classification")
+    assert config["base_model_name_or_path"] == str(tiny_llama if on_llama else tiny_bert)
     card = (out / "README.md").read_text()
     snippet = card.split("```python\n")[1].split("```")[0]
     assert "peft_adapt" not in snippet

@@ -65,7 +65,7 @@ class Classifier(torch.nn.Module):
 
 
 tokenizer = AutoTokenizer.from_pretrained(BASE)
-encoder = AutoModel.from_pretrained(BASE, add_pooling_layer=False)
+encoder = AutoModel.from_pretrained(BASE)
 model = PeftModel.from_pretrained(Classifier(encoder, len(LABELS)), ADAPTER).eval()
 batch = tokenizer(["An example text."], truncation=True, max_length={max_length}, padding=True, return_tensors="pt")
 with torch.no_grad():
