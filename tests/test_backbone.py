@@ -112,3 +112,18 @@ def test_a_decoder_classifier_pools_its_last_token_whatever_its_family(tmp_path,
     with torch.no_grad():
         logits = backbone.model(**batch).logits
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_an_encoder_decoder_model_is_refused_by_name(tmp_path, task):
+    """T5 crashed at the first step ("You must specify exactly one of input_ids or inputs_embeds")."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from peft_adapt.testing.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                        d_kv=16, decoder_start_token_id=0)).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    with pytest.raises(UserInputError, match="is an encoder-decoder model \\(t5\\).*SEQ_2_SEQ_LM"):
+        load_backbone(BaseSpec(model=str(tmp_path / "t5"), quantization="none"), task, 2)

@@ -109,6 +109,10 @@ def load_backbone(
         use_safetensors=not spec.allow_pickle,
     )
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserInputError(f"{spec.model} is an encoder-decoder model ({config.model_type}); peft-adapt trains and "
+                             f"serves decoders (causal_lm) and encoders (classification, token_classification), not "
+                             f"sequence-to-sequence models yet: use peft's SEQ_2_SEQ_LM task for it")
     is_decoder = is_causal_decoder(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is expected for heads
