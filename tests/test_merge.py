@@ -218,6 +218,9 @@ def test_an_export_below_the_noise_floor_is_warned_about():
     assert len(warnings) == 1 and "export_bf16: top-1 agreement 97.8% is below the noise floor's 98.3%" in warnings[0]
     assert "--dtype fp32" in warnings[0]
     assert fidelity_warnings({"export_fp32": {"top1_agreement": 0.993}}, floor, "fp32") == []
+    on_int8 = fidelity_warnings({"export_fp32": {"top1_agreement": 0.95}}, {"top1_agreement": 0.992}, "fp32",
+                                quantization="int8")
+    assert len(on_int8) == 1 and "also round activations" in on_int8[0] and "serve the adapter on the int8" in on_int8[0]
 
 
 def test_a_merge_holds_one_dense_delta_at_a_time(two_adapters, monkeypatch):
