@@ -56,8 +56,12 @@ def test_bottleneck_sites_can_be_named_for_other_families(tiny_llama):
     model = load_backbone(BaseSpec(model=str(tiny_llama), quantization="none")).model
     spec = BottleneckSpec(method="bottleneck", modules=["up_proj"])
     assert find_sites(model, spec, "some-new-family") == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
-    with pytest.raises(UserInputError, match="know the module roles of .* name the sublayer output projections"):
-        find_sites(model, BottleneckSpec(method="bottleneck"), "some-new-family")
+    assert find_sites(model, BottleneckSpec(method="bottleneck", variant="houlsby"), "some-new-family") == [
+        "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    blockless = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with pytest.raises(UserInputError, match="cannot tell the attention and feed-forward .* name the sublayer"):
+        find_sites(blockless, BottleneckSpec(method="bottleneck"), "some-new-family")
 
 
 def _first_and_last_loss(result) -> tuple[float, float]:
@@ -291,3 +295,39 @@ def test_ia3_trained_on_nf4_exports_as_faithfully_as_the_noise_floor(tmp_path, t
                           fidelity="logits")
     floor = report["noise_floor"]["top1_agreement"]
     assert report["variants"]["export_fp32"]["top1_agreement"] >= floor - 0.005, report
+
+
+def _tiny_from_config(family: str, **shape):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from peft_adapt.models.backbone import is_causal_decoder
+
+    config = AutoConfig.for_model(family, vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=64, pad_token_id=0, **shape)
+    torch.manual_seed(0)
+    if is_causal_decoder(config):
+        return AutoModelForCausalLM.from_config(config), "causal_lm"
+    return AutoModel.from_config(config), "classification"
+
+
+@pytest.mark.parametrize("family, shape, attention, ffn", [
+    ("llama", {"intermediate_size": 64}, "self_attn.o_proj", "mlp.down_proj"),
+    ("gpt2", {}, "attn.c_proj", "mlp.c_proj"),
+    ("bert", {"intermediate_size": 64}, "attention.output.dense", "output.dense"),
+    ("phi3", {"intermediate_size": 64}, "self_attn.o_proj", "mlp.down_proj"),
+    ("distilbert", {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4}, "attention.out_lin", "ffn.lin2"),
+    ("modernbert", {"intermediate_size": 64}, "attn.Wo", "mlp.Wo"),
+    ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}, "self_attn.out_proj", "fc2"),
+])
+def test_default_adapter_sites_come_from_the_blocks_structure(family, shape, attention, ffn):
+    """Issue 32: bottleneck sites were known for six model types and (IA)3 had no defaults for Phi3, DistilBERT or
+    ModernBERT; both now read each block's attention and feed-forward sublayers from the modules."""
+    model, task = _tiny_from_config(family, **shape)
+    sites = find_sites(model, BottleneckSpec(method="bottleneck", variant="houlsby"), family)
+    assert len(sites) == 4 and sites[0].endswith("0." + attention) and sites[1].endswith("0." + ffn), sites
+    assert find_sites(model, BottleneckSpec(method="bottleneck", variant="pfeiffer"), family) == [sites[1], sites[3]]
+    from peft_adapt.methods import method
+
+    adapted = method("ia3").inject(model, method("ia3").spec(method="ia3"), task, [], family)
+    vectors = [n for n, _ in adapted.named_parameters() if "ia3_l" in n]
+    assert vectors and any(ffn.split(".")[-1] in n for n in vectors)

@@ -18,19 +18,6 @@ from torch import nn
 
 from ..errors import UserInputError
 
-
-def layer_features(layer: nn.Module) -> tuple[int, int] | None:
-    """(inputs, outputs) of a linear layer: nn.Linear and its quantized subclasses, or GPT-2's Conv1D (which stores
-    its weight [in, out]); None for anything else."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.nf
-    return None
-
-
 # where a stacked component acts at a site: on the layer's input, as a delta added from its input, on its output
 INPUT, DELTA, OUTPUT = "input", "delta", "output"
 

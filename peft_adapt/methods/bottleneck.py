@@ -15,7 +15,6 @@ one gathered bmm pair per batch. Adapters of one shape average linearly; they ad
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import read_adapter_config
+from ..models.structure import block_roles
 from .base import OUTPUT, AdapterMethod, AdapterWeights, StackComponent, gathered, weighted_average
 
 CONFIG_FILE = "bottleneck_config.json"
@@ -32,16 +32,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}
 
 # module roles per model family: (attention output projection, feed-forward output projection)
-ROLES = {
-    "llama": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
-    "mistral": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
-    "qwen2": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
-    "bert": (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$"),
-    "roberta": (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$"),
-    "gpt2": (r"\.attn\.c_proj$", r"\.mlp\.c_proj$"),
-}
-
-
 class BottleneckSpec(BaseModel):
     """The `adapter:` section for `method: bottleneck`."""
 
@@ -97,17 +87,12 @@ def find_sites(model: nn.Module, spec: BottleneckSpec, model_type: str | None) -
         if missing:
             raise UserInputError(f"adapter.modules: {missing} name no module of this model")
         return sites
-    if model_type not in ROLES:
-        raise UserInputError(
-            f"bottleneck adapters know the module roles of {', '.join(sorted(ROLES))} models, not {model_type!r}; "
-            f"name the sublayer output projections in adapter.modules"
-        )
-    attention, ffn = ROLES[model_type]
-    patterns = [ffn] if spec.variant == "pfeiffer" else [attention, ffn]
-    sites = [n for n in names if any(re.search(p, n) for p in patterns)]
-    if not sites:
-        raise UserInputError(f"no {spec.variant} adapter site found in this {model_type} model")
-    return sites
+    roles = block_roles(model)  # after each block's attention and feed-forward output projections
+    if roles is None:
+        raise UserInputError(f"cannot tell the attention and feed-forward sublayers of this {model_type} model's "
+                             f"blocks; name the sublayer output projections in adapter.modules")
+    chosen = set(roles.ffn_outputs) | (set() if spec.variant == "pfeiffer" else set(roles.attention_outputs))
+    return [n for n in names if n in chosen]
 
 
 def inject_bottleneck(model: nn.Module, spec: BottleneckSpec, model_type: str | None,

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..models.structure import block_roles, layer_features
 from .base import (
     INPUT,
     OUTPUT,
@@ -28,7 +29,6 @@ from .base import (
     PeftTrainedMethod,
     StackComponent,
     gathered,
-    layer_features,
     weighted_average,
 )
 from .peft_state import read_peft_state
@@ -103,9 +103,14 @@ class IA3(PeftTrainedMethod):
 
         targets = TARGETS.get(model_type) if spec.target_modules == "auto" else spec.target_modules
         feedforward = FEEDFORWARD.get(model_type) if spec.feedforward_modules == "auto" else spec.feedforward_modules
-        if targets is None or feedforward is None:
-            raise UserInputError(f"adapter.target_modules: (IA)3 knows no default layers for {model_type!r} models; "
-                                 f"name them (target_modules and feedforward_modules)")
+        if targets is None or feedforward is None:  # a family peft has no list for: read the blocks' structure
+            roles = block_roles(model)
+            if roles is None:
+                raise UserInputError(f"adapter.target_modules: cannot tell the attention and feed-forward layers of "
+                                     f"this {model_type} model; name them (target_modules and feedforward_modules)")
+            # attention's input projections and the feed-forward output (its input scaled), as (IA)3 chose them
+            targets = targets or roles.attention_inputs + roles.ffn_outputs
+            feedforward = feedforward or roles.ffn_outputs
         config = IA3Config(target_modules=targets, feedforward_modules=[f for f in feedforward if f in targets],
                            modules_to_save=head_modules or None,
                            task_type="CAUSAL_LM" if task == "causal_lm" else None)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered, layer_features
+from ..models.structure import layer_features
+from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered
 from .lora_kernels import lora_delta_into, use_kernels
 from .peft_state import read_peft_state
 
