@@ -206,13 +206,29 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
             "failed_requests": failures, "requests": len(latencies), "wall_s": wall}
 
 
-def main() -> None:
-    import torch
+def registry_with_adapters(work: Path, model_name: str, count: int):
+    """A registry in `work` holding `count` random LoRA adapters (q, v; rank 8) of `model_name`, and their names."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from peft_adapt import Registry
     from peft_adapt.models.backbone import resolve_model_path
+
+    registry = Registry(work / "registry")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config, adapter_name="a0")
+    for i in range(count):
+        if i:
+            model.add_adapter(f"a{i}", config)
+        model.save_pretrained(work / "adapters", selected_adapters=[f"a{i}"])
+        registry.import_peft(work / "adapters" / f"a{i}", base=model_name, name=f"adapter{i}")
+    return registry, [f"adapter{i}" for i in range(count)]
+
+
+def main() -> None:
+    import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -229,18 +245,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:
-        registry = Registry(work / "registry")
-        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model))
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                            task_type="CAUSAL_LM")
-        model = get_peft_model(base, config, adapter_name="a0")
-        for i in range(args.adapters):
-            if i:
-                model.add_adapter(f"a{i}", config)
-            model.save_pretrained(work / "adapters", selected_adapters=[f"a{i}"])
-            registry.import_peft(work / "adapters" / f"a{i}", base=args.model, name=f"adapter{i}")
-        del model, base
-        names = [f"adapter{i}" for i in range(args.adapters)]
+        registry, names = registry_with_adapters(work, args.model, args.adapters)
         if args.schedulers:
             _compare_schedulers(args, registry, names, device)
             return
