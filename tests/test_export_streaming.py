@@ -252,14 +252,22 @@ def test_streamed_export_of_the_built_in_model_equals_the_in_memory_export(tmp_p
     assert all(found[k].dtype == expected[k].dtype and torch.equal(found[k], expected[k]) for k in expected)
 
 
-def test_export_refuses_gpt2_conv1d_layers_instead_of_folding_a_transposed_delta(tmp_path):
-    """GPT-2 stores its Conv1D weights [in, out]: a delta folded by name would land transposed (or not fit)."""
+def test_export_folds_a_square_gpt2_conv1d_layer_the_right_way_round(tmp_path):
+    """GPT-2 stores its Conv1D weights [in, out]: on attention's square c_proj a delta folded by name would land
+    transposed and still fit every shape check; the export must equal plain peft's unmerged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from peft_adapt.testing.tiny_models import build_tiny_model
 
     base = build_tiny_model(tmp_path / "gpt2", "gpt2")
     registry = Registry(tmp_path / "reg")
-    # attention's square c_proj: the one Conv1D whose transposed LoRA still passes the import's shape check
-    registry.import_peft(make_lora(base, tmp_path / "lora", 4, ["attn.c_proj"], seed=0), base=str(base), name="g")
-    with pytest.raises(UserInputError, match="Conv1D layer.*serve the adapter with the runtime"):
-        export_model(registry, "g", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    folder = make_lora(base, tmp_path / "lora", 4, ["attn.c_proj"], seed=0)
+    registry.import_peft(folder, base=str(base), name="g")
+    export_model(registry, "g", tmp_path / "out", dtype="fp32")
+    ids = AutoTokenizer.from_pretrained(base)(["def add(a, b): return a + b"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+    assert (exported - expected).abs().max() < 1e-4 < (plain - expected).abs().max()

@@ -580,13 +580,14 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
     names = domains or list(recipe.domains)
     for name in names:
         recipe.domain(name)  # fail on an unknown domain before training anything
-        check_outputs(recipe, Path(out_root), name, overwrite or resume)
     here = world()
     configure_threads(recipe.training.threads)  # after the launcher's environment is read, before any work
     separate = parallel_domains and here.size > 1
     if separate:
         here = become_single_process()
         names = my_domains(names, here)
+    for name in names:  # a worker checks its own domains: another's may be written already when a late one starts
+        check_outputs(recipe, Path(out_root), name, overwrite or resume)
     say = report if (report is not None and (separate or here.rank == 0)) else (lambda line: None)
     prefix = f"[worker {here.rank}] " if separate else ""
     results, failed = [], []
