@@ -75,6 +75,14 @@ def _start(model: str, quantization: str, registry: Path, extra: list[str]) -> t
     raise SystemExit("the server did not start")
 
 
+async def _complete(http, url: str, body: dict) -> tuple[float, int | None, object]:
+    """One completion: its latency, its generated tokens (None if it failed) and the response."""
+    started = time.perf_counter()
+    r = await http.post(f"{url}/v1/completions", json=body)
+    latency = time.perf_counter() - started
+    return latency, (r.json()["usage"]["completion_tokens"] if r.status_code == 200 else None), r
+
+
 async def _mixed(url: str, clients: int, requests: int, adapters: list[str], short: int, long: int, seeded: bool,
                  seed: int) -> dict:
     """Each client sends its requests one after another; a quarter of all requests are long. Latencies per kind."""
@@ -97,13 +105,10 @@ async def _mixed(url: str, clients: int, requests: int, adapters: list[str], sho
                         "temperature": 0.8 if seeded else 0}
                 if seeded:
                     body["seed"] = request_seed
-                started = time.perf_counter()
-                r = await http.post(f"{url}/v1/completions", json=body)
-                latencies[kind].append(time.perf_counter() - started)
-                if r.status_code != 200:
-                    failures += 1
-                else:
-                    tokens += r.json()["usage"]["completion_tokens"]
+                latency, generated, _ = await _complete(http, url, body)
+                latencies[kind].append(latency)
+                failures += generated is None
+                tokens += generated or 0
 
     started = time.perf_counter()
     await asyncio.gather(*(client(jobs) for jobs in plan))
@@ -178,15 +183,12 @@ async def _load(url: str, clients: int, requests: int, adapters: list[str], max_
         nonlocal failures, tokens
         async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as http:
             for adapter, prompt in jobs:
-                started = time.perf_counter()
-                r = await http.post(f"{url}/v1/completions", json={"model": adapter, "prompt": prompt,
-                                                                    "max_tokens": max_tokens, "temperature": 0})
-                latencies.append(time.perf_counter() - started)
+                latency, generated, r = await _complete(http, url, {"model": adapter, "prompt": prompt,
+                                                                     "max_tokens": max_tokens, "temperature": 0})
+                latencies.append(latency)
                 served.append((adapter, r.headers.get("x-peft-adapt-replica")))
-                if r.status_code != 200:
-                    failures += 1
-                else:
-                    tokens += r.json()["usage"]["completion_tokens"]
+                failures += generated is None
+                tokens += generated or 0
 
     started = time.perf_counter()
     await asyncio.gather(*(client(jobs) for jobs in plan))

@@ -55,6 +55,17 @@ class Job:
         return self.job.tokens
 
 
+def served_together(batcher: DynamicBatcher, rows: list[tuple]) -> list[list[int]]:
+    """One job per (prompt, adapter, sampling) row, all submitted at once; each one's tokens. Closes the batcher."""
+    jobs = [Job(*row) for row in rows]
+    try:
+        for job in jobs:
+            batcher.submit(job.job)
+        return [job.wait() for job in jobs]
+    finally:
+        batcher.close()
+
+
 def alone(rt: AdapterRuntime, prompt, adapter, sampling: Sampling) -> list[int]:
     """What the runtime generates for this one row by itself (the whole-request path)."""
     tokens = []
@@ -142,14 +153,7 @@ def test_penalties_and_bias_follow_openai_and_agree_between_schedulers(runtime, 
     samplings = [Sampling(10, presence_penalty=1.5, frequency_penalty=0.5),
                  Sampling(10, do_sample=True, seed=4, frequency_penalty=-1.0, logit_bias=((70, 2.0),)), Sampling(10)]
     prompts = [ids(runtime, t) for t in TEXTS[:3]]
-    batcher = DynamicBatcher(runtime)
-    jobs = [Job(p, loras[i], s) for i, (p, s) in enumerate(zip(prompts, samplings))]
-    try:
-        for job in jobs:
-            batcher.submit(job.job)
-        got = [job.wait() for job in jobs]
-    finally:
-        batcher.close()
+    got = served_together(DynamicBatcher(runtime), [(p, loras[i], s) for i, (p, s) in enumerate(zip(prompts, samplings))])
     assert got == [alone(runtime, p, loras[i], s) for i, (p, s) in enumerate(zip(prompts, samplings))]
     assert got[0] != alone(runtime, prompts[0], loras[0], Sampling(10))  # the penalty changed something
 
@@ -202,14 +206,7 @@ def test_batch_invariant_rows_each_run_alone_and_match_exactly(tiny_llama, loras
             for i, t in enumerate(TEXTS)]
     expected = [alone(rt, *row) for row in rows]
     joined = []
-    batcher = DynamicBatcher(rt, on_batch=joined.append)
-    jobs = [Job(*row) for row in rows]
-    try:
-        for job in jobs:
-            batcher.submit(job.job)
-        assert [job.wait() for job in jobs] == expected
-    finally:
-        batcher.close()
+    assert served_together(DynamicBatcher(rt, on_batch=joined.append), rows) == expected
     assert joined == [1, 1, 1, 1]  # every row its own batch
 
 
@@ -246,15 +243,9 @@ def test_a_registry_change_waits_for_the_rows_of_the_old_version(tmp_path, tiny_
 
 def test_the_whole_request_scheduler_stays_available(runtime, loras):
     batcher = DynamicBatcher(runtime, scheduler="request")
-    jobs = [Job(ids(runtime, t), loras[i], Sampling(5)) for i, t in enumerate(TEXTS)]
-    try:
-        assert batcher.steps is None
-        for job in jobs:
-            batcher.submit(job.job)
-        assert [job.wait() for job in jobs] == [alone(runtime, ids(runtime, t), loras[i], Sampling(5))
-                                                for i, t in enumerate(TEXTS)]
-    finally:
-        batcher.close()
+    assert batcher.steps is None
+    rows = [(ids(runtime, t), loras[i], Sampling(5)) for i, t in enumerate(TEXTS)]
+    assert served_together(batcher, rows) == [alone(runtime, *row) for row in rows]
 
 
 def test_unknown_scheduler_is_refused(runtime):

@@ -173,7 +173,7 @@ def test_one_batch_mixes_every_method(tiny_llama, trained, tmp_path, quantizatio
 def test_continuous_batching_serves_rows_of_every_method(tiny_llama, trained, tmp_path):
     """Bottleneck, IA3, LoRA and base rows share the running batch; a prefix-tuning row (a group method) is served
     whole between steps: every row gives what it gives alone."""
-    from test_continuous import Job, alone
+    from test_continuous import alone, served_together
     from test_runtime import make_lora
 
     from peft_adapt.runtime.batcher import DynamicBatcher
@@ -187,14 +187,7 @@ def test_continuous_batching_serves_rows_of_every_method(tiny_llama, trained, tm
     prompts = [rt.tokenizer(t)["input_ids"] for t in TEXTS + TEXTS[:2]]
     samplings = [Sampling(6, do_sample=i % 2 == 0, seed=i) for i in range(len(names))]
     expected = [alone(rt, p, n, s) for p, n, s in zip(prompts, names, samplings)]
-    batcher = DynamicBatcher(rt, prefill_chunk=4)
-    jobs = [Job(p, n, s) for p, n, s in zip(prompts, names, samplings)]
-    try:
-        for job in jobs:
-            batcher.submit(job.job)
-        assert [job.wait() for job in jobs] == expected
-    finally:
-        batcher.close()
+    assert served_together(DynamicBatcher(rt, prefill_chunk=4), list(zip(prompts, names, samplings))) == expected
 
 
 @pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
