@@ -85,8 +85,7 @@ class ContinuousScheduler:
             job = self.waiting[0]
             if job.cancelled:
                 self.waiting.popleft()
-                self.cancelled += 1
-                finish(job, "stop")
+                self._stop_cancelled(job)
                 continue
             if not self._fits(rows, len(job.prompt) + job.sampling.max_new_tokens):
                 break  # admission waits for rows to leave rather than over-allocating
@@ -151,7 +150,9 @@ class ContinuousScheduler:
         once and a long one still advances."""
         for prefill in [p for p in self.prefills if all(r.job.cancelled for r in p.rows)]:
             self.prefills.remove(prefill)
-            self._leave(prefill.rows, cancelled=True)
+            for row in prefill.rows:
+                self._stop_cancelled(row.job)
+            self._release(*prefill.rows)
         if not self.prefills:
             return
         self._turn += 1
@@ -176,7 +177,9 @@ class ContinuousScheduler:
     def _decode(self, lane: LiveBatch) -> None:
         gone = [i for i, r in enumerate(lane.rows) if r.job.cancelled]
         if gone:
-            self._leave([lane.rows[i] for i in gone], cancelled=True)
+            for i in gone:
+                self._stop_cancelled(lane.rows[i].job)
+            self._release(*[lane.rows[i] for i in gone])
             lane.keep([i for i in range(len(lane.rows)) if i not in set(gone)])
         if not lane.rows:
             return
@@ -201,8 +204,7 @@ class ContinuousScheduler:
         try:
             for step in self.runtime.generate_stream([job.prompt], [name], [job.sampling]):
                 if job.cancelled:
-                    self.cancelled += 1
-                    finish(job, "stop")
+                    self._stop_cancelled(job)
                     return
                 if advance(job, step[0], eos):
                     return
@@ -212,12 +214,10 @@ class ContinuousScheduler:
 
     # ------------------------------------------------------------ rows leaving
 
-    def _leave(self, rows: list[LiveRow], cancelled: bool) -> None:
-        for row in rows:
-            if cancelled:
-                self.cancelled += 1
-            finish(row.job, "stop")
-        self._release(*rows)
+    def _stop_cancelled(self, job: GenerationJob) -> None:
+        """A job whose client went away: counted, and told it is done."""
+        self.cancelled += 1
+        finish(job, "stop")
 
     def _release(self, *rows: LiveRow) -> None:
         for row in rows:

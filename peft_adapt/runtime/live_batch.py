@@ -149,11 +149,6 @@ class LiveBatch:
         self.positions = self.positions + 1
         self.logits = self.runtime._step(self.batch, ids, self.mask, self.positions[:, None], self.cache)
 
-    def reserved(self) -> int:
-        """Cache positions this batch may come to hold: its rows times the longest reservation (the cache is padded
-        to its longest row)."""
-        return len(self.rows) * max((r.reserved for r in self.rows), default=0)
-
     def _rebatch(self) -> None:
         self.batch = self.runtime._stacked_batch([r.adapter for r in self.rows])
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import UserInputError
+from ..runtime.batcher import SCHEDULERS
 
 MAX_STOPS = 4  # as OpenAI allows
 MAX_LOGPROBS = 5  # top alternatives per token, as OpenAI's completions allow
@@ -40,8 +41,8 @@ class ServerSettings:
     max_connections_per_peer: int = 64  # open at once from one address
 
     def __post_init__(self):
-        if self.scheduler not in ("step", "request"):
-            raise UserInputError(f"--scheduler {self.scheduler!r}: use step or request")
+        if self.scheduler not in SCHEDULERS:
+            raise UserInputError(f"--scheduler {self.scheduler!r}: use {' or '.join(SCHEDULERS)}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections",
                      "max_connections_per_peer", "prefill_chunk") + (("kv_budget",) if self.kv_budget is not None else ()):
             value = getattr(self, name)
