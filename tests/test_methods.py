@@ -99,6 +99,15 @@ def test_classifiers_train_with_every_method(tmp_path, tiny_bert, sentiment_file
         trained = result.model.eval()(**enc).logits
     # a fresh nf4 load runs the bf16 inference kernel (DESIGN.md): close, not bit-equal
     assert (fresh - trained).abs().max() < 2e-2 and torch.equal(fresh.argmax(-1), trained.argmax(-1))
+    # the runtime serves it (a prefix classifier through its group model), rows of any length together
+    runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="nf4")
+    texts = ["good great", "awful poor and sad", "fine"]
+    served = runtime.classify(texts, str(result.out_dir))
+    enc = loaded.backbone.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = loaded.model(**enc).logits.softmax(-1)
+    for row, probs in zip(served, expected):
+        assert max(abs(a - b) for a, b in zip(row["probs"].values(), probs.tolist())) < 1e-4, (row, probs)
 
 
 @pytest.fixture(scope="module")

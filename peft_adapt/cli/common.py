@@ -49,13 +49,13 @@ def read_inputs(args, unescape: bool = False) -> list[tuple[int | str, str]]:
     return list(iter_inputs(args, unescape))
 
 
-def iter_inputs(args, unescape: bool = False):
+def iter_inputs(args, unescape: bool = False, words: bool = False):
     """`read_inputs` one at a time, the file read as it is consumed (a file of any size costs a chunk's memory)."""
     from ..data import iter_texts  # lazy: the CLI starts without torch
 
     yield from enumerate(args.prompts, start=1)
     if args.file:
-        for item_id, text in iter_texts(args.file, args.text_field):
+        for item_id, text in iter_texts(args.file, args.text_field, words=words):
             yield item_id, text.replace("\\n", "\n") if unescape else text  # prompt files write a newline as \\n
     elif not args.prompts:
         raise UserInputError("no inputs: give texts as arguments or with --file")

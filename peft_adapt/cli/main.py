@@ -14,11 +14,11 @@ from ..errors import UserInputError
 from .common import threads_arg
 from .export import add_export, add_merge
 from .registry import add_registry
-from .run import add_classify, add_eval, add_generate, add_route
+from .run import add_classify, add_eval, add_generate, add_route, add_tag
 from .serve import add_serve
 from .train import add_meta_train, add_quickstart, add_train
 
-VERBS = (add_train, add_meta_train, add_registry, add_eval, add_generate, add_classify, add_route, add_merge,
+VERBS = (add_train, add_meta_train, add_registry, add_eval, add_generate, add_classify, add_tag, add_route, add_merge,
          add_export, add_serve, add_quickstart)
 
 

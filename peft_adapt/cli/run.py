@@ -1,4 +1,4 @@
-"""`eval`, `generate`, `classify` and `route`: run adapters on inputs."""
+"""`eval`, `generate`, `classify`, `tag` and `route`: run adapters on inputs."""
 
 from __future__ import annotations
 
@@ -79,6 +79,14 @@ def add_classify(sub) -> None:
     _add_texts(p, "classify")
     _add_adapter_choice(p)
     p.set_defaults(func=_cmd_classify)
+
+
+def add_tag(sub) -> None:
+    """`tag TEXT ...`: a tag per word from a token-classification adapter (or one per text)."""
+    p = sub.add_parser("tag", help="tag each word with a token-classification adapter (NER; a CRF decodes by Viterbi)")
+    _add_texts(p, "tag")
+    p.set_defaults(func=_cmd_tag)
+    _add_adapter_choice(p)
 
 
 def add_route(sub) -> None:
@@ -273,6 +281,32 @@ def _cmd_classify(args) -> int:
                 else:
                     print(f"{item_id}\t{result['label']}\t{max(result['probs'].values()):.3f}\t[{result['adapter']}] "
                           f"{one_line(text)}", flush=True)
+            count += len(chunk)
+    if out is not None:
+        print(f"wrote {count} predictions to {args.out}")
+    return 0
+
+
+def _cmd_tag(args) -> int:
+    """Texts are split on whitespace; a data file's --text-field may hold a list of words instead (CoNLL's tokens)."""
+    items = list(iter_inputs(args, words=True))
+    names = _per_prompt(_adapter_names(args), [text for _, text in items], args)  # bad counts fail before loading
+    if any(n is None for n in names):
+        raise UserInputError("tagging needs a token-classification adapter for every text: give --adapter NAME")
+    runtime = _runtime_with_mix(args, "classification")
+    count = 0
+    with predictions_file(args) as out:
+        for chunk in chunks(list(zip(items, names)), args.batch_size):
+            results = runtime.tag([text for (_, text), _ in chunk], [name for _, name in chunk], args.batch_size)
+            for ((item_id, _), _), result in zip(chunk, results):
+                record = {"id": item_id} | {k: result[k] for k in ("adapter", "words", "tags", "entities", "untagged")}
+                if out is not None:
+                    out.write(json.dumps(record) + "\n")
+                elif args.json:
+                    print(json.dumps(record), flush=True)
+                else:  # Stanford NER's inline style: word/TAG for every word not tagged O
+                    shown = [w if t == "O" else f"{w}/{t}" for w, t in zip(result["words"], result["tags"])]
+                    print(f"{item_id}\t[{result['adapter']}] {one_line(' '.join(shown), 200)}", flush=True)
             count += len(chunk)
     if out is not None:
         print(f"wrote {count} predictions to {args.out}")

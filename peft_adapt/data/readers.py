@@ -109,14 +109,15 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[tuple[int | s
     return list(iter_texts(path, text_field))
 
 
-def iter_texts(path: str | Path, text_field: str = "text", max_line_bytes: int = MAX_LINE_BYTES):
+def iter_texts(path: str | Path, text_field: str = "text", max_line_bytes: int = MAX_LINE_BYTES, words: bool = False):
     """`read_texts` one item at a time, reading the file as it goes: a file of any length costs a line's memory,
     and a line past `max_line_bytes` is refused once that much of it is read (JSONL and plain text; CSV fields
-    are bounded by MAX_CSV_FIELD, Parquet is read a batch of rows at a time)."""
+    are bounded by MAX_CSV_FIELD, Parquet is read a batch of rows at a time). With `words`, a field may also hold a
+    list of words (CoNLL's `tokens`)."""
     path = Path(path)
     if path.is_dir() or path.suffix in (".csv", ".parquet", ".pq"):
         rows = _iter_parquet(path) if path.suffix in (".parquet", ".pq") else read_rows(path, "test")
-        yield from ((_id_of(row, n), text_of(row, text_field, f"row {n}", path)) for n, row in rows)
+        yield from ((_id_of(row, n), text_of(row, text_field, f"row {n}", path, words)) for n, row in rows)
         return
     if not path.is_file():
         raise UserInputError(f"input file {path} does not exist")
@@ -127,7 +128,7 @@ def iter_texts(path: str | Path, text_field: str = "text", max_line_bytes: int =
                 continue
             row = _json_row(line, n, path)
             found = True
-            yield _id_of(row, n), text_of(row, text_field, f"row {n}", path)
+            yield _id_of(row, n), text_of(row, text_field, f"row {n}", path, words)
         elif line.strip():
             found = True
             yield n, line[:-1] if line.endswith("\r") else line
@@ -191,10 +192,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def text_of(row: dict, key: str, where: str, source: Path) -> str:
+def text_of(row: dict, key: str, where: str, source: Path, words: bool = False) -> str | list[str]:
     if key not in row:
         raise UserInputError(f"{source}: {where}: missing field {key!r} (fields found: {sorted(row)})")
     value = row[key]
+    if words and isinstance(value, list) and value and all(isinstance(w, str) and w.strip() for w in value):
+        return value
     if not isinstance(value, str) or not value.strip():
         raise UserInputError(f"{source}: {where}: field {key!r} must be a non-empty string, found {value!r}")
     return value

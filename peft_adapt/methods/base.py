@@ -8,6 +8,7 @@ registry, loading, training, merge and export ask these; none of them branches o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -22,13 +23,36 @@ from ..errors import UserInputError
 INPUT, DELTA, OUTPUT = "input", "delta", "output"
 
 
+# an adapter's task head beside its sites: a classifier's linear layer (`classifier.weight`, `.bias`, kept as `weight`
+# and `bias`) and a token classifier's CRF transitions (`crf.start`, `crf.end`, `crf.transitions`, kept as they are)
+_HEAD_KEY = re.compile(r"^(?:classifier(?:\.modules_to_save\.[^.]+)?\.(weight|bias)|(crf)(?:\.modules_to_save\.[^.]+)?\.(start|end|transitions))$")
+
+
+def head_name(key: str) -> str | None:
+    """The head entry a saved key holds (`weight`, `bias`, `crf.start`, ...), or None for a key of no head."""
+    m = _HEAD_KEY.match(key)
+    if m is None:
+        return None
+    return m.group(1) or f"crf.{m.group(3)}"
+
+
+def head_state(head: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A head's entries under the keys a saved adapter uses, after `prefix` (peft's `base_model.model.`)."""
+    return {prefix + (k if k.startswith("crf.") else f"classifier.{k}"): v.contiguous() for k, v in head.items()}
+
+
+def head_modules(head: dict[str, torch.Tensor]) -> list[str]:
+    """The modules a head's entries belong to (peft's `modules_to_save`)."""
+    return ["classifier"] + (["crf"] if any(k.startswith("crf.") for k in head) else []) if head else []
+
+
 @dataclass
 class AdapterWeights:
     """One adapter read into memory: per adapted site (a module path of the base), the method's own tensors."""
 
     method: str
     sites: dict[str, object]
-    head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classifier's weight and bias, if any
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # the task head, if any (`head_name`)
     extent: int = 1  # how far the runtime's stacks must reach for it (LoRA: its rank; bottleneck: its size)
     config: dict = field(default_factory=dict)  # what else the method needs to run or write it
 

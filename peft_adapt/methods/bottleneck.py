@@ -25,7 +25,16 @@ from torch import nn
 from ..errors import UserInputError
 from ..formats import read_adapter_config
 from ..models.structure import block_roles
-from .base import OUTPUT, AdapterMethod, AdapterWeights, StackComponent, gathered, weighted_average
+from .base import (
+    OUTPUT,
+    AdapterMethod,
+    AdapterWeights,
+    StackComponent,
+    gathered,
+    head_name,
+    head_state,
+    weighted_average,
+)
 
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -257,7 +266,7 @@ class Bottleneck(AdapterMethod):
                 raise UserInputError(f"{folder}: {WEIGHTS_FILE} lacks {exc.args[0]}") from None
             key = path[len(strip_prefix):] if strip_prefix and path.startswith(strip_prefix) else path
             sites[key] = (*parts, config["activation"])
-        head = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("classifier.")}
+        head = {head_name(k): v for k, v in state.items() if head_name(k)}
         return AdapterWeights(self.name, sites, head, extent=max(s[0].shape[0] for s in sites.values()),
                               config={k: v for k, v in config.items() if k != "sites"})
 
@@ -279,7 +288,7 @@ class Bottleneck(AdapterMethod):
         for path, (down, down_bias, up, up_bias, _) in weights.sites.items():
             for key, tensor in (("down.weight", down), ("down.bias", down_bias), ("up.weight", up), ("up.bias", up_bias)):
                 state[f"{path}.adapter.{key}"] = tensor.float().contiguous()
-        state |= {f"classifier.{k}": v.float().contiguous() for k, v in weights.head.items()}
+        state |= head_state({k: v.float() for k, v in weights.head.items()})
         config = dict(template) | {"sites": {p: [s[0].shape[1], s[0].shape[0]] for p, s in weights.sites.items()}}
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / WEIGHTS_FILE))

@@ -29,6 +29,7 @@ from .base import (
     PeftTrainedMethod,
     StackComponent,
     gathered,
+    head_state,
     weighted_average,
 )
 from .peft_state import read_peft_state
@@ -162,7 +163,7 @@ class IA3(PeftTrainedMethod):
         for path, (vector, stage) in weights.sites.items():
             shaped = vector.reshape(1, -1) if stage == INPUT else vector.reshape(-1, 1)
             state[f"base_model.model.{path}.{VECTOR}"] = shaped.float().contiguous()
-        state |= {f"base_model.model.classifier.{k}": v.contiguous() for k, v in weights.head.items()}
+        state |= head_state(weights.head, "base_model.model.")
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / ADAPTER_WEIGHTS))
         (folder / ADAPTER_CONFIG).write_text(json.dumps(dict(template), indent=2))

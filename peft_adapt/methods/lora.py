@@ -21,7 +21,16 @@ from torch import nn
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from ..models.structure import layer_features
-from .base import DELTA, AdapterWeights, PeftTrainedMethod, StackComponent, average_heads, gathered
+from .base import (
+    DELTA,
+    AdapterWeights,
+    PeftTrainedMethod,
+    StackComponent,
+    average_heads,
+    gathered,
+    head_modules,
+    head_state,
+)
 from .lora_kernels import lora_delta_into, use_kernels
 from .peft_state import read_peft_state
 
@@ -239,12 +248,11 @@ class Lora(PeftTrainedMethod):
             pad = rank - a.shape[0]
             state[f"base_model.model.{path}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
             state[f"base_model.model.{path}.lora_B.weight"] = torch.cat([b * scale, b.new_zeros(b.shape[0], pad)], 1).contiguous()
-        for key, tensor in weights.head.items():
-            state[f"base_model.model.classifier.{key}"] = tensor.contiguous()
+        state |= head_state(weights.head, "base_model.model.")
         config = dict(template)
         config.update(r=rank, lora_alpha=rank, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={},
                       target_modules=sorted({p.split(".")[-1] for p in weights.sites}), lora_dropout=0.0,
-                      modules_to_save=["classifier"] if weights.head else None)
+                      modules_to_save=head_modules(weights.head) or None)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / ADAPTER_WEIGHTS))
         (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))

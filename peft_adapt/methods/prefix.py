@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserInputError
 from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
-from .base import AdapterWeights, PeftTrainedMethod, weighted_average
+from .base import AdapterWeights, PeftTrainedMethod, head_state, weighted_average
 from .peft_state import read_peft_state
 
 PROMPT = "prompt_embeddings"
@@ -64,14 +64,18 @@ class Prefix(PeftTrainedMethod):
         return AdapterWeights(self.name, {PROMPT: state[PROMPT]}, head, extent=0, config=config)
 
     def group_model(self, weights: AdapterWeights, model):
-        """A peft wrapper around the shared base with this adapter's prefixes copied in."""
-        from peft import PeftModelForCausalLM
+        """A peft wrapper around the shared base with this adapter's prefixes copied in: a causal LM's, or for a
+        classifier the bare encoder's (peft's feature extraction; the runtime applies the adapter's head)."""
+        from peft import PeftModelForCausalLM, PeftModelForFeatureExtraction
         from peft.mapping import get_peft_config
 
-        config = get_peft_config(dict(weights.config) | {"inference_mode": True})  # the folded prefixes, no MLP
-        if weights.config.get("task_type") != "CAUSAL_LM":
-            raise UserInputError("prefix-tuned classifiers are served with `peft-adapt eval`, not the runtime")
-        wrapped = PeftModelForCausalLM(model, config)
+        task_type = weights.config.get("task_type")
+        if task_type not in ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS"):
+            raise UserInputError(f"a prefix adapter of task_type {task_type!r} cannot be served; the runtime serves "
+                                 f"CAUSAL_LM, SEQ_CLS and TOKEN_CLS ones")
+        served = {"inference_mode": True} | ({} if task_type == "CAUSAL_LM" else {"task_type": "FEATURE_EXTRACTION"})
+        config = get_peft_config(dict(weights.config) | served)  # the folded prefixes, no MLP
+        wrapped = (PeftModelForCausalLM if task_type == "CAUSAL_LM" else PeftModelForFeatureExtraction)(model, config)
         embedding = wrapped.prompt_encoder["default"].embedding
         with torch.no_grad():
             embedding.weight.copy_(weights.sites[PROMPT].to(embedding.weight.dtype))
@@ -84,7 +88,7 @@ class Prefix(PeftTrainedMethod):
         from safetensors.torch import save_file
 
         state = {PROMPT: weights.sites[PROMPT].contiguous()}
-        state |= {f"base_model.model.classifier.{k}": v.contiguous() for k, v in weights.head.items()}
+        state |= head_state(weights.head, "base_model.model.")
         folder.mkdir(parents=True, exist_ok=True)
         save_file(state, str(folder / ADAPTER_WEIGHTS))
         (folder / ADAPTER_CONFIG).write_text(json.dumps(dict(template), indent=2))

@@ -11,13 +11,13 @@ from collections import Counter
 import torch
 
 from ..errors import UserInputError
-from ..formats import MANIFEST, folder_kind, read_manifest
+from ..formats import MANIFEST, folder_kind, read_adapter_config, read_manifest
 from ..methods import AdapterWeights, method, method_of_folder
 from ..models.backbone import Backbone
 from ..registry.refs import Auto, Base, Mix, Stack, check_name, parse_ref, resolve
 from ..registry.store import Registry
 from .loading import check_adapter, check_shapes_fit
-from .residency import Residency, ResidentAdapter
+from .residency import SERVED_TASKS, Residency, ResidentAdapter
 from .sites import AdaptedSite, BatchContext
 from .stacks import check_part
 
@@ -101,7 +101,7 @@ class ResidentAdapters:
             if part.method != read[0][0][0].method:
                 raise UserInputError(f"{ref} is a {part.method} adapter and {first} a {read[0][0][0].method} one; "
                                      f"only adapters of one method can be mixed")
-            if (meta.get("labels"), meta.get("pooling")) != (metas[0].get("labels"), metas[0].get("pooling")):
+            if any(meta.get(k) != metas[0].get(k) for k in ("labels", "pooling", "task")):
                 raise UserInputError(f"{ref} has labels {meta.get('labels')} (pooling {meta.get('pooling')}) and "
                                      f"{first} {metas[0].get('labels')} ({metas[0].get('pooling')}): "
                                      f"only classifiers with one label map and pooling can be mixed")
@@ -136,8 +136,8 @@ class ResidentAdapters:
         adapter = ResidentAdapter(
             name=name, slot=slot, method=weights.method, extent=weights.extent, nbytes=weights.nbytes,
             source=meta["source"], pinned=pin, head=weights.head, labels=meta.get("labels"),
-            pooling=meta.get("pooling"), max_length=meta.get("max_length"), recipe=dict(recipe) if recipe else None,
-            version=meta.get("version"),
+            pooling=meta.get("pooling"), max_length=meta.get("max_length"), task=meta.get("task"),
+            recipe=dict(recipe) if recipe else None, version=meta.get("version"),
         )
         try:
             if adapting.stacked:
@@ -163,8 +163,9 @@ class ResidentAdapters:
             check_adapter(folder, manifest, self.backbone, source, force)
             if role != "alone":
                 check_part(source, manifest, self.task, top=role == "top")
-            elif manifest.task != self.task:
-                raise UserInputError(f"{source} is a {manifest.task} adapter; this runtime serves {self.task}")
+            elif manifest.task not in SERVED_TASKS[self.task]:
+                raise UserInputError(f"{source} is a {manifest.task} adapter; this runtime serves "
+                                     f"{' and '.join(SERVED_TASKS[self.task])}")
             elif manifest.stack_on:
                 under = manifest.stack_on["ref"]
                 raise UserInputError(f"{source} was trained on top of domain adapter {under}: serve it as a stack, "
@@ -176,7 +177,8 @@ class ResidentAdapters:
         weights = method_of_folder(folder).read(folder, strip_prefix="encoder." if self.task == "classification" else "")
         if self.task == "classification" and role != "under" and not weights.head:
             raise UserInputError(f"{source}: a classification adapter needs its head (classifier weights)")
-        meta = {"source": source, "version": version, "labels": manifest.labels if manifest else None,
+        task = manifest.task if manifest else _peft_task(folder, self.task)
+        meta = {"source": source, "version": version, "labels": manifest.labels if manifest else None, "task": task,
                 "pooling": (manifest.pooling if manifest else None) or "mean",
                 "max_length": manifest.max_length if manifest else None}
         return weights, meta
@@ -318,3 +320,9 @@ class ResidentAdapters:
             return self.residency.use(name)
         self.residency.misses += 1
         return self._load(name, None, False, False, keep=set(keep))
+
+
+def _peft_task(folder, served: str) -> str:
+    """A plain peft folder's task, from its config's task_type (TOKEN_CLS: token classification)."""
+    config = read_adapter_config(folder)
+    return "token_classification" if served == "classification" and config.task_type == "TOKEN_CLS" else served

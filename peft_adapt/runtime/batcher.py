@@ -119,9 +119,9 @@ class DynamicBatcher:
             self.steps.add(generation)
         elif generation:  # one batch whatever each samples: every row has its own settings and seed
             self._generate(generation)
-        classify = [j for j in jobs if isinstance(j, ClassifyJob)]
-        if classify:
-            self._classify(classify)
+        for kind in ("classify", "tag"):
+            if same := [j for j in jobs if isinstance(j, ClassifyJob) and j.kind == kind]:
+                self._classify(same, kind)
 
     def _gather(self, first) -> list:
         """The first job and whatever else arrives within the window, up to max_batch."""
@@ -198,7 +198,7 @@ class DynamicBatcher:
                 kept.append(job)
         return kept
 
-    def _classify(self, jobs: list[ClassifyJob]) -> None:
+    def _classify(self, jobs: list[ClassifyJob], kind: str) -> None:
         jobs = self._with_resident_adapters(jobs)
         if not jobs:
             return
@@ -207,9 +207,9 @@ class DynamicBatcher:
         texts = [t for j in jobs for t in j.texts]
         adapters = [n for j in jobs for n in j.adapters()]
         try:
-            results = self.runtime.classify(texts, adapters)
+            results = getattr(self.runtime, kind)(texts, adapters)
         except Exception as exc:
-            log_unexpected(exc, "a classification batch failed")
+            log_unexpected(exc, f"a {kind} batch failed")
             for j in jobs:
                 j.emit("error", exc)
             return

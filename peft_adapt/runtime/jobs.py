@@ -1,4 +1,4 @@
-"""What the batcher's worker is asked to do (generate, classify, route) and how a generation job takes its tokens:
+"""What the batcher's worker is asked to do (generate, classify or tag, route) and how a generation job takes its tokens:
 shared by both schedulers (whole requests, `batcher.py`; decode steps, `continuous.py`)."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class GenerationJob:
 
 @dataclass
 class ClassifyJob:
-    texts: list[str]
+    texts: list  # texts; for tagging, texts or lists of words
     adapter: str | list[str]  # one for every text, or one per text
     emit: Callable[[str, object], None]  # ("result", [dicts]) | ("error", exception)
+    kind: str = "classify"  # the runtime's method: classify (a label per text) or tag (a tag per word)
 
     def adapters(self) -> list[str]:
         return [self.adapter] * len(self.texts) if isinstance(self.adapter, str) else list(self.adapter)

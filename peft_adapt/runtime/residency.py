@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from ..errors import UserInputError
 
+# the adapters' tasks a runtime serves: a classification runtime holds the bare encoder, under any head
+SERVED_TASKS = {"causal_lm": ("causal_lm",), "classification": ("classification", "token_classification")}
+
 
 class NoRoom(UserInputError):
     """Every resident adapter that could make room is pinned or in use."""
@@ -26,6 +29,7 @@ class ResidentAdapter:
     labels: list[str] | None = None
     pooling: str | None = None
     max_length: int | None = None  # the training max_length: classification inputs are cut to it
+    task: str | None = None  # the adapter's own task (a classification runtime serves token classifiers too)
     recipe: dict | None = None  # for a load-time combination: {ref: weight}
     version: int | None = None  # the registry version it was read from (None: a folder, a mix, memory)
 

@@ -43,6 +43,7 @@ from .batch import AdapterBatch
 from .decoding import Sampling, decode, per_row
 from .encoding import encode
 from .residency import Residency, ResidentAdapter
+from .tagging import encode_words, entities, tag_rows, words_of_inputs
 
 TASKS = ("causal_lm", "classification")
 
@@ -410,13 +411,12 @@ class AdapterRuntime:
             return results
         if self.batch_invariant and len(texts) > 1:
             return [self._classify_batch([text], [name])[0] for text, name in zip(texts, names)]
-        batch, resident = self._batch(names, len(texts))  # grouped classifiers are refused at load
-        if any(a is None for a in resident):
-            raise UserInputError("classification needs an adapter for every row (the base has no head)")
+        resident, stacked, grouped = self._plan(names, len(texts))
+        _check_heads(resident, "classification", "tag (tag(), `peft-adapt tag`, POST /v1/tag)")
         limits = [min(a.max_length or self.max_positions, self.max_positions) for a in resident]
         ids, mask = self._encode(texts, limits=limits)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self._forward(batch, input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = self._encoder_hidden(resident, stacked, grouped, ids, mask)
         results: list[dict | None] = [None] * len(resident)
         for slot in sorted({a.slot for a in resident}):
             rows = [i for i, a in enumerate(resident) if a.slot == slot]
@@ -430,6 +430,69 @@ class AdapterRuntime:
                 results[i] = {"adapter": adapter.name, "label": names_of[label_id], "label_id": label_id,
                               "probs": dict(zip(names_of, p.tolist())), "tokens": int(mask[i].sum())}
         return results
+
+    def tag(self, inputs, adapters, batch_size: int = 32) -> list[dict]:
+        """Tag each input's words with its row's token-classification adapter: a text (split on whitespace) or a
+        list of words in, per row the words, their tags (Viterbi through the adapter's CRF where it has one) and
+        the entities they spell. Inputs are cut to the adapter's training `max_length` as training cut them: words
+        past the cut get no tag (`untagged` counts them)."""
+        if self.task != "classification":
+            raise UserInputError("tag() is for encoder runtimes (task='classification'), which serve token classifiers")
+        rows = words_of_inputs(inputs)
+        names = _per_row(adapters, len(rows))
+        if any(is_auto(n) for n in names):
+            raise UserInputError("tagging takes named adapters; auto routes texts for generate() and classify()")
+        results: list[dict] = []
+        for start in range(0, len(rows), batch_size):
+            with self._lock:
+                results += self._tag_batch(rows[start : start + batch_size], names[start : start + batch_size])
+        return results
+
+    def _tag_batch(self, rows: list[list[str]], names: list) -> list[dict]:
+        if self.batch_invariant and len(rows) > 1:
+            return [self._tag_batch([words], [name])[0] for words, name in zip(rows, names)]
+        resident, stacked, grouped = self._plan(names, len(rows))
+        _check_heads(resident, "token_classification",
+                     "classify (classify(), `peft-adapt classify`, POST /v1/classify)")
+        limits = [min(a.max_length or self.max_positions, self.max_positions) for a in resident]
+        ids, mask, starts = encode_words(self.tokenizer, rows, limits)
+        hidden = self._encoder_hidden(resident, stacked, grouped, ids.to(self.device), mask.to(self.device))
+        results: list[dict | None] = [None] * len(rows)
+        for slot in sorted({a.slot for a in resident}):
+            index = [i for i, a in enumerate(resident) if a.slot == slot]
+            adapter = resident[index[0]]
+            labels = adapter.labels or [str(k) for k in range(adapter.head["weight"].shape[0])]
+            tags = tag_rows(hidden[index], starts[index].to(self.device), adapter.head, labels)
+            for i, row_tags in zip(index, tags):
+                words = rows[i]
+                results[i] = {"adapter": adapter.name, "words": words, "tags": row_tags,
+                              "entities": entities(words[: len(row_tags)], row_tags),
+                              "untagged": len(words) - len(row_tags), "tokens": int(mask[i].sum())}
+        return results
+
+    def _encoder_hidden(self, resident: list, stacked: list[int], grouped: dict[str, list[int]], ids: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden states of every row: rows of stacked adapters in one pass, each prefix-tuned
+        adapter's rows through its group model (the prefixes are its own keys and values)."""
+        hidden = None
+        parts = ([(stacked, self._stacked_batch([resident[i] for i in stacked]), None)] if stacked else []) + \
+                [(rows, None, resident[rows[0]].group_model) for rows in grouped.values()]
+        for rows, batch, model in parts:
+            index = torch.tensor(rows, device=ids.device)
+            out = self._forward(batch, model, input_ids=ids[index], attention_mask=mask[index]).last_hidden_state
+            if hidden is None:
+                hidden = out.new_zeros(ids.shape[0], *out.shape[1:])
+            hidden[index] = out
+        return hidden
+
+
+def _check_heads(resident: list[ResidentAdapter | None], task: str, other: str) -> None:
+    """Every row has an adapter of `task` (the base has no head of its own)."""
+    for adapter in resident:
+        if adapter is None:
+            raise UserInputError(f"{task} needs an adapter for every row (the base has no head)")
+        if (adapter.task or "classification") != task:
+            raise UserInputError(f"{adapter.name} is a {adapter.task} adapter; serve it with {other}")
 
 
 def _per_row(adapters, rows: int) -> list:

@@ -24,13 +24,14 @@ from ..methods import method, method_of_folder
 from ..models.fingerprint import fingerprint_differences
 from ..registry.refs import parse_ref, resolve
 from ..registry.stacks import DOMAIN_TASKS
+from .residency import SERVED_TASKS
 
 
 def check_part(source: str, manifest: Manifest, task: str, top: bool) -> None:
     """A stack's top part does the serving task; the parts under it are LoRA domain adapters of that base."""
     if not method(manifest.method).stackable:
         raise UserInputError(f"{source} is a {manifest.method} adapter; only LoRA adapters stack (their deltas add)")
-    allowed = (task,) if top else DOMAIN_TASKS.get(task, (task,))
+    allowed = SERVED_TASKS.get(task, (task,)) if top else DOMAIN_TASKS.get(task, (task,))
     if manifest.task not in allowed:
         where = "at the top of" if top else "under the task adapter in"
         raise UserInputError(f"{source} is a {manifest.task} adapter; {where} a {task} stack it must be "

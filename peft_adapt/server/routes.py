@@ -18,8 +18,17 @@ from ..registry.stacks import DOMAIN_TASKS
 from ..routing.router import is_auto
 from ..runtime.batcher import ClassifyJob
 from ..runtime.decoding import Sampling
+from ..runtime.residency import SERVED_TASKS
 from .generation import as_api_error, chat_prompt, respond, routed, submit
-from .schemas import AdapterRequest, APIError, ChatRequest, ClassifyRequest, CompletionRequest, ServerSettings
+from .schemas import (
+    AdapterRequest,
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    ServerSettings,
+    TagRequest,
+)
 
 DEFAULT_CHAT_TOKENS = 256  # a chat request without max_tokens gets this, or the server's limit if lower
 
@@ -42,7 +51,7 @@ class ServerState:
     def servable(self) -> list[str]:
         """Registered adapters of this server's base and task, and the operator's own."""
         fingerprint = self.runtime.backbone.fingerprint["id"]
-        names = {e.name for e in self.registry.list(base=fingerprint) if e.task == self.runtime.task}
+        names = {e.name for e in self.registry.list(base=fingerprint) if e.task in SERVED_TASKS[self.runtime.task]}
         return sorted(names | self.from_folders)
 
     def adapter_for(self, model: str) -> str | None:
@@ -79,7 +88,8 @@ class ServerState:
         except UserInputError:
             raise self._not_found(str(ref)) from None
         fingerprint = self.runtime.backbone.fingerprint["id"]
-        tasks = (self.runtime.task,) if top else DOMAIN_TASKS.get(self.runtime.task, (self.runtime.task,))
+        task = self.runtime.task
+        tasks = SERVED_TASKS[task] if top else DOMAIN_TASKS.get(task, (task,))
         if entry.fingerprint != fingerprint or entry.task not in tasks:
             role = "" if not stacked else " at the top of a stack" if top else " under the task adapter of a stack"
             raise APIError(400, f"{entry.ref} is a {entry.task} adapter of base {entry.base_model!r}; this server "
@@ -262,18 +272,48 @@ async def classify(body: ClassifyRequest, request: Request):
         raise APIError(400, "classification needs an adapter: the base has no head", param="model")
     texts = await run_in_threadpool(state.cut_texts, texts)
     adapter, headers, chosen = await route_inputs(state, texts, adapter)
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-    # texts are cut to the adapter's training max_length in the batcher's thread, as training cut them
-    submit(state.batcher, ClassifyJob(texts, adapter, lambda kind, value: loop.call_soon_threadsafe(
-        lambda: done.done() or done.set_result((kind, value)))))
-    kind, value = await done
-    if kind == "error":
-        raise as_api_error(value, "classification failed")
+    value = await _run_on_encoder(state, ClassifyJob(texts, adapter, None, "classify"))
     per_text = adapter if isinstance(adapter, list) else None  # routed: each item names its adapter
     data = [{"index": i, **{k: r[k] for k in ("label", "label_id", "probs")},
              **({"model": per_text[i]} if per_text else {})} for i, r in enumerate(value)]
     return JSONResponse({"object": "list", "model": chosen or body.model, "data": data}, headers=headers)
+
+
+@router.post("/v1/tag")
+async def tag(body: TagRequest, request: Request):
+    """A tag per word from a token-classification adapter (NER and the like), and the entities the tags spell."""
+    state = state_of(request)
+    if state.runtime.task != "classification":
+        raise APIError(400, "this server serves a causal LM base: tagging needs an encoder base", param="model")
+    rows = [body.input] if isinstance(body.input, str) else body.input
+    if len(rows) > state.settings.max_batch:
+        raise APIError(400, f"input: give 1 to {state.settings.max_batch} texts", param="input")
+    for i, row in enumerate(rows):
+        if isinstance(row, list) and len(row) > state.settings.max_prompt_tokens:
+            raise APIError(400, f"input {i}: {len(row)} words; give at most {state.settings.max_prompt_tokens}",
+                           param="input")
+    adapter = await run_in_threadpool(state.adapter_for, body.model)
+    if adapter is None or is_auto(adapter):
+        raise APIError(400, "tagging needs a token-classification adapter by name", param="model")
+    texts = [r for r in rows if isinstance(r, str)]
+    cut = iter(await run_in_threadpool(state.cut_texts, texts))
+    rows = [next(cut) if isinstance(r, str) else r for r in rows]
+    value = await _run_on_encoder(state, ClassifyJob(rows, adapter, None, "tag"))
+    data = [{"index": i, **{k: r[k] for k in ("words", "tags", "entities", "untagged")}} for i, r in enumerate(value)]
+    return JSONResponse({"object": "list", "model": body.model, "data": data})
+
+
+async def _run_on_encoder(state: ServerState, job: ClassifyJob) -> list[dict]:
+    """Run a classify or tag job in the batcher and wait for its results (inputs are cut to the adapter's training
+    max_length in the batcher's thread, as training cut them)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    job.emit = lambda kind, value: loop.call_soon_threadsafe(lambda: done.done() or done.set_result((kind, value)))
+    submit(state.batcher, job)
+    kind, value = await done
+    if kind == "error":
+        raise as_api_error(value, "classification failed" if job.kind == "classify" else "tagging failed")
+    return value
 
 
 @router.get("/v1/models")

@@ -225,6 +225,14 @@ class ClassifyRequest(_Body):
     input: str | Annotated[list[str], Field(min_length=1)]
 
 
+class TagRequest(_Body):
+    model: str = Field(min_length=1, max_length=300)
+    # a text (split on whitespace), a list of texts, or a list of rows of words
+    input: str | Annotated[list[str], Field(min_length=1)] | Annotated[
+        list[Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(min_length=1)]],
+        Field(min_length=1)]
+
+
 class AdapterRequest(_Body):
     name: str = Field(min_length=1, max_length=300)
     pin: bool = False
