@@ -289,3 +289,36 @@ def test_a_gpt2_adapter_trained_on_nf4_exports_as_close_as_the_noise_floor(tmp_p
     assert report["variants"]["export_fp32"]["top1_agreement"] >= report["noise_floor"]["top1_agreement"] - 0.005
     served = AdapterRuntime(str(tiny_gpt2), quantization="nf4", registry=registry)
     assert served.generate(["def add(a, b):"], adapters="t-docs", max_new_tokens=4)[0] is not None
+
+
+def _snippet(folder) -> dict:
+    """Run the Python block of an exported classifier's README, as a user would paste it."""
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code.replace("'FOLDER'", repr(str(folder))), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("pooling, base", [("cls", "tiny_bert"), ("last", "tiny_llama")])
+def test_a_classifier_exports_to_an_automodel_folder_that_its_cards_snippet_runs_as_served(tmp_path, sentiment_file,
+                                                                                         request, pooling, base):
+    from conftest import classification_recipe
+
+    from peft_adapt import parse_recipe, train_domain
+
+    model = request.getfixturevalue(base)
+    data = classification_recipe(model, sentiment_file, max_steps=10)
+    data["task"]["pooling"] = pooling
+    registry = Registry(tmp_path / "reg")
+    registry.add(train_domain(parse_recipe(data), "sentiment", tmp_path / "run").out_dir, name="sentiment")
+    report = export_model(registry, "sentiment", tmp_path / "out", dtype="fp32", fidelity="logits")
+    assert report["label_agreement"] == 1.0 and report["max_abs_prob_diff"] < 1e-5, report
+    texts = ["good great fine", "awful broken sad and slow", "fine"]
+    served = AdapterRuntime(str(model), task="classification", quantization="none", registry=registry).classify(
+        texts, "sentiment")
+    found = _snippet(tmp_path / "out")["classify"](texts)
+    for mine, theirs in zip(found, served):
+        assert mine["label"] == theirs["label"]
+        assert max(abs(a - b) for a, b in zip(mine["probs"].values(), theirs["probs"].values())) < 1e-5
+    assert not (tmp_path / "out" / "adapter_config.json").exists()

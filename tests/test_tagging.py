@@ -130,3 +130,21 @@ def test_tag_on_the_command_line_and_through_the_server(taggers, tiny_bert, tmp_
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_crf_tagger_exports_to_an_automodel_folder_that_its_cards_snippet_runs(taggers, tiny_bert, tmp_path):
+    from test_merge import _snippet
+
+    from peft_adapt import export_model
+
+    registry, test = taggers
+    report = export_model(registry, "ner-crf", tmp_path / "out", dtype="fp32", probe=test, fidelity="logits")
+    assert report["rows"] == 12 and report["word_tag_agreement"] >= 0.95, report  # nf4 served, fp32 exported
+    rows = _words(test)
+    exported = [_snippet(tmp_path / "out")["tag"](words) for words in rows]
+    served = AdapterRuntime(str(tiny_bert), task="classification", quantization="nf4", registry=registry)
+    found = [w for words in exported for w in words]
+    expected = [t for r in served.tag(rows, "ner-crf") for t in r["tags"]]
+    assert len(found) == len(expected)
+    assert sum(a == b for a, b in zip(found, expected)) / len(found) == report["word_tag_agreement"]
+    assert json.loads((tmp_path / "out" / "head.json").read_text())["crf"] is True

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.backbone import BaseSpec, quantization_config, quantized_load_dtype
+from ..models.backbone import BaseSpec, bare_encoder, quantization_config, quantized_load_dtype
+from ..models.shards import Checkpoint
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor | None:
@@ -35,7 +36,7 @@ class QuantizedLayout:
     """Which checkpoint weights a base loaded with `quantization` holds quantized, and their dequantized values (an
     empty model: no memory)."""
 
-    def __init__(self, folder: Path, quantization: str, trust_remote_code: bool = False):
+    def __init__(self, folder: Path, quantization: str, trust_remote_code: bool = False, encoder: bool = False):
         import bitsandbytes as bnb
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -48,9 +49,15 @@ class QuantizedLayout:
         self.loaded_dtype = quantized_load_dtype(Path(folder))  # what load_backbone quantizes from
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            empty = (bare_encoder(config) if encoder
+                     else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+        # the checkpoint's names of the empty model's weights: a bare encoder (BertModel) read from a checkpoint
+        # of a model with a head (BertForMaskedLM) finds its weights under the head model's prefix (`bert.`)
+        names = [n for n, _ in empty.named_parameters()]
+        checkpoint = Checkpoint(Path(folder))
+        self.prefix = "" if not encoder or all(n in checkpoint for n in names) else f"{empty.base_model_prefix}."
         # Conv1D (GPT-2) stores its weight [in, out]: the loader transposes it before quantizing
-        self.transposed = {name for name, module in empty.named_modules() if isinstance(module, Conv1D)}
+        self.transposed = {self.prefix + n for n, module in empty.named_modules() if isinstance(module, Conv1D)}
         if quantization == "none":
             return
         spec = BaseSpec(model=str(folder), quantization=quantization, device="cpu")
@@ -59,7 +66,7 @@ class QuantizedLayout:
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
                 settings = dict(module.weight.__dict__)
                 settings.pop("SCB", None)
-                self.params[f"{name}.weight"] = settings
+                self.params[f"{self.prefix}{name}.weight"] = settings
 
     def __contains__(self, key: str) -> bool:
         return key in self.params

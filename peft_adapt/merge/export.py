@@ -29,19 +29,23 @@ from ..models.memory import release_freed_memory, tensors_in_own_mappings
 from ..models.shards import Checkpoint, ShardWriter, parse_size
 from ..registry.transfer import check_export_target
 from .dequantize import QuantizedLayout
-from .fidelity import WeightFidelity, logits_fidelity
+from .exported_head import write_head
+from .fidelity import WeightFidelity, head_fidelity, logits_fidelity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENCODER_TASKS = ("classification", "token_classification", "masked_lm")  # exported as the bare encoder (+ head)
 FIDELITY = ("weights", "logits", "none")
 
 
 def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str, dtype: str,
-                 target: Path, max_shard_size: str | int = "2GB", measure: bool = True) -> WeightFidelity:
+                 target: Path, max_shard_size: str | int = "2GB", measure: bool = True,
+                 encoder: bool = False) -> WeightFidelity:
     """Write the weights of `base` with `weights` folded in (None: the base alone) to `target` in `dtype`, one tensor
-    at a time; returns what the saved dtype kept of the adapter, module by module."""
+    at a time; returns what the saved dtype kept of the adapter, module by module. `encoder`: the adapter's sites
+    are paths in the bare encoder the task heads sit on (`AutoModel`), not in the causal LM."""
     checkpoint = Checkpoint(base)
-    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none")
-    sites = weights.sites if weights is not None else {}
+    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none", encoder=encoder)
+    sites = {layout.prefix + p: s for p, s in weights.sites.items()} if weights is not None else {}
     missing = sorted(p for p in sites if f"{p}.weight" not in checkpoint)
     if missing:
         raise UserInputError(f"the adapter adapts {missing[0]!r}, which the base {base} does not have")
@@ -117,11 +121,13 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     if adapting.fold_reason is not None:
         raise UserInputError(f"{entry.ref} cannot be exported into base weights: {adapting.fold_reason}. "
                              f"Serve it with the runtime instead.")
-    if manifest.task != "causal_lm":
-        raise UserInputError(
-            f"{entry.ref} is a {manifest.task} adapter; its pooling head is not a transformers architecture, "
-            f"so only causal LM adapters export to a standalone model. Serve it with the runtime instead."
-        )
+    encoder = manifest.task in ENCODER_TASKS  # the bare encoder, with the adapter's head beside it
+    if manifest.task != "causal_lm" and not encoder:
+        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter; export takes causal_lm, "
+                             f"{', '.join(ENCODER_TASKS)} adapters")
+    if encoder and requantize:
+        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter: its export is a plain AutoModel checkpoint "
+                             f"and a head; requantize applies to causal LM exports. Leave out --requantize")
     out = Path(out)
     check_export_target(out)
     base_model, trained_q = manifest.base_model, manifest.quantization
@@ -134,17 +140,27 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     with staged_folder(out) as staging, tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "fp" if requantize else staging
         target.mkdir(parents=True, exist_ok=True)
-        kept = write_folded(path, adapting.read(entry.path), trained_q, base_weights, dtype, target, max_shard_size,
-                            measure=fidelity == "weights")
+        weights = adapting.read(entry.path, strip_prefix="encoder." if encoder else "")
+        kept = write_folded(path, weights, trained_q, base_weights, dtype, target, max_shard_size,
+                            measure=fidelity == "weights", encoder=encoder)
         _save_config(config, target, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if encoder and tokenizer.pad_token is None:  # as the runtime pads a decoder classifier's rows
+            tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(target)
-        _generation_config(path, config).save_pretrained(target)
+        if encoder and weights.head:
+            write_head(target, weights.head, manifest, entry.ref)
+        elif not encoder:
+            _generation_config(path, config).save_pretrained(target)
         report["export_seconds"] = time.perf_counter() - started
         if requantize:
             _requantize(target, staging, requantize, tokenizer, path, max_shard_size)
         if fidelity == "weights":
             report |= {"fidelity": "weights", **kept.report(dtype)}
+        elif fidelity == "logits" and encoder:
+            measured = time.perf_counter()
+            report |= {"fidelity": "logits", **head_fidelity(entry, target, DTYPES[dtype], probe)}
+            report["fidelity_seconds"] = time.perf_counter() - measured
         elif fidelity == "logits":
             measured = time.perf_counter()
             floor_base = Path(tmp) / "base"  # the base as training saw it, in fp32: the noise floor's reference

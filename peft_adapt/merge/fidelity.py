@@ -15,8 +15,11 @@ import torch
 
 from ..data import read_rows
 from ..errors import UserInputError
+from ..models.heads import pool_hidden
 from ..runtime import AdapterRuntime
+from ..runtime.tagging import encode_words, tag_rows
 from ..training.recipe import Recipe
+from .exported_head import HEAD_WEIGHTS
 
 BLOCK = 128
 KEPT_WARNING = 0.9  # a module whose saved weights keep less of the adapter than this is named in a warning
@@ -151,3 +154,67 @@ def probe_token_ids(tokenizer, manifest, probe: str | Path | None, tokens: int) 
     if len(ids) < BLOCK:
         raise UserInputError(f"the probe text has only {len(ids)} tokens; give a longer --probe file")
     return torch.tensor(ids[: blocks * BLOCK]).view(blocks, BLOCK)
+
+
+def head_fidelity(entry, folder: Path, dtype: torch.dtype, probe: str | Path | None, rows: int = 64) -> dict:
+    """An exported classifier (its `AutoModel` folder and head, run as the README's snippet runs them) against the
+    unmerged adapter as served: the share of texts (or words) given the same label and the largest probability
+    difference. On the adapter's eval rows (or `probe`), the first `rows` of them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    manifest = entry.manifest
+    if not (Path(folder) / HEAD_WEIGHTS).is_file():
+        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter with no head to compare through; "
+                             f"use --fidelity weights")
+    runtime = AdapterRuntime(manifest.base_model, task="classification", quantization=manifest.quantization,
+                             device="cpu")
+    runtime.load(str(entry.path))
+    model = AutoModel.from_pretrained(folder, dtype=dtype, device_map="cpu").eval()
+    head = load_file(str(Path(folder) / HEAD_WEIGHTS))
+    labels = manifest.labels or [str(k) for k in range(head["weight"].shape[0])]
+    limit = [min(manifest.max_length or runtime.max_positions, runtime.max_positions)]
+    tokens = manifest.task == "token_classification"
+    inputs = _probe_rows(manifest, probe, words=tokens)[:rows]
+    agree, total, worst = 0, 0, 0.0
+    for item in inputs:  # one at a time, as the README's snippet runs
+        if tokens:
+            served = runtime.tag([item], str(entry.path))[0]["tags"]
+            ids, mask, starts = encode_words(runtime.tokenizer, [item], limit)
+            with torch.no_grad():
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            found = tag_rows(hidden, starts, head, labels)[0]
+            agree, total = agree + sum(a == b for a, b in zip(found, served)), total + len(served)
+            continue
+        served = runtime.classify([item], str(entry.path))[0]
+        ids, mask = runtime._encode([item], limits=limit)
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        probs = (pool_hidden(hidden, mask, manifest.pooling or "mean") @ head["weight"].T + head["bias"]).softmax(-1)[0]
+        agree, total = agree + (labels[int(probs.argmax())] == served["label"]), total + 1
+        worst = max(worst, max(abs(a - b) for a, b in zip(probs.tolist(), served["probs"].values())))
+    report = {"against": f"the unmerged model: {manifest.base_model} in {manifest.quantization} + the adapter, as "
+                         f"served", "rows": len(inputs),
+              ("word_tag_agreement" if tokens else "label_agreement"): agree / max(total, 1)}
+    if not tokens:
+        report["max_abs_prob_diff"] = worst
+    return report
+
+
+def _probe_rows(manifest, probe: str | Path | None, words: bool) -> list:
+    """Texts (or, for a token classifier, lists of words) to compare an exported classifier on."""
+    field = "tokens" if words else "text"
+    sources = [Path(probe)] if probe is not None else []
+    if not sources:
+        try:
+            recipe = Recipe.model_validate(manifest.recipe)
+            spec = recipe.domains.get(manifest.domain)
+            sources = [recipe.data_path(v) for v in (spec.eval, spec.test, spec.train) if v] if spec else []
+        except Exception:  # an imported or merged adapter has no full recipe
+            sources = []
+    for source in sources:
+        if source.exists():
+            found = [r[field] for _, r in read_rows(source) if r.get(field)]
+            if found:
+                return found
+    raise UserInputError(f"no rows with a `{field}` field to compare the export on: give --probe FILE")

@@ -123,9 +123,7 @@ def load_backbone(
             if task == "causal_lm":
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             elif task in ("classification", "token_classification", "masked_lm", "encoder"):
-                encoder_cls = AutoModel._model_mapping[type(config)]
-                if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters:
-                    kwargs["add_pooling_layer"] = False  # our heads pool; an unused pooler would get LoRA too
+                kwargs |= encoder_options(config)
                 model = AutoModel.from_pretrained(path, **kwargs)
                 if task not in ("encoder", "masked_lm") and not num_labels:
                     raise ValueError(f"{task} needs num_labels")
@@ -155,6 +153,22 @@ def load_backbone(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model, tokenizer, spec, path, base_fingerprint(path), device)
+
+
+def encoder_options(config) -> dict:
+    """What `AutoModel` takes to build the bare encoder the task heads sit on: no pooler where the class has one
+    (our heads pool; an unused pooler would get LoRA too)."""
+    from transformers import AutoModel
+
+    encoder_cls = AutoModel._model_mapping[type(config)]
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(encoder_cls.__init__).parameters else {}
+
+
+def bare_encoder(config):
+    """The bare encoder of `config` as `load_backbone` builds it for the task heads (weights as the config says)."""
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config, **encoder_options(config))
 
 
 def quantized_load_dtype(path: Path) -> torch.dtype:
