@@ -86,34 +86,6 @@ def test_classification_head_pools_over_real_tokens_only(tiny_bert):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family, shape", [
-    ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
-    ("falcon", {}),
-    ("gemma3_text", {"num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 16}),
-])
-def test_a_decoder_classifier_pools_its_last_token_whatever_its_family(tmp_path, family, shape):
-    """Issue 32: OPT, Falcon and Gemma3 were missing from a list of decoder names, so `pooling: auto` read their first
-    token: two texts sharing a first word got one answer. Causality now comes from what transformers knows of the
-    architecture."""
-    from transformers import AutoConfig, AutoModel
-
-    from peft_adapt.testing.tiny_models import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=128,
-                                  pad_token_id=tokenizer.pad_token_id, **shape)
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(tmp_path / family)
-    tokenizer.save_pretrained(tmp_path / family)
-    backbone = load_backbone(BaseSpec(model=str(tmp_path / family), quantization="none"), "classification", 2, "auto")
-    assert backbone.model.pooling == "last"
-    batch = backbone.tokenizer(["the cat sat", "the dog ran far"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = backbone.model(**batch).logits
-    assert (logits[0] - logits[1]).abs().max() > 1e-4
-
-
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_an_encoder_decoder_model_is_refused_by_name(tmp_path, task):
     """T5 crashed at the first step ("You must specify exactly one of input_ids or inputs_embeds")."""

@@ -156,3 +156,52 @@ def write_random_lora(base: str | Path, out: str | Path, rank: int, targets: lis
               "use_dora": False, "fan_in_fan_out": False, "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# tiny random models of the architectures users bring (hidden 64, 2 layers, 4 heads): what each config needs beyond
+# the shared sizes; causal decoders, encoders and encoder-decoders, as transformers builds them offline
+ARCHITECTURES = {
+    "llama": {"intermediate_size": 128, "num_key_value_heads": 2},
+    "mistral": {"intermediate_size": 128, "num_key_value_heads": 2, "sliding_window": None},
+    "qwen2": {"intermediate_size": 128, "num_key_value_heads": 2},
+    "qwen3": {"intermediate_size": 128, "num_key_value_heads": 2, "head_dim": 16},
+    "gemma2": {"intermediate_size": 128, "num_key_value_heads": 2, "head_dim": 16},
+    "gemma3_text": {"intermediate_size": 128, "num_key_value_heads": 2, "head_dim": 16},
+    "phi3": {"intermediate_size": 128},
+    "gpt2": {},
+    "gpt_neox": {"intermediate_size": 128},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "falcon": {},
+    "bert": {"intermediate_size": 128},
+    "roberta": {"intermediate_size": 128},
+    "deberta-v2": {"intermediate_size": 128},
+    "modernbert": {"intermediate_size": 128, "cls_token_id": 2, "sep_token_id": 3},  # the tokenizer's [CLS], [SEP]
+    "distilbert": {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 4},
+    "t5": {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16, "decoder_start_token_id": 0},
+    "bart": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+             "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128},
+}
+
+
+def build_tiny_architecture(path: str | Path, model_type: str, seed: int = 0) -> Path:
+    """Save a tiny random model of `model_type` (a key of ARCHITECTURES) with this module's tokenizer: a causal
+    decoder with its LM head, an encoder bare (as sentence encoders ship), an encoder-decoder with its LM head."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ..models.backbone import is_causal_decoder  # lazy: testing helpers load no model code until asked
+
+    path = Path(path)
+    probe = AutoConfig.for_model(model_type)
+    encoder_only = not probe.is_encoder_decoder and not is_causal_decoder(probe)
+    tokenizer = build_tokenizer(320, bert_style=encoder_only)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id if not encoder_only else None,
+        eos_token_id=tokenizer.eos_token_id if not encoder_only else None, **ARCHITECTURES[model_type])
+    torch.manual_seed(seed)
+    builder = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel if encoder_only
+               else AutoModelForCausalLM)
+    builder.from_config(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
