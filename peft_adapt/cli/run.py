@@ -161,6 +161,8 @@ def _runtime_for(args, task: str):
         folder = resolve(named[0].parts[-1] if isinstance(named[0], Stack) else named[0], registry).folder  # a stack: its top
         manifest = read_manifest(folder)
         base, quantization = manifest.base_model, quantization or manifest.quantization
+        if task == "causal_lm" and manifest.task == "seq2seq":  # `generate` writes with an encoder-decoder too
+            task = "seq2seq"
     return AdapterRuntime(base, task=task, quantization=quantization or "nf4", registry=registry, device=args.device)
 
 

@@ -18,7 +18,7 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base, every adapter, batched across adapters")
     p.add_argument("--base", required=True, help="base model: alias, folder or hub id")
     p.add_argument("--quantization", default="nf4", choices=["none", "int8", "nf4", "fp4"])
-    p.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification"])
+    p.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification", "seq2seq"])
     add_registry_arguments(p)
     p.add_argument("--adapters", help="comma-separated adapters to load (and pin) at start")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

@@ -32,6 +32,8 @@ def pad_batch(features: list[dict], pad_token_id: int, padding_side: str = "righ
 
     width = max(len(f["input_ids"]) for f in features)
     has_labels = "labels" in features[0]  # unlabeled target text for domain adaptation has none
+    # labels as long as their inputs (a causal LM's), or a decoder's own sequence (seq2seq: padded to its own width)
+    label_width = max((len(f["labels"]) for f in features if not isinstance(f.get("labels", 0), int)), default=width)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
     for f in features:  # word bookkeeping of token classification stays out of the batch
         gap = width - len(f["input_ids"])
@@ -40,7 +42,10 @@ def pad_batch(features: list[dict], pad_token_id: int, padding_side: str = "righ
         batch["attention_mask"].append(pad(list(f["attention_mask"]), 0))
         if has_labels:
             labels = f["labels"]
-            batch["labels"].append(labels if isinstance(labels, int) else pad(list(labels), IGNORE_INDEX))
+            if not isinstance(labels, int):
+                fill = [IGNORE_INDEX] * (label_width - len(labels))
+                labels = fill + list(labels) if padding_side == "left" else list(labels) + fill
+            batch["labels"].append(labels)
     return {k: torch.tensor(v) for k, v in batch.items() if v}
 
 

@@ -18,9 +18,10 @@ class TaskSpec(BaseModel):
     """The `task:` section of a recipe."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["causal_lm", "classification", "token_classification", "masked_lm"] = Field(
+    type: Literal["causal_lm", "classification", "token_classification", "masked_lm", "seq2seq"] = Field(
         json_schema_extra={"example": "classification"})
-    max_length: int = Field(256, ge=8, description="tokens per example: longer ones are cut (packing: split)")
+    max_length: int = Field(256, ge=8, description="tokens per example: longer ones are cut (packing: split); "
+                                                    "seq2seq: per input and per target")
     packing: bool = Field(False, description="causal_lm: pack examples into max_length blocks")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="classification: auto (as the encoder was trained) | mean | cls | last")
@@ -177,6 +178,12 @@ def parse_examples(
                     f"{source}: {where}: missing field {task.text_field!r} (or 'prompt' + 'completion', or "
                     f"'messages'); fields found: {sorted(row)}"
                 )
+        elif task.type == "seq2seq":  # an encoder-decoder reads the input and writes the target
+            if "prompt" not in row and "completion" not in row:
+                raise UserInputError(f"{source}: {where}: seq2seq rows need 'prompt' (the input) and 'completion' (the "
+                                     f"target); fields found: {sorted(row)}")
+            examples.append(Example(row_no, prompt=text_of(row, "prompt", where, source),
+                                    completion=text_of(row, "completion", where, source)))
         elif task.type == "masked_lm":  # unlabeled text: whatever else the row holds is not read
             examples.append(Example(row_no, text=text_of(row, task.text_field, where, source)))
         elif task.type == "token_classification":

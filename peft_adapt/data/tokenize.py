@@ -74,6 +74,21 @@ def tokenize_causal_lm(examples: list[Example], tokenizer, max_length: int, pack
     return features
 
 
+def tokenize_seq2seq(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+    """The input's ids (cut to max_length) for the encoder; the target's ids, ending in EOS, as the decoder's
+    labels (cut to max_length too)."""
+    eos = tokenizer.eos_token_id
+    features = []
+    for ex in examples:
+        enc = tokenizer(ex.prompt, truncation=True, max_length=max_length)
+        target = tokenizer(ex.completion, add_special_tokens=True)["input_ids"]
+        if eos is not None and (not target or target[-1] != eos):
+            target = target + [eos]  # a T5 tokenizer adds it; a BPE one may not
+        features.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                         "labels": target[:max_length], "row": ex.row})
+    return features
+
+
 def tokenize_classification(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
     features = []
     for ex in examples:
@@ -133,6 +148,8 @@ def tokenize(examples: list[Example], tokenizer, task: TaskSpec, seed: int = 0) 
         return tokenize_causal_lm(examples, tokenizer, task.max_length, task.packing)
     if task.type == "token_classification":
         return tokenize_token_classification(examples, tokenizer, task.max_length)
+    if task.type == "seq2seq":
+        return tokenize_seq2seq(examples, tokenizer, task.max_length)
     return tokenize_classification(examples, tokenizer, task.max_length)
 
 

@@ -36,10 +36,12 @@ class QuantizedLayout:
     """Which checkpoint weights a base loaded with `quantization` holds quantized, and their dequantized values (an
     empty model: no memory)."""
 
-    def __init__(self, folder: Path, quantization: str, trust_remote_code: bool = False, encoder: bool = False):
+    def __init__(self, folder: Path, quantization: str, trust_remote_code: bool = False,
+                 architecture: str = "causal_lm"):
+        """`architecture`: the model the base was loaded as: causal_lm, seq2seq or encoder (the bare encoder)."""
         import bitsandbytes as bnb
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
         from transformers.pytorch_utils import Conv1D
         from transformers.quantizers.base import get_keys_to_not_convert
@@ -49,19 +51,25 @@ class QuantizedLayout:
         self.loaded_dtype = quantized_load_dtype(Path(folder))  # what load_backbone quantizes from
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
-            empty = (bare_encoder(config) if encoder
-                     else AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+            if architecture == "encoder":
+                empty = bare_encoder(config)
+            else:
+                built = AutoModelForSeq2SeqLM if architecture == "seq2seq" else AutoModelForCausalLM
+                empty = built.from_config(config, trust_remote_code=trust_remote_code)
         # the checkpoint's names of the empty model's weights: a bare encoder (BertModel) read from a checkpoint
         # of a model with a head (BertForMaskedLM) finds its weights under the head model's prefix (`bert.`)
         names = [n for n, _ in empty.named_parameters()]
         checkpoint = Checkpoint(Path(folder))
-        self.prefix = "" if not encoder or all(n in checkpoint for n in names) else f"{empty.base_model_prefix}."
+        self.prefix = "" if architecture != "encoder" or all(n in checkpoint for n in names) else \
+            f"{empty.base_model_prefix}."
         # Conv1D (GPT-2) stores its weight [in, out]: the loader transposes it before quantizing
         self.transposed = {self.prefix + n for n, module in empty.named_modules() if isinstance(module, Conv1D)}
         if quantization == "none":
             return
         spec = BaseSpec(model=str(folder), quantization=quantization, device="cpu")
-        replace_with_bnb_linear(empty, get_keys_to_not_convert(empty), quantization_config(spec, torch.float32))
+        # kept unquantized as transformers keeps them: its list, and the model's own fp32 modules (T5's `wo`)
+        skip = get_keys_to_not_convert(empty) + list(getattr(empty, "_keep_in_fp32_modules", None) or [])
+        replace_with_bnb_linear(empty, skip, quantization_config(spec, torch.float32))
         for name, module in empty.named_modules():
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
                 settings = dict(module.weight.__dict__)

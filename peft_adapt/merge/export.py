@@ -30,7 +30,7 @@ from ..models.shards import Checkpoint, ShardWriter, parse_size
 from ..registry.transfer import check_export_target
 from .dequantize import QuantizedLayout
 from .exported_head import write_head
-from .fidelity import WeightFidelity, head_fidelity, logits_fidelity
+from .fidelity import WeightFidelity, head_fidelity, logits_fidelity, seq2seq_fidelity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODER_TASKS = ("classification", "token_classification", "masked_lm")  # exported as the bare encoder (+ head)
@@ -39,12 +39,12 @@ FIDELITY = ("weights", "logits", "none")
 
 def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str, dtype: str,
                  target: Path, max_shard_size: str | int = "2GB", measure: bool = True,
-                 encoder: bool = False) -> WeightFidelity:
+                 architecture: str = "causal_lm") -> WeightFidelity:
     """Write the weights of `base` with `weights` folded in (None: the base alone) to `target` in `dtype`, one tensor
-    at a time; returns what the saved dtype kept of the adapter, module by module. `encoder`: the adapter's sites
-    are paths in the bare encoder the task heads sit on (`AutoModel`), not in the causal LM."""
+    at a time; returns what the saved dtype kept of the adapter, module by module. `architecture`: the model the
+    adapter's site paths are in: causal_lm, seq2seq, or encoder (the bare encoder the task heads sit on)."""
     checkpoint = Checkpoint(base)
-    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none", encoder=encoder)
+    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none", architecture=architecture)
     sites = {layout.prefix + p: s for p, s in weights.sites.items()} if weights is not None else {}
     missing = sorted(p for p in sites if f"{p}.weight" not in checkpoint)
     if missing:
@@ -122,12 +122,13 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
         raise UserInputError(f"{entry.ref} cannot be exported into base weights: {adapting.fold_reason}. "
                              f"Serve it with the runtime instead.")
     encoder = manifest.task in ENCODER_TASKS  # the bare encoder, with the adapter's head beside it
-    if manifest.task != "causal_lm" and not encoder:
-        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter; export takes causal_lm, "
+    architecture = "encoder" if encoder else manifest.task
+    if architecture not in ("causal_lm", "seq2seq", "encoder"):
+        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter; export takes causal_lm, seq2seq, "
                              f"{', '.join(ENCODER_TASKS)} adapters")
-    if encoder and requantize:
-        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter: its export is a plain AutoModel checkpoint "
-                             f"and a head; requantize applies to causal LM exports. Leave out --requantize")
+    if requantize and architecture != "causal_lm":
+        raise UserInputError(f"{entry.ref} is a {manifest.task} adapter; requantize applies to causal LM exports. "
+                             f"Leave out --requantize")
     out = Path(out)
     check_export_target(out)
     base_model, trained_q = manifest.base_model, manifest.quantization
@@ -142,7 +143,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
         target.mkdir(parents=True, exist_ok=True)
         weights = adapting.read(entry.path, strip_prefix="encoder." if encoder else "")
         kept = write_folded(path, weights, trained_q, base_weights, dtype, target, max_shard_size,
-                            measure=fidelity == "weights", encoder=encoder)
+                            measure=fidelity == "weights", architecture=architecture)
         _save_config(config, target, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if encoder and tokenizer.pad_token is None:  # as the runtime pads a decoder classifier's rows
@@ -165,13 +166,14 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
             measured = time.perf_counter()
             floor_base = Path(tmp) / "base"  # the base as training saw it, in fp32: the noise floor's reference
             floor_base.mkdir()
-            write_folded(path, None, trained_q, base_weights, "fp32", floor_base, max_shard_size, measure=False)
+            write_folded(path, None, trained_q, base_weights, "fp32", floor_base, max_shard_size, measure=False,
+                         architecture=architecture)
             _save_config(config, floor_base, "fp32")
             exported = {f"export_{dtype}": (target, DTYPES[dtype])}
             if requantize:
                 exported[f"requantized_{requantize}"] = (staging, None)
-            report |= {"fidelity": "logits",
-                       **logits_fidelity(entry, tokenizer, probe, probe_tokens, floor_base, exported, dtype)}
+            compare = seq2seq_fidelity if architecture == "seq2seq" else logits_fidelity
+            report |= {"fidelity": "logits", **compare(entry, tokenizer, probe, probe_tokens, floor_base, exported, dtype)}
             report["fidelity_seconds"] = time.perf_counter() - measured
         report["seconds"] = time.perf_counter() - started
         if fidelity != "none":

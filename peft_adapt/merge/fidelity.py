@@ -88,6 +88,64 @@ def logits_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: in
                                             f"dequantized fp32 copy"}}
 
 
+def seq2seq_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: int, floor_base: Path,
+                     exported: dict[str, tuple[Path, torch.dtype]], dtype: str) -> dict:
+    """`logits_fidelity` for an encoder-decoder: the decoder's logits at each target token of the probe pairs
+    (teacher forcing; the adapter's eval rows or `probe`, about `probe_tokens` target tokens in all)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    manifest = entry.manifest
+    pairs = _probe_pairs(manifest, probe, tokenizer, probe_tokens)
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+    runtime = AdapterRuntime(manifest.base_model, task="seq2seq", quantization=manifest.quantization, device="cpu")
+    runtime.load(str(entry.path))
+    unmerged = runtime.target_logits(prompts, targets, str(entry.path))
+    base_served = runtime.target_logits(prompts, targets, None)
+    ids, mask = runtime._encode(prompts, padding_side="right")
+    labels, real = runtime._encode(targets, padding_side="right")
+    del runtime
+    labels = labels.masked_fill(real == 0, -100)
+    kept = real.bool()  # padding positions predict nothing
+
+    def logits_of(folder: Path, dtype) -> torch.Tensor:
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=dtype, device_map="cpu").eval()
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, labels=labels).logits.float()
+
+    floor = compare_logits(logits_of(floor_base, torch.float32)[kept], base_served[kept])
+    variants = {name: compare_logits(logits_of(folder, dt)[kept], unmerged[kept]) for name, (folder, dt) in exported.items()}
+    return {"warnings": fidelity_warnings(variants, floor, dtype, quantization=manifest.quantization),
+            "probe_tokens": int(kept.sum()),
+            "against": f"the unmerged model: {manifest.base_model} in {manifest.quantization} + the adapter, as served "
+                       f"(decoder logits at each target token, teacher-forced)",
+            "variants": variants,
+            "noise_floor": floor | {"what": f"{manifest.base_model} in {manifest.quantization} as served against its "
+                                            f"dequantized fp32 copy"}}
+
+
+def _probe_pairs(manifest, probe: str | Path | None, tokenizer, tokens: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of `probe` or the adapter's eval rows, until their targets hold `tokens` tokens."""
+    sources = [Path(probe)] if probe is not None else []
+    if not sources:
+        try:
+            recipe = Recipe.model_validate(manifest.recipe)
+            spec = recipe.domains.get(manifest.domain)
+            sources = [recipe.data_path(v) for v in (spec.eval, spec.test, spec.train) if v] if spec else []
+        except Exception:  # an imported adapter has no full recipe
+            sources = []
+    pairs, count = [], 0
+    for source in (s for s in sources if s.exists()):
+        for _, row in read_rows(source):
+            if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                pairs.append((row["prompt"], row["completion"]))
+                count += len(tokenizer(row["completion"])["input_ids"])
+                if count >= tokens:
+                    return pairs
+        if pairs:
+            return pairs
+    raise UserInputError("no prompt + completion rows to compare the export on: give --probe FILE")
+
+
 def fidelity_warnings(variants: dict, floor: dict, dtype: str, slack: float = 0.0,
                       quantization: str | None = None) -> list[str]:
     """A variant whose top-1 agreement falls below the 4-bit kernels' own noise floor (bf16 does, measured:

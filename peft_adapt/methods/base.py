@@ -19,6 +19,9 @@ from torch import nn
 
 from ..errors import UserInputError
 
+# peft's task type for ours, where peft's wrapper is the model (a classifier's head is ours: no task type)
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
 # where a stacked component acts at a site: on the layer's input, as a delta added from its input, on its output
 INPUT, DELTA, OUTPUT = "input", "delta", "output"
 

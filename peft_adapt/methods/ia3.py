@@ -25,6 +25,7 @@ from ..models.structure import block_roles, layer_features
 from .base import (
     INPUT,
     OUTPUT,
+    PEFT_TASK_TYPES,
     AdapterWeights,
     PeftTrainedMethod,
     StackComponent,
@@ -91,6 +92,7 @@ def _stage(vector_shape: list[int] | tuple[int, ...]) -> str:
 
 class IA3(PeftTrainedMethod):
     name = "ia3"
+    tasks = (*PeftTrainedMethod.tasks, "seq2seq")
     spec = IA3Spec
 
     def inject(self, model, spec: IA3Spec, task: str, head_modules: list[str], model_type: str | None):
@@ -114,7 +116,7 @@ class IA3(PeftTrainedMethod):
             feedforward = feedforward or roles.ffn_outputs
         config = IA3Config(target_modules=targets, feedforward_modules=[f for f in feedforward if f in targets],
                            modules_to_save=head_modules or None,
-                           task_type="CAUSAL_LM" if task == "causal_lm" else None)
+                           task_type=PEFT_TASK_TYPES.get(task))
         return get_peft_model(model, config)
 
     def read(self, folder: Path, strip_prefix: str = "") -> AdapterWeights:

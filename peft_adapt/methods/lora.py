@@ -23,6 +23,7 @@ from ..formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from ..models.structure import layer_features
 from .base import (
     DELTA,
+    PEFT_TASK_TYPES,
     AdapterWeights,
     PeftTrainedMethod,
     StackComponent,
@@ -148,6 +149,7 @@ class StackedLora(StackComponent):
 
 class Lora(PeftTrainedMethod):
     name = "lora"
+    tasks = (*PeftTrainedMethod.tasks, "seq2seq")
     spec = LoraSpec
     stackable = True
     delta_merges = True
@@ -160,7 +162,7 @@ class Lora(PeftTrainedMethod):
         config = LoraConfig(
             r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
             target_modules=resolve_target_modules(model, spec.target_modules), use_dora=spec.dora,
-            modules_to_save=head_modules or None, task_type="CAUSAL_LM" if task == "causal_lm" else None,
+            modules_to_save=head_modules or None, task_type=PEFT_TASK_TYPES.get(task),
         )
         return get_peft_model(model, config)
 

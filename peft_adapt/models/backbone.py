@@ -87,9 +87,10 @@ def load_backbone(
     pooling: str = "auto",
     crf_tags: list[str] | None = None,
 ) -> Backbone:
-    """Load the base for `task`, quantized as `spec` says: `causal_lm`, `classification` (encoder + a
-    fresh head pooling as `pooling` says) or `encoder` (the bare encoder, for serving heads of its own)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Load the base for `task`, quantized as `spec` says: `causal_lm`, `seq2seq` (an encoder-decoder with its LM
+    head), `classification` (encoder + a fresh head pooling as `pooling` says) or `encoder` (the bare encoder, for
+    serving heads of its own)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec.model, spec.allow_pickle)
@@ -109,10 +110,13 @@ def load_backbone(
         use_safetensors=not spec.allow_pickle,
     )
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    if getattr(config, "is_encoder_decoder", False):
-        raise UserInputError(f"{spec.model} is an encoder-decoder model ({config.model_type}); peft-adapt trains and "
-                             f"serves decoders (causal_lm) and encoders (classification, token_classification), not "
-                             f"sequence-to-sequence models yet: use peft's SEQ_2_SEQ_LM task for it")
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder != (task == "seq2seq"):
+        raise UserInputError(
+            f"{spec.model} is an encoder-decoder model ({config.model_type}): train it with task seq2seq (rows of "
+            f"prompt + completion); {task} takes decoders and encoders" if encoder_decoder else
+            f"task seq2seq takes an encoder-decoder model (T5, BART); {spec.model} ({config.model_type}) is not one: "
+            f"train it with task causal_lm on prompt + completion rows")
     is_decoder = is_causal_decoder(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is expected for heads
@@ -122,6 +126,8 @@ def load_backbone(
         try:
             if task == "causal_lm":
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            elif task == "seq2seq":
+                model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
             elif task in ("classification", "token_classification", "masked_lm", "encoder"):
                 kwargs |= encoder_options(config)
                 model = AutoModel.from_pretrained(path, **kwargs)
@@ -138,7 +144,7 @@ def load_backbone(
                     model = MaskedLanguageModel(model)
             else:
                 raise UserInputError(f"task {task!r} is not known; use causal_lm, classification, "
-                                     f"token_classification, masked_lm or encoder")
+                                     f"token_classification, masked_lm, seq2seq or encoder")
             if quant is None:
                 model.to(device)
             else:

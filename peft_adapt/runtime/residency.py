@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from ..errors import UserInputError
 
 # the adapters' tasks a runtime serves: a classification runtime holds the bare encoder, under any head
-SERVED_TASKS = {"causal_lm": ("causal_lm",), "classification": ("classification", "token_classification")}
+SERVED_TASKS = {"causal_lm": ("causal_lm",), "classification": ("classification", "token_classification"),
+                "seq2seq": ("seq2seq",)}
 
 
 class NoRoom(UserInputError):

@@ -45,7 +45,7 @@ from .encoding import encode
 from .residency import Residency, ResidentAdapter
 from .tagging import encode_words, entities, tag_rows, words_of_inputs
 
-TASKS = ("causal_lm", "classification")
+TASKS = ("causal_lm", "classification", "seq2seq")
 
 
 LOGPROB_BLOCK = 256  # positions scored at once by token_logprobs
@@ -60,7 +60,7 @@ class AdapterRuntime:
             raise UserInputError(f"runtime task {task!r} is not known; use {' or '.join(TASKS)}")
         spec = base if isinstance(base, BaseSpec) else BaseSpec(model=base, quantization=quantization, device=device)
         self.task = task
-        self.backbone = load_backbone(spec, "causal_lm" if task == "causal_lm" else "encoder")
+        self.backbone = load_backbone(spec, "encoder" if task == "classification" else task)
         self.model = self.backbone.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = self.backbone.tokenizer
@@ -220,7 +220,8 @@ class AdapterRuntime:
         """Next-token logits [rows, tokens, vocab]. `inputs`: texts, token-id lists, or an id tensor with
         its attention mask (padding on either side); `adapters`: one name for all rows or one per row."""
         if self.task != "causal_lm":
-            raise UserInputError("logits() is for causal LM runtimes; use classify()")
+            raise UserInputError(f"logits() is for causal LM runtimes; this one is {self.task}: use "
+                                 f"{'target_logits()' if self.task == 'seq2seq' else 'classify()'}")
         with self._lock:
             if isinstance(inputs, torch.Tensor):
                 ids, mask = inputs, attention_mask if attention_mask is not None else torch.ones_like(inputs)
@@ -294,12 +295,18 @@ class AdapterRuntime:
         """Yield each step's new token for every row (None for a row that has ended). `sampling`: one for all
         rows, or one per row (a batch of requests: each row samples with its own settings and seed, and ends at its
         own `max_new_tokens`). Holds the runtime's lock until the stream is exhausted or closed."""
-        if self.task != "causal_lm":
-            raise UserInputError("generate() is for causal LM runtimes; use classify()")
+        if self.task == "classification":
+            raise UserInputError("generate() is for causal LM and seq2seq runtimes; use classify()")
         rows = 1 if isinstance(prompts, str) else len(prompts)
         samplings = per_row(sampling, rows)
         if min(s.max_new_tokens for s in samplings) < 1:
             raise UserInputError(f"max_new_tokens must be at least 1, got {min(s.max_new_tokens for s in samplings)}")
+        if self.task == "seq2seq":  # written whole, then given out a step at a time
+            with self._lock:
+                written = self._seq2seq_generate(prompts, adapters, samplings)
+            for step in range(max(map(len, written))):
+                yield [row[step] if step < len(row) else None for row in written]
+            return
         if self.batch_invariant and rows > 1:
             yield from self._generate_row_by_row(prompts, adapters, samplings)
             return
@@ -366,6 +373,56 @@ class AdapterRuntime:
         finally:
             self.context.current = None
         return out.logits[:, -1]
+
+    def _seq2seq_generate(self, prompts, adapters, samplings: list[Sampling]) -> list[list[int]]:
+        """Encoder-decoder rows: the encoder reads each prompt, the decoder writes, and every adapted layer of both
+        maps each row to its adapter (transformers' generate keeps the rows in order with one beam). Rows with the
+        same sampling settings run together, as one generate() each."""
+        if isinstance(prompts, str):
+            raise UserInputError("pass a list of prompts (one per row), not a single string")
+        ids, mask = self._encode(prompts, padding_side="right")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        resident, _, grouped = self._plan(adapters, ids.shape[0])
+        if grouped:
+            raise UserInputError(f"{sorted(grouped)[0]} runs as a group; seq2seq runtimes serve LoRA and IA3 adapters")
+        if any(s.adjusts for s in samplings):
+            raise UserInputError("presence_penalty, frequency_penalty and logit_bias are applied by the causal LM "
+                                 "decoder; a seq2seq model's generate() takes none of them: leave them out")
+        written: list[list[int]] = [[] for _ in resident]
+        eos = self.tokenizer.eos_token_id
+        by_sampling: dict[Sampling, list[int]] = {}
+        for i, same in enumerate(samplings):
+            by_sampling.setdefault(same, []).append(i)
+        for same, rows in by_sampling.items():
+            index = torch.tensor(rows, device=self.device)
+            if same.seed is not None:
+                torch.manual_seed(same.seed)
+            options = dict(max_new_tokens=same.max_new_tokens, min_new_tokens=same.min_new_tokens,
+                           do_sample=same.do_sample, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
+            options |= (dict(temperature=same.temperature, top_p=same.top_p, top_k=same.top_k or None)
+                        if same.do_sample else dict(temperature=None, top_p=None, top_k=None))
+            self.context.current = self._stacked_batch([resident[i] for i in rows])
+            try:
+                with torch.no_grad():
+                    out = self.model.generate(input_ids=ids[index], attention_mask=mask[index], **options)
+            finally:
+                self.context.current = None
+            for i, row in zip(rows, out[:, 1:].tolist()):  # after the decoder's start token
+                written[i] = row[: row.index(eos) + 1] if eos in row else row
+        return written
+
+    def target_logits(self, prompts, targets, adapters=None) -> torch.Tensor:
+        """A seq2seq runtime's decoder logits [rows, target tokens, vocab] with each target as the decoder's input
+        (teacher forcing): what an exported model is compared on."""
+        if self.task != "seq2seq":
+            raise UserInputError("target_logits() is for seq2seq runtimes")
+        with self._lock:
+            ids, mask = self._encode(prompts, padding_side="right")
+            labels, real = self._encode(targets, padding_side="right")
+            labels = labels.masked_fill(real == 0, -100)  # the model shifts them right into the decoder's input
+            resident, _, _ = self._plan(adapters, ids.shape[0])
+            return self._forward(self._stacked_batch(resident), input_ids=ids.to(self.device),
+                                 attention_mask=mask.to(self.device), labels=labels.to(self.device)).logits
 
     def _group_generate(self, adapter: ResidentAdapter, rows: list[int], ids, mask, sampling: Sampling) -> dict[int, list[int]]:
         if sampling.adjusts:

@@ -26,6 +26,12 @@ class AdaptedSite(nn.Module):
         self.context = context
         self.components = nn.ModuleDict()  # method name -> its stack here
 
+    @property
+    def weight(self):
+        """The base layer's: models that read their layer's weight (T5's feed-forward casts to its dtype) see it, as
+        through peft's wrapped layers."""
+        return self.base_layer.weight
+
     def add(self, method: str, component: StackComponent) -> None:
         self.components[method] = component
 

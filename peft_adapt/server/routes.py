@@ -156,7 +156,7 @@ class ServerState:
             raise APIError(400, "n must be 1: send one request per completion", param="n")
         if count > self.settings.max_batch:
             raise APIError(400, f"{count} prompts in one request; the limit is {self.settings.max_batch}", param="prompt")
-        if self.runtime.task != "causal_lm":
+        if self.runtime.task == "classification":
             raise APIError(400, "this server serves a classification base: use /v1/classify")
 
 
@@ -263,7 +263,8 @@ def chat_scored(state: ServerState, prompt: list[int], adapter, top: int):
 async def classify(body: ClassifyRequest, request: Request):
     state = state_of(request)
     if state.runtime.task != "classification":
-        raise APIError(400, "this server serves a causal LM base: use /v1/completions")
+        raise APIError(400, f"this server serves a {state.runtime.task.replace('causal_lm', 'causal LM')} base: use "
+                            f"/v1/completions")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if len(texts) > state.settings.max_batch:
         raise APIError(400, f"input: give 1 to {state.settings.max_batch} texts", param="input")
@@ -284,7 +285,8 @@ async def tag(body: TagRequest, request: Request):
     """A tag per word from a token-classification adapter (NER and the like), and the entities the tags spell."""
     state = state_of(request)
     if state.runtime.task != "classification":
-        raise APIError(400, "this server serves a causal LM base: tagging needs an encoder base", param="model")
+        raise APIError(400, f"this server serves a {state.runtime.task.replace('causal_lm', 'causal LM')} base: "
+                            f"tagging needs an encoder base", param="model")
     rows = [body.input] if isinstance(body.input, str) else body.input
     if len(rows) > state.settings.max_batch:
         raise APIError(400, f"input: give 1 to {state.settings.max_batch} texts", param="input")

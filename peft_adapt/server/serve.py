@@ -37,11 +37,14 @@ def serve(base: str, quantization: str = "nf4", registry_root=None, adapters: li
 
 
 def _task_of(base: str) -> str:
-    """causal_lm for a model with a language-modelling head, classification for a bare encoder."""
+    """seq2seq for an encoder-decoder, causal_lm for a model with a language-modelling head, classification for a
+    bare encoder."""
     from transformers import AutoConfig
 
 
     config = AutoConfig.from_pretrained(resolve_model_path(base))
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
     architectures = " ".join(config.architectures or [])
     return "causal_lm" if "CausalLM" in architectures or "LMHead" in architectures else "classification"
 

@@ -91,7 +91,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
     from peft import prepare_model_for_kbit_training
 
     model = backbone.model
-    heads = {"causal_lm": [], "masked_lm": ["mlm_head"]}.get(recipe.task.type, ["classifier"])
+    heads = {"causal_lm": [], "seq2seq": [], "masked_lm": ["mlm_head"]}.get(recipe.task.type, ["classifier"])
     if recipe.task.crf:  # the transitions train (and are saved) with the head
         heads = heads + ["crf"]
     if recipe.base.quantization != "none":
@@ -101,7 +101,7 @@ def prepare_model(recipe: Recipe, backbone: Backbone) -> torch.nn.Module:
         if recipe.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    inner = model if recipe.task.type == "causal_lm" else model.encoder
+    inner = model if recipe.task.type in ("causal_lm", "seq2seq") else model.encoder  # ours wrap an encoder
     if recipe.base.quantization != "none":
         prepare_model_for_kbit_training(
             inner,
@@ -218,9 +218,11 @@ def _compute_metrics_for(task: str, num_labels: int | None, label_names: list[st
         sums = eval_pred.predictions.reshape(-1, 2).sum(0)  # (nll, tokens) per row, summed
         return {"perplexity": math.exp(sums[0] / sums[1])}
 
-    # keep only (nll, tokens) per row instead of gathering [rows, length, vocab] logits
-    nll = masked_nll_per_row if task == "masked_lm" else nll_per_row
-    return compute, lambda logits, labels: nll(logits, labels)
+    # keep only (nll, tokens) per row instead of gathering [rows, length, vocab] logits; a masked LM's and a
+    # decoder's (seq2seq) logits stand at their labels' positions, a causal LM's one before
+    nll = masked_nll_per_row if task in ("masked_lm", "seq2seq") else nll_per_row
+    # an encoder-decoder's outputs come as a tuple (logits, its cache, the encoder's states)
+    return compute, lambda logits, labels: nll(logits[0] if isinstance(logits, tuple) else logits, labels)
 
 
 def checkpoint_folder(out_root: str | Path, domain: str) -> Path:

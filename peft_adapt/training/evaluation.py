@@ -124,6 +124,51 @@ def evaluate_token_classification(model, features: list[dict], pad_token_id: int
         "word_accuracy": sum(p == g for p, g in pairs) / len(pairs), "sentences": len(features)}
 
 
+def rouge_l(found: list, expected: list) -> float:
+    """ROUGE-L F1 (Lin 2004): the longest common subsequence's share of both sequences, harmonically meaned."""
+    if not found or not expected:
+        return float(found == expected)
+    previous = [0] * (len(expected) + 1)
+    for a in found:
+        current = [0]
+        for j, b in enumerate(expected):
+            current.append(previous[j] + 1 if a == b else max(previous[j + 1], current[j]))
+        previous = current
+    common = previous[-1]
+    return 0.0 if common == 0 else 2 * common / (len(found) + len(expected))
+
+
+@torch.no_grad()
+def evaluate_seq2seq(model, features: list[dict], pad_token_id: int, eos_token_id: int | None, batch_size: int = 8,
+                     records: list | None = None) -> dict:
+    """Teacher-forced loss and perplexity over the targets' tokens, and greedy generation scored against the
+    targets: exact match and ROUGE-L F1, both over token ids (the target's tokens, EOS left out)."""
+    model.eval()
+    device = _device_of(model)
+    total_nll, total_tokens, exact, rouge = 0.0, 0, 0, 0.0
+    for start, batch in _indexed_batches(features, batch_size, pad_token_id, device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+        per_row = masked_nll_per_row(logits, batch["labels"])
+        generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   max_new_tokens=batch["labels"].shape[1] + 1, do_sample=False, num_beams=1)
+        for i, f in enumerate(features[start : start + batch_size]):
+            target = [t for t in f["labels"] if t != eos_token_id]
+            found = [t for t in generated[i, 1:].tolist()]  # after the decoder's start token
+            found = found[: found.index(eos_token_id)] if eos_token_id in found else found
+            found = [t for t in found if t != pad_token_id]
+            exact += found == target
+            rouge += (score := rouge_l(found, target))
+            if records is not None:
+                nll, count = per_row[i].tolist()
+                records.append({"row": f.get("row"), "generated_ids": found, "exact_match": found == target,
+                                "rouge_l": score, "loss": nll / max(count, 1)})
+        sums = per_row.sum(0)
+        total_nll += sums[0].item()
+        total_tokens += int(sums[1].item())
+    return {"loss": total_nll / total_tokens, "perplexity": perplexity(total_nll, total_tokens),
+            "exact_match": exact / len(features), "rouge_l": rouge / len(features), "tokens": total_tokens}
+
+
 def evaluate_task(model, features: list[dict], task_type: str, pad_token_id: int, num_labels: int | None = None,
                   batch_size: int = 8, label_names: list[str] | None = None, records: list | None = None) -> dict:
     if task_type == "causal_lm":
@@ -132,6 +177,10 @@ def evaluate_task(model, features: list[dict], task_type: str, pad_token_id: int
         return evaluate_causal_lm(model, features, pad_token_id, batch_size, records, nll=masked_nll_per_row)
     if task_type == "token_classification":
         return evaluate_token_classification(model, features, pad_token_id, label_names, batch_size, records)
+    if task_type == "seq2seq":
+        eos = model.config.eos_token_id
+        return evaluate_seq2seq(model, features, pad_token_id, eos[0] if isinstance(eos, list) else eos, batch_size,
+                                records)
     return evaluate_classification(model, features, pad_token_id, num_labels, batch_size, label_names, records)
 
 
@@ -147,12 +196,12 @@ def evaluate_file(adapter_dir: str | Path, data_file: str | Path, quantization: 
     names = manifest.labels
     examples = read_eval_file(task, Path(data_file), LabelMap(names) if names else None, max_rows)
     if base_only:
-        if task.type != "causal_lm":
+        if task.type not in ("causal_lm", "seq2seq"):
             raise UserInputError(f"{source or adapter_dir} is a {task.type} adapter: its base has no head to score "
-                                 f"without it; --base-only measures causal LM bases")
+                                 f"without it; --base-only measures causal LM and seq2seq bases")
         base = manifest.base
         updates = {"device": device} | ({"quantization": quantization} if quantization else {})
-        backbone = load_backbone(base.model_copy(update=updates), "causal_lm")
+        backbone = load_backbone(base.model_copy(update=updates), task.type)
         model = backbone.model
     else:
         loaded = load_trained(adapter_dir, quantization=quantization, device=device, force=force, source=source,

@@ -144,6 +144,12 @@ class Recipe(BaseModel):
                              f"use adapter.method: lora, or remove stack_on")
         if self.task.type == "masked_lm" and not (adapting and "masked_lm" in adapting.tasks):
             raise ValueError(f"task masked_lm trains a domain adapter (lora, bottleneck or ia3), not {self.method}")
+        if self.task.type == "seq2seq" and not (adapting and "seq2seq" in adapting.tasks):
+            raise ValueError(f"task seq2seq trains lora or ia3 on an encoder-decoder, not "
+                             f"{self.method if adapting else 'without an adapter'}")
+        if self.task.type == "seq2seq" and (self.stack_on is not None or self.domain_adaptation is not None):
+            raise ValueError("task seq2seq trains one adapter on input/target pairs: remove stack_on and "
+                             "domain_adaptation")
         adaptation = self.domain_adaptation
         if adaptation is not None and self.task.type == "masked_lm":
             raise ValueError("domain_adaptation aligns a task's features across domains; task masked_lm has no task: "
