@@ -64,7 +64,8 @@ def test_only_the_target_text_is_read(tmp_path):
     assert len(texts) == 40 and texts[0].startswith("superb")
 
 
-SELF_TRAINING = {"rounds": 2, "threshold": 0.5, "balance": False}  # every row is confident enough: all are used
+SELF_TRAINING = {"rounds": 2, "threshold": 0.5, "balance": False,  # every row is confident enough: all are used
+                 "agree": False, "min_agreement": 0.0, "max_class_share": 1.0}
 
 
 @pytest.mark.parametrize("objective, self_training", [("dann", False), ("mmd", False), ("none", True), ("mmd", True)],
@@ -76,7 +77,8 @@ def test_target_labels_cannot_reach_the_loss(tmp_path, tiny_bert, sentiment_file
     weights = []
     for labels in ("true", "flipped", "none"):
         data = classification_recipe(tiny_bert, sentiment_file, max_steps=6, logging_steps=1)
-        data["domain_adaptation"] = {"method": objective, "target": str(_target(tmp_path, f"{labels}.jsonl", labels))}
+        data["domain_adaptation"] = {"method": objective, "target": str(_target(tmp_path, f"{labels}.jsonl", labels)),
+                                     "safeguard": False}  # the adapted adapter itself is compared
         if self_training:
             data["domain_adaptation"]["self_training"] = SELF_TRAINING
         result = train_domain(parse_recipe(data), "sentiment", tmp_path / labels)
@@ -110,7 +112,7 @@ def test_self_training_that_finds_no_confident_row_changes_nothing(tmp_path, tin
         data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
         if setting:
             data["domain_adaptation"] = {"method": "none", "target": str(_target(tmp_path, "t.jsonl", "none")),
-                                         "self_training": setting}
+                                         "self_training": setting, "safeguard": False}
         result = train_domain(parse_recipe(data), "sentiment", tmp_path / str(bool(setting)))
         weights.append(load_file(result.out_dir / "adapter_model.safetensors"))
     assert [r["selected"] for r in result.metrics["self_training"]] == [0, 0, 0]  # labelled, nothing confident
@@ -141,7 +143,8 @@ def test_self_training_needs_a_classifier(tiny_llama, docs_file):
 def test_each_objective_trains_on_every_quantization(tmp_path, tiny_bert, sentiment_file, method, quantization):
     data = classification_recipe(tiny_bert, sentiment_file, quantization, max_steps=8, logging_steps=2)
     data["task"]["pooling"] = "mean"
-    data["domain_adaptation"] = {"method": method, "target": str(_target(tmp_path, "t.jsonl", "true")), "weight": 1.0}
+    data["domain_adaptation"] = {"method": method, "target": str(_target(tmp_path, "t.jsonl", "true")), "weight": 1.0,
+                                 "safeguard": False}
     result = train_domain(parse_recipe(data), "sentiment", tmp_path)
     history = json.loads((result.out_dir / "log_history.json").read_text())
     terms = [e[f"{method}_loss"] for e in history if f"{method}_loss" in e]
@@ -170,7 +173,7 @@ def test_dann_trains_its_domain_classifier(tmp_path, tiny_bert, sentiment_file, 
 
     monkeypatch.setattr(adapting.DomainAdaptationTrainer, "create_optimizer", spy)
     data = classification_recipe(tiny_bert, sentiment_file, max_steps=5)
-    data["domain_adaptation"] = {"method": "dann", "target": str(_target(tmp_path, "t.jsonl", "none"))}
+    data["domain_adaptation"] = {"method": "dann", "target": str(_target(tmp_path, "t.jsonl", "none")), "safeguard": False}
     train_domain(parse_recipe(data), "sentiment", tmp_path)
     after = list(seen["trainer"].alignment.classifier.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, seen["before"]))

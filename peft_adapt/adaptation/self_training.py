@@ -5,7 +5,11 @@ Rounds are spread over training: after a source-only warm-up of 1 / (rounds + 1)
 relabelled at the start of each round with the model as it is then, so later rounds see a better labeller.
 Rows below `threshold` are left out; with `balance` every class keeps as many rows as the rarest confident
 class has (its most confident ones), so a labeller leaning to one class cannot teach the adapter only that class.
-The target file's own labels are never read (see objectives.read_target_texts).
+With `agree`, a row is kept only where the current model and the first round's labeller (the model after its
+source-only warm-up) give it the same label: two models must be confident together. Self-training stops (teaches
+nothing more) when the two agree on less than `min_agreement` of the target, or when the current model gives one
+class more than `max_class_share` of the target: its labels are drifting or collapsing, and more rounds would
+teach the drift. The target file's own labels are never read (see objectives.read_target_texts).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ class SelfTrainingSpec(BaseModel):
     threshold: float = Field(0.9, gt=0, lt=1, description="least predicted probability a pseudo-label needs")
     balance: bool = Field(True, description="as many rows per class as the rarest confident class has")
     weight: float = Field(1.0, gt=0, description="x the pseudo-labelled rows' loss")
+    agree: bool = Field(True, description="keep only rows the warm-up (source-only) labeller labels the same way")
+    min_agreement: float = Field(0.6, ge=0, le=1, description="stop when the current model and the warm-up labeller "
+                                                              "agree on less of the target than this")
+    max_class_share: float = Field(0.95, gt=0, le=1, description="stop when one class takes more of the target")
 
 
 @dataclass
@@ -35,25 +43,42 @@ class PseudoLabels:
     labels: list[int]
     confidences: list[float]
     candidates: int  # target rows labelled
+    agreement: float = 1.0  # share of the target the current model labels as the warm-up labeller did
+    stopped: str | None = None  # why self-training stopped at this round, if it did
 
     def summary(self, num_labels: int) -> dict:
         per_class = [self.labels.count(c) for c in range(num_labels)]
         mean = sum(self.confidences) / len(self.confidences) if self.confidences else None
         return {"step": self.step, "selected": len(self.rows), "of": self.candidates, "per_class": per_class,
-                "mean_confidence": mean}
+                "mean_confidence": mean, "agreement": self.agreement, "stopped": self.stopped}
 
 
-def select_pseudo_labels(probabilities: torch.Tensor, threshold: float, balance: bool) -> tuple[list[int], list[int]]:
-    """Rows (and their argmax labels) whose top probability reaches `threshold`; with `balance`, the most confident
-    n of each class, n the count of the rarest class (0 when a class has no confident row: nothing is taught)."""
+def select_pseudo_labels(probabilities: torch.Tensor, threshold: float, balance: bool,
+                         allowed: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """Rows (and their argmax labels) whose top probability reaches `threshold` (among the `allowed` rows, if given);
+    with `balance`, the most confident n of each class, n the count of the rarest class (0 when a class has no
+    confident row: nothing is taught)."""
     confidence, labels = probabilities.max(dim=-1)
-    chosen = (confidence >= threshold).nonzero().flatten()
+    confident = confidence >= threshold
+    chosen = (confident & allowed if allowed is not None else confident).nonzero().flatten()
     by_class = [chosen[labels[chosen] == c] for c in range(probabilities.shape[-1])]
     if balance:
         keep = min(len(rows) for rows in by_class)
         by_class = [rows[confidence[rows].argsort(descending=True)[:keep]] for rows in by_class]
     rows = sorted(int(r) for rows in by_class for r in rows)
     return rows, [int(labels[r]) for r in rows]
+
+
+def drift(labels: torch.Tensor, reference: torch.Tensor, num_labels: int, spec: SelfTrainingSpec) -> tuple[float, str | None]:
+    """(agreement with the warm-up labeller, why self-training should stop or None) for the current labels."""
+    agreement = float((labels == reference).float().mean())
+    share = float(torch.bincount(labels, minlength=num_labels).max()) / len(labels)
+    if agreement < spec.min_agreement:
+        return agreement, (f"the model now labels only {agreement:.0%} of the target as its warm-up labeller did "
+                           f"(min_agreement {spec.min_agreement})")
+    if num_labels > 1 and share > spec.max_class_share:
+        return agreement, f"one class takes {share:.0%} of the target (max_class_share {spec.max_class_share})"
+    return agreement, None
 
 
 def round_starts(total_steps: int, rounds: int) -> list[int]:

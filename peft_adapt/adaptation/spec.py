@@ -29,6 +29,9 @@ class _Common(BaseModel):
                         json_schema_extra={"example": "${PEFT_ADAPT_DATA}/amazon_multidomain/kitchen.train.jsonl"})
     weight: float = Field(1.0, ge=0, description="coral / mmd / entropy: x the term; dann: x the adversary's strength")
     max_target_rows: int | None = Field(None, ge=1)
+    safeguard: bool = Field(
+        True, description="classification: train the source-only adapter too and keep the adapted one only when "
+                          "label-free criteria (DEV risk, source accuracy, target diversity) say it is better")
     self_training: SelfTrainingSpec | None = Field(
         None, description="classification: also learn the adapter's confident labels of the target, "
                           "e.g. {rounds: 2, threshold: 0.9, balance: true, weight: 1.0}")

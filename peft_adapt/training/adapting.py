@@ -5,15 +5,19 @@ with self-training, also a batch of target rows the model itself labelled confid
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.utils.data import DataLoader
 
 from ..adaptation import adaptation_method
 from ..adaptation.base import TermInputs
 from ..adaptation.features import feature_kwargs, pooled_features
-from ..adaptation.self_training import PseudoLabels, round_starts, select_pseudo_labels
+from ..adaptation.self_training import PseudoLabels, drift, round_starts, select_pseudo_labels
 from .checkpoints import AdapterTrainer
 from .evaluation import predict_probabilities
+
+log = logging.getLogger(__name__)
 
 
 class DomainAdaptationTrainer(AdapterTrainer):
@@ -23,6 +27,8 @@ class DomainAdaptationTrainer(AdapterTrainer):
         self.task = task
         self.target_features = target_features
         self.pseudo_label_rounds: list[PseudoLabels] = []
+        self._reference_labels = None  # the first round's labels: the model after its source-only warm-up
+        self._stopped = False
         self._rounds_started = 0
         self._pseudo_loader = None
         self._pseudo_batches = iter(())
@@ -102,22 +108,53 @@ class DomainAdaptationTrainer(AdapterTrainer):
 
     def _relabel(self, model) -> None:
         spec = self.adaptation.self_training
+        self._pseudo_loader = None
+        self._pseudo_batches = iter(())
+        if self._stopped:
+            return
         try:  # in eval mode (no dropout), then back to training for the rest of this step
             probabilities = predict_probabilities(model, self.target_features, self.data_collator.pad_token_id,
                                                   self.args.per_device_eval_batch_size)
         finally:
             model.train()
-        rows, labels = select_pseudo_labels(probabilities, spec.threshold, spec.balance)
+        now = probabilities.argmax(-1)
+        if self._reference_labels is None:
+            self._reference_labels = now
+        agreement, stop = drift(now, self._reference_labels, probabilities.shape[-1], spec)
+        rows, labels = [], []
+        if stop is None:
+            rows, labels = select_pseudo_labels(probabilities, spec.threshold, spec.balance,
+                                                now == self._reference_labels if spec.agree else None)
         confidences = [float(probabilities[r].max()) for r in rows]
-        self.pseudo_label_rounds.append(PseudoLabels(self.state.global_step, rows, labels, confidences,
-                                                     len(self.target_features)))
-        self._pseudo_loader = None
-        self._pseudo_batches = iter(())
+        chosen = PseudoLabels(self.state.global_step, rows, labels, confidences, len(self.target_features), agreement,
+                              stop)
+        self.pseudo_label_rounds.append(chosen)
+        self._report(chosen, probabilities.shape[-1])
         if rows:
             chosen = [self.target_features[r] | {"labels": label} for r, label in zip(rows, labels)]
             generator = torch.Generator().manual_seed(self.args.seed + len(self.pseudo_label_rounds))
             self._pseudo_loader = DataLoader(chosen, batch_size=self.args.per_device_train_batch_size, shuffle=True,
                                              collate_fn=self.data_collator, generator=generator)
+
+    def _report(self, chosen: PseudoLabels, num_labels: int) -> None:
+        """One line per round; a warning when it teaches nothing, and why."""
+        spec = self.adaptation.self_training
+        summary = chosen.summary(num_labels)
+        number = len(self.pseudo_label_rounds)
+        mean = f", mean confidence {summary['mean_confidence']:.2f}" if chosen.rows else ""
+        print(f"self-training round {number}/{spec.rounds} at step {chosen.step}: kept {len(chosen.rows)} of "
+              f"{chosen.candidates} target rows {summary['per_class']}{mean}, agreement with the warm-up labeller "
+              f"{chosen.agreement:.0%}", flush=True)
+        if chosen.stopped:
+            self._stopped = True
+            log.warning("self-training stopped at round %d: %s; the adapter keeps what it learned before", number,
+                        chosen.stopped)
+        elif not chosen.rows:
+            log.warning("self-training round %d kept no target row: none reached the threshold %s%s; this round "
+                        "teaches nothing%s: lower `threshold` or train longer", number, spec.threshold,
+                        " in every class with the labellers agreeing" if spec.balance or spec.agree else "",
+                        " and the adapter equals source-only" if all(not r.rows for r in self.pseudo_label_rounds)
+                        and number == spec.rounds else "")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._da_losses:

@@ -53,6 +53,7 @@ from .init_from import initialise_from
 from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe, parse_recipe
+from .safeguard import judge, train_source_only
 from .threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,9 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     metrics = _metrics(recipe, ready, trainer, train_output, time.perf_counter() - started)
     if resume_from is not None:
         metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
+    kept, log_history = ready, trainer.state.log_history
+    if _guarded(recipe) and trainer.is_world_process_zero():
+        kept, metrics, log_history = _safeguard(recipe, domain, out_root, ready, metrics, log_history, registry)
 
     out_dir, manifest, gathered = out_root / domain, None, None
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -406,15 +410,52 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         gathered = out_dir.parent / f".{out_dir.name}.fsdp-gathered"
         trainer.save_model(str(gathered))
     if trainer.is_world_process_zero():  # data parallel: only the main process writes
-        manifest = save_trained(recipe, domain, out_dir, ready.model, ready.backbone, ready.data, metrics,
-                                trainer.state.log_history, gathered, ready.stacked_on, ready.signature)
+        manifest = save_trained(recipe, domain, out_dir, kept.model, kept.backbone, kept.data, metrics,
+                                log_history, gathered, ready.stacked_on, ready.signature)
         shutil.rmtree(checkpoint_folder(out_root, domain), ignore_errors=True)
-    result = TrainResult(domain, out_dir, metrics, manifest, ready.model, ready.backbone, ready.data,
+    result = TrainResult(domain, out_dir, metrics, manifest, kept.model, kept.backbone, kept.data,
                          pseudo_labels=getattr(trainer, "pseudo_label_rounds", []))
     phased = recipe.domain_adaptation is not None and adaptation_method(recipe.domain_adaptation.method).phased
     if phased and manifest is not None:  # the source adapter is saved: now the target phase, on the same model
         result.adapted = _target_phase(recipe, domain, out_root, result, ready.backbone.tokenizer)
     return result
+
+
+def _guarded(recipe: Recipe) -> bool:
+    """A classifier trained with an alignment term or self-training, its safeguard on (phased methods train their
+    target adapter beside the source one, which stays saved)."""
+    spec = recipe.domain_adaptation
+    return (spec is not None and spec.safeguard and recipe.task.type == "classification"
+            and not adaptation_method(spec.method).phased)
+
+
+def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, metrics: dict, log_history: list,
+               registry):
+    """Train source-only too and judge the two without target labels; returns what to save: (the prepared model
+    to save, its metrics with the judgement, its log history)."""
+    source_only, folder = train_source_only(recipe, domain, out_root, train_domain, registry)
+    try:
+        t = recipe.training
+        judgement = judge(ready.model, source_only.model, ready.data.eval or [],
+                          target_features(recipe, ready.backbone.tokenizer), ready.backbone.tokenizer.pad_token_id,
+                          t.eval_batch_size or t.batch_size)
+        judgement.source_only = source_only
+        record = judgement.record(recipe.domain_adaptation.method)
+        shown = ", ".join(f"{k} {judgement.criteria['adapted'][k]:.3f}/{judgement.criteria['source_only'][k]:.3f}"
+                          for k in ("dev_risk", "source_accuracy", "target_diversity"))
+        if judgement.selected == "adapted":
+            print(f"{domain}: safeguard kept the {recipe.domain_adaptation.method} adapter: {judgement.why} "
+                  f"(adapted/source-only: {shown})", flush=True)
+            return ready, metrics | {"domain_adaptation": record}, log_history
+        log.warning("%s: safeguard fell back to the source-only adapter: %s (adapted/source-only: %s); the adapted "
+                    "one's scores are in metrics.json (domain_adaptation.adapted_metrics)", domain, judgement.why, shown)
+        record["adapted_metrics"] = {k: v for k, v in metrics.items() if k in ("eval", "test")}
+        history = json.loads((source_only.out_dir / "log_history.json").read_text())
+        kept = _Prepared(ready.examples, source_only.backbone, source_only.data, source_only.model, ready.signature,
+                         ready.stacked_on, ready.initialised)
+        return kept, source_only.metrics | {"domain_adaptation": record}, history
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _target_phase(recipe: Recipe, domain: str, out_root, source: TrainResult, tokenizer) -> TrainResult:

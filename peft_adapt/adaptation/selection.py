@@ -1,0 +1,112 @@
+"""Label-free model selection: is a domain-adapted classifier better on the target than the source-only one? Judged
+from the source's labelled held-out rows and the target's unlabeled text, never a target label.
+
+- `dev_risk`: deep embedded validation (You et al., ICML 2019). A domain classifier on the candidate's features
+  weighs each source held-out row by how target-like it is (w = p(target|x) / p(source|x), scaled to mean 1); the
+  weighted source loss estimates the target loss, its variance reduced by a control variate. Lower is better.
+- `snd`: soft neighbourhood density (Saito et al., ICCV 2021): the entropy of each target row's softmax over its
+  similarities (of predicted distributions) to the other target rows; reported, not decided on: it rewards density,
+  and predictions collapsed onto one class are the densest of all (the maximum, log(rows - 1)).
+- `source_accuracy`: on the source held-out rows: adaptation should not unlearn the task.
+- `target_entropy` (mean prediction entropy; low is confident, not necessarily right) and `target_diversity` (the
+  entropy of the mean prediction, in units of log(classes): 1 when classes are predicted equally, 0 when one class
+  takes every row: a collapse), reported.
+
+The decision (`choose`) keeps the adapted adapter only when its DEV risk is lower, its source accuracy has not
+fallen by more than `tolerance`, and its target predictions have not collapsed onto fewer classes than the
+source-only model's: it errs towards source-only, which never hurts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SND_TEMPERATURE = 0.05  # Saito et al.'s
+COLLAPSE = 0.5  # the adapted model's target diversity below this share of source-only's is a collapse
+
+
+@dataclass
+class Outputs:
+    """One model's outputs: source held-out rows (with their labels) and target rows (text only)."""
+
+    source_probs: torch.Tensor  # [rows, classes]
+    source_labels: torch.Tensor  # [rows]
+    source_features: torch.Tensor  # [rows, hidden], L2-normalised
+    target_probs: torch.Tensor
+    target_features: torch.Tensor
+
+
+def domain_weights(source: torch.Tensor, target: torch.Tensor, steps: int = 200, seed: int = 0) -> torch.Tensor:
+    """Each source row's density ratio p(target|x) / p(source|x) from a logistic regression trained to tell the two
+    apart (classes balanced), scaled to mean 1; clipped to [0.05, 20] so one row cannot carry the estimate."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.cat([source, target]).float()
+    y = torch.cat([torch.zeros(len(source)), torch.ones(len(target))])
+    balance = torch.where(y == 1, len(source) / len(target), 1.0)
+    w = (torch.randn(x.shape[1], generator=generator) * 0.01).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        logits = x @ w + b
+        value = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * balance).mean()
+        value = value + 1e-3 * (w * w).sum()  # a little L2: features that separate the domains perfectly stay finite
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        ratio = torch.exp(source.float() @ w + b).clamp(0.05, 20.0)
+    return ratio / ratio.mean()
+
+
+def dev_risk(outputs: Outputs) -> float:
+    """DEV's target-risk estimate: the density-weighted source held-out loss with a control variate."""
+    weights = domain_weights(outputs.source_features, outputs.target_features)
+    picked = outputs.source_probs[torch.arange(len(outputs.source_labels)), outputs.source_labels]
+    losses = -picked.clamp_min(1e-12).log()
+    weighted = weights * losses
+    variance = weights.var()
+    eta = -torch.cov(torch.stack([weighted, weights]))[0, 1] / variance if variance > 1e-12 else torch.tensor(0.0)
+    return float(weighted.mean() + eta * weights.mean() - eta)
+
+
+def snd(probs: torch.Tensor, temperature: float = SND_TEMPERATURE) -> float:
+    """Soft neighbourhood density of the target's predictions."""
+    p = torch.nn.functional.normalize(probs.float(), dim=1)
+    similarity = p @ p.T
+    similarity.fill_diagonal_(float("-inf"))  # a row is not its own neighbour
+    neighbours = (similarity / temperature).softmax(dim=1)
+    return float(-(neighbours * neighbours.clamp_min(1e-12).log()).sum(1).mean())
+
+
+def criteria(outputs: Outputs) -> dict:
+    classes = outputs.target_probs.shape[1]
+    mean = outputs.target_probs.mean(0)
+    entropy = -(outputs.target_probs * outputs.target_probs.clamp_min(1e-12).log()).sum(1).mean()
+    return {
+        "dev_risk": dev_risk(outputs),
+        "snd": snd(outputs.target_probs),
+        "source_accuracy": float((outputs.source_probs.argmax(1) == outputs.source_labels).float().mean()),
+        "target_entropy": float(entropy),
+        "target_diversity": float(-(mean * mean.clamp_min(1e-12).log()).sum() / math.log(classes)),
+    }
+
+
+def choose(adapted: dict, source_only: dict, tolerance: float = 0.01) -> tuple[str, str]:
+    """("adapted" or "source_only", why), from the two models' criteria."""
+    if adapted["source_accuracy"] < source_only["source_accuracy"] - tolerance:
+        return "source_only", (f"source held-out accuracy fell from {source_only['source_accuracy']:.3f} to "
+                               f"{adapted['source_accuracy']:.3f}")
+    if adapted["target_diversity"] < COLLAPSE * source_only["target_diversity"]:
+        return "source_only", (f"the target predictions collapsed onto fewer classes (diversity "
+                               f"{adapted['target_diversity']:.2f} against {source_only['target_diversity']:.2f})")
+    if adapted["dev_risk"] >= source_only["dev_risk"]:
+        return "source_only", (f"its estimated target risk (DEV) is no lower: {adapted['dev_risk']:.3f} against "
+                               f"{source_only['dev_risk']:.3f}")
+    return "adapted", (f"its estimated target risk (DEV) is lower: {adapted['dev_risk']:.3f} against "
+                       f"{source_only['dev_risk']:.3f}, source accuracy kept")

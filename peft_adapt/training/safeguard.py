@@ -1,0 +1,76 @@
+"""The safeguard after domain adaptation: the source-only adapter is trained too (same recipe and seed, no
+`domain_adaptation:`), both are judged by label-free criteria (`adaptation/selection.py`) on the source's held-out
+rows and the target's unlabeled text, and the adapted adapter is kept only when the criteria say it is better.
+No target label is read: the target's text comes through `read_target_texts`, which reads nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adaptation.features import feature_kwargs, pooled_features
+from ..adaptation.selection import Outputs, choose, criteria
+from ..data.collate import pad_batch
+from ..errors import UserInputError
+
+
+@dataclass
+class Judgement:
+    selected: str  # "adapted" or "source_only"
+    why: str
+    criteria: dict  # {"adapted": {...}, "source_only": {...}}
+    source_only: object = None  # the source-only TrainResult (its model, metrics, folder)
+
+    def record(self, method: str) -> dict:
+        """What metrics.json says of it (`domain_adaptation`)."""
+        record = {"method": method, "safeguard": True, "selected": self.selected, "why": self.why,
+                  "criteria": self.criteria}
+        if self.source_only is not None:
+            record["source_only_metrics"] = {k: v for k, v in self.source_only.metrics.items() if k in ("eval", "test")}
+        return record
+
+
+@torch.no_grad()
+def _probs_and_features(model, rows: list[dict], pad_token_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    device = next(model.parameters()).device
+    probs, features = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = pad_batch([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows[start : start + batch_size]],
+                          pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch, **feature_kwargs("classification"))
+        probs.append(out.logits.float().softmax(-1).cpu())
+        features.append(pooled_features(out, batch["attention_mask"], "classification").cpu())
+    return torch.cat(probs), torch.cat(features)
+
+
+def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int, batch_size: int) -> Outputs:
+    source_probs, source_features = _probs_and_features(model, source_rows, pad_token_id, batch_size)
+    target_probs, target_features = _probs_and_features(model, target_rows, pad_token_id, batch_size)
+    labels = torch.tensor([r["labels"] for r in source_rows])
+    return Outputs(source_probs, labels, source_features, target_probs, target_features)
+
+
+def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
+          batch_size: int = 32) -> Judgement:
+    """Compare an adapted classifier with the source-only one on the source's held-out rows and the target's text."""
+    if not source_rows:
+        raise UserInputError("the safeguard needs the source domain's held-out rows (an eval file, or "
+                             "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
+    found = {name: criteria(outputs_of(model, source_rows, target_rows, pad_token_id, batch_size))
+             for name, model in (("adapted", adapted_model), ("source_only", source_only_model))}
+    selected, why = choose(found["adapted"], found["source_only"])
+    return Judgement(selected, why, found)
+
+
+def train_source_only(recipe, domain: str, out_root: Path, train, registry=None):
+    """The same recipe and seed without `domain_adaptation:`, trained into a hidden folder beside the output (the
+    caller removes it): the adapter the adapted one must beat."""
+    plain = recipe.model_copy(update={"domain_adaptation": None})
+    folder = Path(out_root) / f".{domain}.source-only"
+    shutil.rmtree(folder, ignore_errors=True)
+    return train(plain, domain, folder, registry=registry), folder

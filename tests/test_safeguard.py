@@ -1,0 +1,119 @@
+"""Issue 33: domain adaptation that never hurts on data it has not seen. The safeguard judges an adapted classifier
+against the source-only one by label-free criteria and keeps the adapted one only when they say it is better;
+self-training says what each round kept, and stops when its labels drift."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import classification_recipe, write_jsonl
+
+from peft_adapt import parse_recipe, train_domain
+from peft_adapt.adaptation.features import tokenize_target
+from peft_adapt.adaptation.selection import choose, snd
+from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
+from peft_adapt.training.safeguard import judge
+
+
+def _target(tmp_path, labels: str):
+    """Unlabeled-looking target text in other words than the source's; `labels` true, flipped or none."""
+    rows = []
+    for i in range(48):
+        row = {"text": " ".join(["superb excellent fine", "useless terrible awful"][i % 2] for _ in range(2))}
+        if labels != "none":
+            row["label"] = i % 2 if labels == "true" else 1 - i % 2
+        rows.append(row)
+    return write_jsonl(tmp_path / f"target-{labels}.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert, sentiment_file):
+    """A source-only classifier trained well (30 steps) and one barely trained (1 step), unquantized."""
+    root = tmp_path_factory.mktemp("safeguard")
+    models = {}
+    for name, steps in (("well", 30), ("barely", 1)):
+        data = classification_recipe(tiny_bert, sentiment_file, max_steps=steps)
+        data["task"]["pooling"] = "mean"
+        models[name] = train_domain(parse_recipe(data), "sentiment", root / name)
+    return models
+
+
+def _rows(result, tmp_path):
+    tokenizer = result.backbone.tokenizer
+    texts = [json.loads(line)["text"] for line in _target(tmp_path, "none").read_text().splitlines()]
+    return result.data.eval, tokenize_target(texts, tokenizer, 32), tokenizer.pad_token_id
+
+
+def test_the_safeguard_rejects_a_classifier_made_worse_and_keeps_one_that_is_better(trained, tmp_path):
+    well, barely = trained["well"], trained["barely"]
+    source, target, pad = _rows(well, tmp_path)
+    flipped = copy.deepcopy(well.model)
+    with torch.no_grad():  # every prediction flipped: what confident, wrong pseudo-labels teach, made certain
+        flipped.classifier.weight.copy_(flipped.classifier.weight.flip(0))
+        flipped.classifier.bias.copy_(flipped.classifier.bias.flip(0))
+    worse = judge(flipped, well.model, source, target, pad)
+    assert worse.selected == "source_only" and "accuracy fell" in worse.why, worse
+    better = judge(well.model, barely.model, source, target, pad)
+    assert better.selected == "adapted", better
+    assert better.criteria["adapted"]["dev_risk"] < better.criteria["source_only"]["dev_risk"]
+
+
+def test_the_decision_errs_towards_source_only():
+    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9}
+    assert choose(base | {"dev_risk": 0.4}, base)[0] == "adapted"
+    assert choose(base | {"dev_risk": 0.5}, base)[0] == "source_only"  # a tie keeps what never hurts
+    assert choose(base | {"dev_risk": 0.1, "source_accuracy": 0.8}, base)[0] == "source_only"
+    assert choose(base | {"dev_risk": 0.1, "target_diversity": 0.2}, base)[0] == "source_only"  # collapsed
+    # SND is reported, not decided on: it rewards density, and a collapse onto one class is the densest of all
+    clusters = torch.tensor([[0.99, 0.01]] * 5 + [[0.01, 0.99]] * 5)
+    assert snd(clusters) == pytest.approx(math.log(4), abs=1e-3)  # each row's 4 cluster-mates, equally near
+    assert snd(torch.tensor([[0.99, 0.01]] * 10)) == pytest.approx(math.log(9), abs=1e-3)
+
+
+def test_a_guarded_run_records_its_choice_and_reads_no_target_label(tmp_path, tiny_bert, sentiment_file, capsys,
+                                                                   caplog):
+    """Target labels true, flipped or absent: the same criteria, the same choice, the same adapter."""
+    decisions = []
+    for labels in ("true", "flipped", "none"):
+        data = classification_recipe(tiny_bert, sentiment_file, max_steps=8)
+        data["domain_adaptation"] = {"method": "mmd", "target": str(_target(tmp_path, labels))}
+        with caplog.at_level(logging.WARNING):
+            result = train_domain(parse_recipe(data), "sentiment", tmp_path / labels)
+        record = json.loads((result.out_dir / "metrics.json").read_text())["domain_adaptation"]
+        assert record["selected"] in ("adapted", "source_only") and set(record["criteria"]) == {"adapted", "source_only"}
+        decisions.append(record)
+        assert not (tmp_path / labels / ".sentiment.source-only").exists()  # its scratch folder is gone
+    assert decisions[0] == decisions[1] == decisions[2]
+    said = capsys.readouterr().out + caplog.text  # kept: a printed line; fell back: a warning
+    assert said.count("sentiment: safeguard ") == 3 and decisions[0]["why"] in said
+
+
+def test_self_training_says_what_each_round_kept_and_warns_when_it_kept_nothing(tmp_path, tiny_bert, sentiment_file,
+                                                                                capsys, caplog):
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
+    data["domain_adaptation"] = {"method": "none", "target": str(_target(tmp_path, "none")), "safeguard": False,
+                                 "self_training": {"rounds": 2, "threshold": 0.999999, "max_class_share": 1.0,
+                                                   "min_agreement": 0.0}}
+    with caplog.at_level(logging.WARNING):
+        result = train_domain(parse_recipe(data), "sentiment", tmp_path)
+    out = capsys.readouterr().out
+    assert "self-training round 1/2 at step 2: kept 0 of 48 target rows" in out and "round 2/2" in out
+    assert "kept no target row" in caplog.text and "the adapter equals source-only" in caplog.text
+    assert [r["selected"] for r in result.metrics["self_training"]] == [0, 0]
+
+
+def test_self_training_stops_when_its_labels_drift_or_collapse():
+    spec = SelfTrainingSpec()
+    reference = torch.tensor([0, 1] * 10)
+    assert drift(reference.clone(), reference, 2, spec) == (1.0, None)
+    flipped = 1 - reference
+    agreement, why = drift(flipped, reference, 2, spec)
+    assert agreement == 0.0 and "min_agreement" in why
+    collapsed = torch.zeros(20, dtype=torch.long)
+    _, why = drift(collapsed, torch.zeros(20, dtype=torch.long), 2, spec)
+    assert "max_class_share" in why
