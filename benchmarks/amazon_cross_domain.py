@@ -11,6 +11,11 @@ under it. Prints one JSON line per (pair, method),
 the table with averages beside the published reference points, and writes the table as JSON and as a
 heatmap PNG.
 
+The safeguard (issue 33) is measured beside each method: the method trains with `safeguard: false` (its raw
+adapter), then `training.safeguard.judge` compares it with the source-only adapter of the same source and seed by
+label-free criteria; `guarded` is the accuracy of whichever the safeguard keeps, and `oracle` says which of the two
+the target's test labels prefer (read here only, after the choice). `--seeds 0,1,2` repeats every run per seed.
+
     python benchmarks/amazon_cross_domain.py --quick                 # CPU: 3 pairs, 800 rows a domain
     python benchmarks/amazon_cross_domain.py --quick --methods self_training --pairs books:dvd,...  # any pairs
     python benchmarks/amazon_cross_domain.py --out results/          # all 12 pairs (a GPU, or hours)
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--out", default=None, help="folder for the JSON table and the heatmap")
     parser.add_argument("--weights", help="objective weights, e.g. dann=0.1,coral=10,mmd=0.1")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every run is repeated per seed")
     args = parser.parse_args()
     data = data_root() / "amazon_multidomain"
     if not data.is_dir():
@@ -92,13 +98,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
     def recipe(source: str, target: str | None, method: str | None, task: str = "classification",
-               stack_on: str | None = None):
+               stack_on: str | None = None, seed: int = 0):
         spec = {
             "name": f"cross-{method or 'source'}-{source}-{target}", "base": {"model": "minilm-l6", "quantization": "nf4"},
             "task": {"type": task, "max_length": 128 if not args.quick else 96},
             "adapter": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
             "training": {"epochs": epochs, "batch_size": 16, "learning_rate": 1e-3 if args.quick else 5e-4,
-                         "warmup_ratio": 0.06, "seed": 0,
+                         "warmup_ratio": 0.06, "seed": seed,
                          "max_train_rows": rows},
             "domains": {source: {"train": str(data / f"{source}.train.jsonl"), "test": str(data / f"{source}.test.jsonl")}},
         }
@@ -109,7 +115,8 @@ def main() -> None:
             if objective == "self_training":
                 objective, self_training = "none", "self_training"
             spec["domain_adaptation"] = {"method": objective, "target": str(data / f"{target}.train.jsonl"),
-                                         "weight": weights.get(objective, 1.0), "max_target_rows": rows}
+                                         "weight": weights.get(objective, 1.0), "max_target_rows": rows,
+                                         "safeguard": False}  # judged below, against the source-only adapter
             if self_training:
                 spec["domain_adaptation"]["self_training"] = SELF_TRAINING
             if objective == "generate":
@@ -185,54 +192,85 @@ def main() -> None:
             scores.append(sum(p["label_id"] == e.label for p, e in zip(predicted, examples)) / len(examples))
         return scores[0], scores[1]
 
-    table: dict[str, dict[str, float]] = {}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    table: dict[str, dict[str, float]] = {}  # means over the seeds
+    per_seed: dict[tuple, float] = {}  # (pair, column, seed) -> target accuracy
+    choices: list[dict] = []  # the safeguard's choice per (pair, method, seed), beside the oracle's
     source_validation: dict[str, dict[str, float]] = {}  # a label-free criterion: the source's held-out accuracy
-    seconds: dict[str, dict[str, float]] = {}  # training wall time behind each cell
+    seconds: dict[str, dict[str, float]] = {}  # training wall time behind each cell (the first seed's)
     sources = sorted({s for s, _ in pairs})
     in_domain = {}
+    source_only = {}  # (source, seed) -> its TrainResult: the adapter every method's is judged against
     for source in sources:
-        result = train_domain(recipe(source, None, None), source, out / "runs" / "source_only")
-        in_domain[source] = result.metrics["test"]["accuracy"]
-        source_validation.setdefault(source, {})["source_only"] = result.metrics["eval"]["accuracy"]
-        for s, t in pairs:
-            if s == source:
-                seconds.setdefault(f"{s}->{t}", {})["source_only"] = result.metrics["train_seconds"]
-        for s, t in pairs:
-            if s == source:
-                table.setdefault(f"{s}->{t}", {})["source_only"] = target_accuracy(result, t)
-        del result
+        for seed in seeds:
+            result = train_domain(recipe(source, None, None, seed=seed), source, out / "runs" / f"source_only-{seed}")
+            source_only[(source, seed)] = result
+            in_domain.setdefault(source, []).append(result.metrics["test"]["accuracy"])
+            source_validation.setdefault(source, {})["source_only"] = result.metrics["eval"]["accuracy"]
+            for s, t in pairs:
+                if s == source:
+                    seconds.setdefault(f"{s}->{t}", {})["source_only"] = result.metrics["train_seconds"]
+                    per_seed[(f"{s}->{t}", "source_only", seed)] = target_accuracy(result, t)
+    in_domain = {d: sum(v) / len(v) for d, v in in_domain.items()}
+
+    def judged(result, s: str, t: str, seed: int):
+        """The safeguard's judgement of an adapted run against the source-only adapter (no target label read)."""
+        from peft_adapt.adaptation.features import read_target_texts, tokenize_target
+        from peft_adapt.training.safeguard import judge
+
+        plain = source_only[(s, seed)]
+        tokenizer = plain.backbone.tokenizer
+        texts = read_target_texts(data / f"{t}.train.jsonl", max_rows=rows)
+        target_rows = tokenize_target(texts, tokenizer, 128 if not args.quick else 96)
+        return judge(result.model, plain.model, plain.data.eval, target_rows, tokenizer.pad_token_id)
+
     pseudo_labels: dict[str, dict] = {}
     for s, t in pairs:
+        pair = f"{s}->{t}"
         for method in methods:
             if method == "domain_stack":
-                table[f"{s}->{t}"][method], unswapped = stack_accuracy(s, t)
-                seconds.setdefault(f"{s}->{t}", {})[method] = (stack_seconds[f"domain:{s}"] + stack_seconds[f"task:{s}"]
-                                                               + stack_seconds[f"domain:{t}"])
-                print(json.dumps({"name": "amazon_cross_domain_stack", "pair": f"{s}->{t}",
-                                  "target_domain_adapter": table[f"{s}->{t}"][method],
+                table.setdefault(pair, {})[method], unswapped = stack_accuracy(s, t)
+                seconds.setdefault(pair, {})[method] = (stack_seconds[f"domain:{s}"] + stack_seconds[f"task:{s}"]
+                                                        + stack_seconds[f"domain:{t}"])
+                print(json.dumps({"name": "amazon_cross_domain_stack", "pair": pair,
+                                  "target_domain_adapter": table[pair][method],
                                   "source_domain_adapter": unswapped}), flush=True)
                 continue
-            result = train_domain(recipe(s, t, method), s, out / "runs" / method / t)
-            source_validation.setdefault(f"{s}->{t}", {})[method] = result.metrics["eval"]["accuracy"]
-            seconds.setdefault(f"{s}->{t}", {})[method] = result.metrics["train_seconds"]
-            if result.adapted is not None:  # adda: the target adapter (with the source's head) is what serves t
-                seconds[f"{s}->{t}"][method] += result.adapted.metrics["train_seconds"]
-                result = result.adapted
-            generated = generated_report(result, t)
-            if generated:
-                print(json.dumps({"name": "amazon_cross_domain_generated", "pair": f"{s}->{t}", **generated}), flush=True)
-                pseudo_labels[f"{s}->{t}:{method}"] = generated
-            table[f"{s}->{t}"][method] = target_accuracy(result, t)
-            report = pseudo_label_report(result, t)
-            if report:
-                pseudo_labels[f"{s}->{t}:{method}"] = report
-                print(json.dumps({"name": "amazon_cross_domain_pseudo_labels", "pair": f"{s}->{t}", "method": method,
-                                  **report}), flush=True)
-            del result
-        for method in ["source_only", *methods]:
-            print(json.dumps({"name": "amazon_cross_domain_accuracy", "pair": f"{s}->{t}", "method": method,
-                              "value": table[f"{s}->{t}"][method],
-                              "train_seconds": seconds.get(f"{s}->{t}", {}).get(method), "rows": rows, "epochs": epochs, "device": device}), flush=True)
+            for seed in seeds:
+                result = train_domain(recipe(s, t, method, seed=seed), s, out / "runs" / f"{method}-{seed}" / t)
+                source_validation.setdefault(pair, {})[method] = result.metrics["eval"]["accuracy"]
+                seconds.setdefault(pair, {}).setdefault(method, result.metrics["train_seconds"])
+                if result.adapted is not None:  # adda: the target adapter (with the source's head) is what serves t
+                    result = result.adapted
+                generated = generated_report(result, t)
+                if generated:
+                    print(json.dumps({"name": "amazon_cross_domain_generated", "pair": pair, **generated}), flush=True)
+                    pseudo_labels[f"{pair}:{method}"] = generated
+                raw = target_accuracy(result, t)
+                judgement = judged(result, s, t, seed)
+                plain = per_seed[(pair, "source_only", seed)]
+                guarded = raw if judgement.selected == "adapted" else plain
+                oracle = "adapted" if raw > plain else "source_only" if raw < plain else "either"
+                per_seed[(pair, method, seed)], per_seed[(pair, f"{method}+safeguard", seed)] = raw, guarded
+                choice = {"pair": pair, "method": method, "seed": seed, "selected": judgement.selected,
+                          "oracle": oracle, "agrees": oracle in ("either", judgement.selected), "why": judgement.why,
+                          "adapted_accuracy": raw, "source_only_accuracy": plain, "criteria": judgement.criteria}
+                choices.append(choice)
+                print(json.dumps({"name": "amazon_cross_domain_safeguard"} | choice), flush=True)
+                report = pseudo_label_report(result, t)
+                if report:
+                    pseudo_labels[f"{pair}:{method}:{seed}"] = report
+                    print(json.dumps({"name": "amazon_cross_domain_pseudo_labels", "pair": pair, "method": method,
+                                      "seed": seed, **report}), flush=True)
+                del result
+        guarded_columns = [f"{m}+safeguard" for m in methods if m != "domain_stack"]
+        for column in ["source_only", *[m for m in methods if m != "domain_stack"], *guarded_columns]:
+            values = [per_seed[(pair, column, seed)] for seed in seeds]
+            table.setdefault(pair, {})[column] = sum(values) / len(values)
+            print(json.dumps({"name": "amazon_cross_domain_accuracy", "pair": pair, "method": column,
+                              "value": table[pair][column], "seeds": seeds, "spread": max(values) - min(values),
+                              "train_seconds": seconds.get(pair, {}).get(column.split("+safeguard")[0]), "rows": rows,
+                              "epochs": epochs, "device": device}), flush=True)
     # in-domain upper bound of each target: the source-only adapter trained on the target itself
     for s, t in pairs:
         if t not in in_domain:
@@ -240,6 +278,7 @@ def main() -> None:
             in_domain[t] = result.metrics["test"]["accuracy"]
             del result
         table[f"{s}->{t}"]["in_domain"] = in_domain[t]
+    methods = methods + [f"{m}+safeguard" for m in methods if m != "domain_stack"]
     columns = ["source_only", *methods, "in_domain"]
     averages = {c: sum(row[c] for row in table.values()) / len(table) for c in columns}
     print(f"\n| pair | {' | '.join(columns)} |")
@@ -255,13 +294,16 @@ def main() -> None:
         share = f"{100 * closed[m]:.0f}%" if closed[m] is not None else "n/a (no gap)"
         print(f"{m}: closes {share} of the transfer gap (in-domain - source-only, averaged); worst pair vs "
               f"source-only {100 * worst[m]:+.1f} points")
+    agreeing = sum(c["agrees"] for c in choices)
+    print(f"the safeguard's choice agrees with the target-label oracle's on {agreeing} of {len(choices)} runs")
     best = max(methods, key=lambda m: averages[m])
     print(f"best objective: {best} ({100 * averages[best]:.1f}) vs source-only ({100 * averages['source_only']:.1f})"
           f" over {len(table)} pair(s)")
     (out / "amazon_cross_domain.json").write_text(json.dumps(
         {"table": table, "averages": averages, "gap_closed": closed, "worst_pair_vs_source_only": worst,
          "published": PUBLISHED, "source_validation": source_validation, "train_seconds": seconds, "rows": rows, "epochs": epochs, "weights": weights,
-         "self_training": SELF_TRAINING, "pseudo_labels": pseudo_labels, "pairs": len(table), "device": device}, indent=2))
+         "self_training": SELF_TRAINING, "pseudo_labels": pseudo_labels, "pairs": len(table), "device": device,
+         "seeds": seeds, "safeguard_choices": choices}, indent=2))
     plot_heatmap([[100 * table[p][c] for c in columns] for p in table], list(table), columns,
                  out / "amazon_cross_domain.png", "Amazon cross-domain target accuracy (%)", cmap="viridis")
     print(f"saved {out / 'amazon_cross_domain.json'} and {out / 'amazon_cross_domain.png'}")

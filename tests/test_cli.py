@@ -136,7 +136,7 @@ def test_eval_writes_each_classification_with_its_gold_label(tmp_path, tiny_bert
     accuracy = sum(r["label"] == r["gold"] for r in rows) / len(rows)
     assert accuracy == pytest.approx(json.loads(out)["accuracy"])
     code, _, err = _run(capsys, "eval", tmp_path / "runs" / "sentiment", held, "--base-only")
-    assert code == 2 and "--base-only measures causal LM bases" in err
+    assert code == 2 and "--base-only measures causal LM and seq2seq bases" in err
 
 
 def test_the_command_starts_without_torch_and_names_every_merge_method():

@@ -13,7 +13,8 @@ from test_server import _auth, _error, _start
 
 from peft_adapt import AdapterRuntime, Registry, parse_recipe, train_domain
 from peft_adapt.cli.main import main
-from peft_adapt.runtime.tagging import entities, tag_rows
+from peft_adapt.models.crf import tag_rows
+from peft_adapt.runtime.tagging import entities
 from peft_adapt.training.evaluation import evaluate_file
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]

@@ -116,6 +116,29 @@ def tokenize_token_classification(examples: list[Example], tokenizer, max_length
     return features
 
 
+def encode_words(tokenizer, rows: list[list[str]], limits: list[int]) -> tuple:
+    """(ids, mask, starts) padded on the right: `starts` is True at each word's first sub-token. A row is cut to its
+    limit as training cut it; the words past the cut have no start, so they get no tag."""
+    import torch
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserInputError("tagging needs a fast tokenizer (its word ids map tokens to words); this base's is slow")
+    encoded = []
+    for words, limit in zip(rows, limits):
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=limit)
+        previous, starts = None, []
+        for word in enc.word_ids():
+            starts.append(word is not None and word != previous)
+            previous = word
+        encoded.append((enc["input_ids"], starts))
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in encoded])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in encoded])
+    starts = torch.tensor([s + [False] * (width - len(s)) for _, s in encoded])
+    return ids, mask, starts
+
+
 def tokenize_masked_lm(examples: list[Example], tokenizer, max_length: int, probability: float | None,
                        seed: int = 0) -> list[dict]:
     """input_ids cut to max_length; with `probability`, masked once (seeded per row: the same positions on every

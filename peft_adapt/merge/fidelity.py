@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from ..data import read_rows
+from ..data.tokenize import encode_words
 from ..errors import UserInputError
+from ..models.crf import tag_rows
 from ..models.heads import pool_hidden
 from ..runtime import AdapterRuntime
-from ..runtime.tagging import encode_words, tag_rows
 from ..training.recipe import Recipe
 from .exported_head import HEAD_WEIGHTS
 

@@ -92,3 +92,23 @@ def words_of(values: torch.Tensor, word_starts: torch.Tensor, fill: int = 0) -> 
     mask = torch.arange(width, device=values.device).unsqueeze(0) < counts.unsqueeze(1)
     packed[mask] = values[word_starts]
     return packed, mask
+
+
+def tag_rows(hidden: torch.Tensor, starts: torch.Tensor, head: dict, labels: list[str]) -> list[list[str]]:
+    """The tags of each row's words (those that survived the cut) from one adapter's head: the CRF's best sequence
+    where the head has one, else each word's most likely tag."""
+    weight, bias = head["weight"].float().to(hidden.device), head["bias"].float().to(hidden.device)
+    emissions, mask = words_of(hidden.float() @ weight.T + bias, starts)
+    counts = mask.sum(1).tolist()
+    if "crf.transitions" in head:
+        crf = CRF(labels).to(hidden.device)
+        with torch.no_grad():
+            for part in ("start", "end", "transitions"):
+                getattr(crf, part).copy_(head[f"crf.{part}"].float())
+        real = [i for i, n in enumerate(counts) if n]  # Viterbi needs a word; a row cut to nothing has no tags
+        paths = dict(zip(real, crf.decode(emissions[real], mask[real]))) if real else {}
+        ids = [paths.get(i, []) for i in range(len(counts))]
+    else:
+        best = emissions.argmax(-1).tolist()
+        ids = [row[:n] for row, n in zip(best, counts)]
+    return [[labels[t] for t in row] for row in ids]

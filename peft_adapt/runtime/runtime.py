@@ -23,9 +23,11 @@ from collections.abc import Iterator
 
 import torch
 
+from ..data.tokenize import encode_words
 from ..errors import UserInputError
 from ..methods import AdapterWeights
 from ..models.backbone import BaseSpec, load_backbone
+from ..models.crf import tag_rows
 from ..models.heads import pool_hidden
 from ..registry.refs import AUTO
 from ..routing.router import (
@@ -43,7 +45,7 @@ from .batch import AdapterBatch
 from .decoding import Sampling, decode, per_row
 from .encoding import encode
 from .residency import Residency, ResidentAdapter
-from .tagging import encode_words, entities, tag_rows, words_of_inputs
+from .tagging import entities, words_of_inputs
 
 TASKS = ("causal_lm", "classification", "seq2seq")
 
