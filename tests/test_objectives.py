@@ -108,7 +108,7 @@ def test_self_training_that_finds_no_confident_row_changes_nothing(tmp_path, tin
     from safetensors.torch import load_file
 
     weights = []
-    for setting in (None, {"rounds": 3, "threshold": 0.999999}):
+    for setting in (None, {"rounds": 3, "threshold": 0.999999, "max_class_share": 1.0, "min_agreement": 0.0}):
         data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)
         if setting:
             data["domain_adaptation"] = {"method": "none", "target": str(_target(tmp_path, "t.jsonl", "none")),

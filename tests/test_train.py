@@ -222,8 +222,9 @@ def test_an_interrupted_run_resumed_gives_the_adapter_of_an_uninterrupted_one(tm
     for key in expected:
         assert torch.allclose(expected[key], found[key], atol=1e-6), key
     assert not (tmp_path / "cut" / ".docs.checkpoints").exists()  # removed once the adapter is saved
-    again = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "cut"), "--resume")  # nothing left to do
-    assert again.returncode == 0 and "already trained" in again.stdout
+    if method == "lora":  # the CLI's step, the same for every method
+        again = _run_cli(tmp_path, recipe, "--out", str(tmp_path / "cut"), "--resume")  # nothing left to do
+        assert again.returncode == 0 and "already trained" in again.stdout
 
 
 def test_report_to_tensorboard_writes_event_files_offline(tmp_path, tiny_bert, sentiment_file):

@@ -100,10 +100,11 @@ def seq2seq_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: i
     prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
     runtime = AdapterRuntime(manifest.base_model, task="seq2seq", quantization=manifest.quantization, device="cpu")
     runtime.load(str(entry.path))
-    unmerged = runtime.target_logits(prompts, targets, str(entry.path))
-    base_served = runtime.target_logits(prompts, targets, None)
-    ids, mask = runtime._encode(prompts, padding_side="right")
-    labels, real = runtime._encode(targets, padding_side="right")
+    cut = manifest.max_length  # as training cut them
+    unmerged = runtime.target_logits(prompts, targets, str(entry.path), cut)
+    base_served = runtime.target_logits(prompts, targets, None, cut)
+    ids, mask = runtime._encode(prompts, padding_side="right", limits=[cut] * len(prompts))
+    labels, real = runtime._encode(targets, padding_side="right", limits=[cut] * len(targets))
     del runtime
     labels = labels.masked_fill(real == 0, -100)
     kept = real.bool()  # padding positions predict nothing

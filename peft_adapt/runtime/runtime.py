@@ -413,14 +413,15 @@ class AdapterRuntime:
                 written[i] = row[: row.index(eos) + 1] if eos in row else row
         return written
 
-    def target_logits(self, prompts, targets, adapters=None) -> torch.Tensor:
+    def target_logits(self, prompts, targets, adapters=None, max_length: int | None = None) -> torch.Tensor:
         """A seq2seq runtime's decoder logits [rows, target tokens, vocab] with each target as the decoder's input
-        (teacher forcing): what an exported model is compared on."""
+        (teacher forcing): what an exported model is compared on. `max_length` cuts prompts and targets as
+        training cut them."""
         if self.task != "seq2seq":
             raise UserInputError("target_logits() is for seq2seq runtimes")
         with self._lock:
-            ids, mask = self._encode(prompts, padding_side="right")
-            labels, real = self._encode(targets, padding_side="right")
+            ids, mask = self._encode(prompts, padding_side="right", limits=[max_length] * len(prompts))
+            labels, real = self._encode(targets, padding_side="right", limits=[max_length] * len(targets))
             labels = labels.masked_fill(real == 0, -100)  # the model shifts them right into the decoder's input
             resident, _, _ = self._plan(adapters, ids.shape[0])
             return self._forward(self._stacked_batch(resident), input_ids=ids.to(self.device),
