@@ -32,8 +32,8 @@ def _adda_recipe(tiny_bert, sentiment_file, target, **adaptation):
 def test_adda_trains_a_target_adapter_and_leaves_the_source_alone(tmp_path, tiny_bert, sentiment_file):
     target = _target(tmp_path)
     registry = Registry(tmp_path / "reg")
-    results = train_recipe(parse_recipe(_adda_recipe(tiny_bert, sentiment_file, target)), tmp_path / "out",
-                           registry=registry)
+    results = train_recipe(parse_recipe(_adda_recipe(tiny_bert, sentiment_file, target, safeguard=False)),
+                           tmp_path / "out", registry=registry)
     source, adapted = results[0], results[0].adapted
     assert adapted is not None and {e.name for e in registry.list()} == {"t-sentiment", "t-sentiment-adda"}
     plain = train_domain(parse_recipe(classification_recipe(tiny_bert, sentiment_file, max_steps=6)), "sentiment",
@@ -53,6 +53,19 @@ def test_adda_trains_a_target_adapter_and_leaves_the_source_alone(tmp_path, tiny
     assert len(history) == 6 and all("discriminator_loss" in e and "loss" in e for e in history)
     runtime = AdapterRuntime(str(tiny_bert), task="classification", quantization="none", registry=registry)
     assert runtime.classify(["superb splendid"], "t-sentiment-adda")[0]["adapter"] == "t-sentiment-adda"
+
+
+def test_a_guarded_phase_is_judged_against_its_source_adapter_and_registered_only_if_better(tmp_path, tiny_bert,
+                                                                                           sentiment_file):
+    registry = Registry(tmp_path / "reg")
+    results = train_recipe(parse_recipe(_adda_recipe(tiny_bert, sentiment_file, _target(tmp_path))), tmp_path / "out",
+                           registry=registry)
+    record = results[0].adapted.metrics["domain_adaptation"]
+    assert record["method"] == "adda" and set(record["criteria"]) == {"adapted", "source_only"}
+    saved = json.loads((results[0].adapted.out_dir / "metrics.json").read_text())["domain_adaptation"]
+    assert saved["selected"] == record["selected"]
+    names = {e.name for e in registry.list()}
+    assert "t-sentiment" in names and ("t-sentiment-adda" in names) == (record["selected"] == "adapted")
 
 
 def test_the_two_players_losses_move_in_opposite_directions(tmp_path, tiny_bert, sentiment_file):

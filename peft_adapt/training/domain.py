@@ -483,9 +483,29 @@ def _target_phase(recipe: Recipe, domain: str, out_root, source: TrainResult, to
             metrics[split] = evaluate_task(model, rows, recipe.task.type, pad, len(data.labels.names), eval_batch,
                                            data.labels.names)
     name = f"{domain}-{method.name}"
+    if recipe.domain_adaptation.safeguard and recipe.task.type == "classification":
+        metrics["domain_adaptation"] = _judge_phase(recipe, domain, name, source, tokenizer)
     out_dir = out_root / name
     manifest = save_trained(recipe, name, out_dir, model, backbone, data, metrics, outcome.history)
     return TrainResult(name, out_dir, metrics, manifest, model, backbone, data, generated=outcome.generated)
+
+
+def _judge_phase(recipe: Recipe, domain: str, name: str, source: TrainResult, tokenizer) -> dict:
+    """A phase's target adapter (trained in place on the source's model) against the source adapter it started from,
+    which is source-only and already saved: loaded again and judged by the same label-free criteria."""
+    from ..runtime.loading import load_trained  # lazy: only a guarded phase loads the source adapter again
+
+    t = recipe.training
+    plain = load_trained(source.out_dir, quantization=recipe.base.quantization, device=recipe.base.device).model
+    judgement = judge(source.model, plain, source.data.eval or [], target_features(recipe, tokenizer),
+                      tokenizer.pad_token_id, t.eval_batch_size or t.batch_size)
+    if judgement.selected == "adapted":
+        print(f"{name}: safeguard: the {recipe.domain_adaptation.method} adapter is better than source-only "
+              f"{domain}: {judgement.why}", flush=True)
+    else:
+        log.warning("%s: safeguard: no better than the source-only adapter %s (%s); it is saved but not registered: "
+                    "serve %s", name, domain, judgement.why, domain)
+    return judgement.record(recipe.domain_adaptation.method)
 
 
 def _one_epoch(recipe: Recipe, source: TrainResult, rows: list[dict], checkpoints: Path) -> dict:
@@ -653,6 +673,8 @@ def train_recipe(recipe: Recipe, out_root: str | Path, domains: list[str] | None
             failed.append(name)
             continue
         for trained in filter(None, (result, result.adapted)):
+            if trained.metrics.get("domain_adaptation", {}).get("selected") == "source_only" and trained is not result:
+                continue  # a phase's target adapter the safeguard found no better than source-only (said above)
             if registry is not None and trained.manifest is not None:  # the main process (or each domain's worker)
                 trained.registered = registry.add(trained.out_dir)
             if trained.manifest is not None:
