@@ -15,7 +15,7 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import tokenize_target
-from peft_adapt.adaptation.selection import choose, snd
+from peft_adapt.adaptation.selection import choose, choose_among, snd
 from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
 from peft_adapt.training.safeguard import judge
 
@@ -117,3 +117,21 @@ def test_self_training_stops_when_its_labels_drift_or_collapse():
     collapsed = torch.zeros(20, dtype=torch.long)
     _, why = drift(collapsed, torch.zeros(20, dtype=torch.long), 2, spec)
     assert "max_class_share" in why
+
+
+def test_select_auto_ranks_a_small_grid_by_the_same_criteria_and_saves_the_recipe_it_kept(tmp_path, tiny_bert,
+                                                                                          sentiment_file):
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=8)
+    data["domain_adaptation"] = {"method": "mmd", "target": str(_target(tmp_path, "none")), "weight": 0.1,
+                                 "select": "auto"}
+    result = train_domain(parse_recipe(data), "sentiment", tmp_path / "out")
+    record = result.metrics["domain_adaptation"]
+    assert set(record["criteria"]) == {"adapted", "weight=0.01", "weight=1", "source_only"}
+    ranked = {k: v for k, v in record["criteria"].items() if k != "source_only"}
+    # the recorded choice is the recorded criteria's: the lowest DEV risk of those the guards let through
+    assert choose_among(ranked, record["criteria"]["source_only"])[0] == record["selected"]
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    weight = {"adapted": 0.1, "weight=0.01": 0.01, "weight=1": 1.0}.get(record["selected"], 0.1)
+    assert manifest["recipe"]["domain_adaptation"]["weight"] == pytest.approx(weight)
+    with pytest.raises(Exception, match="select: auto chooses by the safeguard's criteria"):
+        parse_recipe(data | {"domain_adaptation": data["domain_adaptation"] | {"safeguard": False}})

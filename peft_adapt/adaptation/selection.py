@@ -97,6 +97,32 @@ def criteria(outputs: Outputs) -> dict:
     }
 
 
+WEIGHT_FACTORS = (0.1, 10.0)  # `select: auto` tries the term's weight x these beside the recipe's own
+THRESHOLDS = (0.7, 0.8, 0.9)  # and these self-training thresholds
+
+
+def settings_grid(spec, aligns: bool) -> dict[str, dict]:
+    """The variants `select: auto` trains beside the recipe's own settings: {label: update of the recipe's
+    domain_adaptation section}."""
+    variants = {}
+    if aligns:
+        variants |= {f"weight={spec.weight * f:g}": {"weight": spec.weight * f} for f in WEIGHT_FACTORS}
+    if spec.self_training is not None:
+        variants |= {f"threshold={t:g}": {"self_training": spec.self_training.model_copy(update={"threshold": t})}
+                     for t in THRESHOLDS if t != spec.self_training.threshold}
+    return variants
+
+
+def choose_among(candidates: dict[str, dict], source_only: dict, tolerance: float = 0.01) -> tuple[str, str]:
+    """(the candidate's name, or "source_only"; why): among the candidates `choose` would keep, the lowest DEV risk."""
+    verdicts = {name: choose(found, source_only, tolerance) for name, found in candidates.items()}
+    kept = [name for name, (selected, _) in verdicts.items() if selected == "adapted"]
+    if not kept:
+        return "source_only", "; ".join(f"{name}: {why}" for name, (_, why) in verdicts.items())
+    best = min(kept, key=lambda name: candidates[name]["dev_risk"])
+    return best, verdicts[best][1]
+
+
 def choose(adapted: dict, source_only: dict, tolerance: float = 0.01) -> tuple[str, str]:
     """("adapted" or "source_only", why), from the two models' criteria."""
     if adapted["source_accuracy"] < source_only["source_accuracy"] - tolerance:

@@ -32,6 +32,9 @@ class _Common(BaseModel):
     safeguard: bool = Field(
         True, description="classification: train the source-only adapter too and keep the adapted one only when "
                           "label-free criteria (DEV risk, source accuracy, target diversity) say it is better")
+    select: Optional[Literal["auto"]] = Field(
+        None, description="auto: also train the term's weight x0.1 and x10 (and other self-training thresholds) and "
+                          "keep whichever the safeguard's criteria rank best, source-only included")
     self_training: SelfTrainingSpec | None = Field(
         None, description="classification: also learn the adapter's confident labels of the target, "
                           "e.g. {rounds: 2, threshold: 0.9, balance: true, weight: 1.0}")
@@ -65,6 +68,8 @@ class _Common(BaseModel):
         if not chosen.aligns and self.self_training is None:
             raise ValueError(f"method {self.method} aligns nothing: add self_training: {{rounds: 2, threshold: 0.9}} "
                              f"or name one of {', '.join(m for m in TABLE if TABLE[m].aligns)}")
+        if self.select == "auto" and not self.safeguard:
+            raise ValueError("select: auto chooses by the safeguard's criteria: leave safeguard on")
         if chosen.phased and self.self_training is not None:
             raise ValueError(f"{self.method} trains a target adapter in a phase of its own; self_training joins the "
                              f"steps of one adapter: use one or the other")

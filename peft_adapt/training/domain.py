@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from ..adaptation import adaptation_method
 from ..adaptation.base import PhaseContext
 from ..adaptation.features import read_target_texts, tokenize_target
+from ..adaptation.selection import settings_grid
 from ..data import Collator, DomainData, MaskingCollator, read_domain, tokenize_domain
 from ..errors import UserInputError
 from ..formats import (
@@ -400,9 +401,10 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
     metrics = _metrics(recipe, ready, trainer, train_output, time.perf_counter() - started)
     if resume_from is not None:
         metrics["resumed_from_step"] = int(resume_from.name.rpartition("-")[2])
-    kept, log_history = ready, trainer.state.log_history
+    kept, log_history, saved_recipe = ready, trainer.state.log_history, recipe
     if _guarded(recipe) and trainer.is_world_process_zero():
-        kept, metrics, log_history = _safeguard(recipe, domain, out_root, ready, metrics, log_history, registry)
+        kept, metrics, log_history, saved_recipe = _safeguard(recipe, domain, out_root, ready, metrics, log_history,
+                                                              registry)
 
     out_dir, manifest, gathered = out_root / domain, None, None
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -410,7 +412,7 @@ def train_domain(recipe: Recipe, domain: str, out_root: str | Path, resume: bool
         gathered = out_dir.parent / f".{out_dir.name}.fsdp-gathered"
         trainer.save_model(str(gathered))
     if trainer.is_world_process_zero():  # data parallel: only the main process writes
-        manifest = save_trained(recipe, domain, out_dir, kept.model, kept.backbone, kept.data, metrics,
+        manifest = save_trained(saved_recipe, domain, out_dir, kept.model, kept.backbone, kept.data, metrics,
                                 log_history, gathered, ready.stacked_on, ready.signature)
         shutil.rmtree(checkpoint_folder(out_root, domain), ignore_errors=True)
     result = TrainResult(domain, out_dir, metrics, manifest, kept.model, kept.backbone, kept.data,
@@ -431,31 +433,53 @@ def _guarded(recipe: Recipe) -> bool:
 
 def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, metrics: dict, log_history: list,
                registry):
-    """Train source-only too and judge the two without target labels; returns what to save: (the prepared model
-    to save, its metrics with the judgement, its log history)."""
+    """Train source-only too (and with `select: auto` the grid's other settings) and judge them all without target
+    labels; returns what to save: (the prepared model, its metrics with the judgement, its log history, its
+    recipe)."""
+    spec = recipe.domain_adaptation
     source_only, folder = train_source_only(recipe, domain, out_root, train_domain, registry)
+    scratch = [folder]
     try:
+        variants = {}
+        if spec.select == "auto":
+            grid = settings_grid(spec, adaptation_method(spec.method).aligns)
+            for i, (label, update) in enumerate(grid.items()):
+                changed = spec.model_copy(update=update | {"safeguard": False, "select": None})
+                scratch.append(Path(out_root) / f".{domain}.select-{i}")
+                shutil.rmtree(scratch[-1], ignore_errors=True)
+                variant = recipe.model_copy(update={"domain_adaptation": changed})
+                variants[label] = (variant, train_domain(variant, domain, scratch[-1], registry=registry))
         t = recipe.training
         judgement = judge(ready.model, source_only.model, ready.data.eval or [],
                           target_features(recipe, ready.backbone.tokenizer), ready.backbone.tokenizer.pad_token_id,
-                          t.eval_batch_size or t.batch_size)
+                          t.eval_batch_size or t.batch_size, {label: r.model for label, (_, r) in variants.items()})
         judgement.source_only = source_only
-        record = judgement.record(recipe.domain_adaptation.method)
-        shown = ", ".join(f"{k} {judgement.criteria['adapted'][k]:.3f}/{judgement.criteria['source_only'][k]:.3f}"
+        record = judgement.record(spec.method)
+        chosen = judgement.selected
+        shown = ", ".join(f"{k} {judgement.criteria.get(chosen, judgement.criteria['adapted'])[k]:.3f}/"
+                          f"{judgement.criteria['source_only'][k]:.3f}"
                           for k in ("dev_risk", "source_accuracy", "target_diversity"))
-        if judgement.selected == "adapted":
-            print(f"{domain}: safeguard kept the {recipe.domain_adaptation.method} adapter: {judgement.why} "
-                  f"(adapted/source-only: {shown})", flush=True)
-            return ready, metrics | {"domain_adaptation": record}, log_history
+        if chosen != "source_only":
+            print(f"{domain}: safeguard kept the {spec.method} adapter"
+                  f"{f' trained with {chosen}' if chosen in variants else ''}: {judgement.why} "
+                  f"(kept/source-only: {shown})", flush=True)
+            if chosen == "adapted":
+                return ready, metrics | {"domain_adaptation": record}, log_history, recipe
+            variant, result = variants[chosen]
+            history = json.loads((result.out_dir / "log_history.json").read_text())
+            kept = _Prepared(ready.examples, result.backbone, result.data, result.model, ready.signature,
+                             ready.stacked_on, ready.initialised)
+            return kept, result.metrics | {"domain_adaptation": record}, history, variant
         log.warning("%s: safeguard fell back to the source-only adapter: %s (adapted/source-only: %s); the adapted "
                     "one's scores are in metrics.json (domain_adaptation.adapted_metrics)", domain, judgement.why, shown)
         record["adapted_metrics"] = {k: v for k, v in metrics.items() if k in ("eval", "test")}
         history = json.loads((source_only.out_dir / "log_history.json").read_text())
         kept = _Prepared(ready.examples, source_only.backbone, source_only.data, source_only.model, ready.signature,
                          ready.stacked_on, ready.initialised)
-        return kept, source_only.metrics | {"domain_adaptation": record}, history
+        return kept, source_only.metrics | {"domain_adaptation": record}, history, recipe
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _target_phase(recipe: Recipe, domain: str, out_root, source: TrainResult, tokenizer) -> TrainResult:

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from ..adaptation.features import feature_kwargs, pooled_features
-from ..adaptation.selection import Outputs, choose, criteria
+from ..adaptation.selection import Outputs, choose_among, criteria
 from ..data.collate import pad_batch
 from ..errors import UserInputError
 
 
 @dataclass
 class Judgement:
-    selected: str  # "adapted" or "source_only"
+    selected: str  # "adapted", "source_only", or (select: auto) the label of the variant kept
     why: str
     criteria: dict  # {"adapted": {...}, "source_only": {...}}
     source_only: object = None  # the source-only TrainResult (its model, metrics, folder)
@@ -56,14 +56,17 @@ def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_toke
 
 
 def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
-          batch_size: int = 32) -> Judgement:
-    """Compare an adapted classifier with the source-only one on the source's held-out rows and the target's text."""
+          batch_size: int = 32, variants: dict | None = None) -> Judgement:
+    """Compare an adapted classifier (and, for `select: auto`, the `variants` {label: model} trained with other
+    settings) with the source-only one on the source's held-out rows and the target's text."""
     if not source_rows:
         raise UserInputError("the safeguard needs the source domain's held-out rows (an eval file, or "
                              "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
+    models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
     found = {name: criteria(outputs_of(model, source_rows, target_rows, pad_token_id, batch_size))
-             for name, model in (("adapted", adapted_model), ("source_only", source_only_model))}
-    selected, why = choose(found["adapted"], found["source_only"])
+             for name, model in models.items()}
+    candidates = {name: c for name, c in found.items() if name != "source_only"}
+    selected, why = choose_among(candidates, found["source_only"])
     return Judgement(selected, why, found)
 
 
