@@ -427,8 +427,13 @@ def _guarded(recipe: Recipe) -> bool:
     """A classifier trained with an alignment term or self-training, its safeguard on (phased methods train their
     target adapter beside the source one, which stays saved)."""
     spec = recipe.domain_adaptation
-    return (spec is not None and spec.safeguard and recipe.task.type == "classification"
-            and not adaptation_method(spec.method).phased)
+    if spec is None or not spec.safeguard or recipe.task.type != "classification" or adaptation_method(spec.method).phased:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        log.warning("the safeguard trains and judges in one process; this data-parallel run keeps the adapted adapter "
+                    "unjudged: train with one process to judge it")
+        return False
+    return True
 
 
 def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, metrics: dict, log_history: list,
