@@ -18,7 +18,8 @@ from ..models.crf import bio_constraints
 
 HEAD_WEIGHTS, HEAD_CONFIG, CARD = "head.safetensors", "head.json", "README.md"
 
-_SEQUENCE = '''
+# what both snippets begin with: the encoder, its tokenizer and the head
+_LOADING = '''
 import json, torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
@@ -27,7 +28,9 @@ folder = "FOLDER"
 model = AutoModel.from_pretrained(folder).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
 head, spec = load_file(f"{folder}/head.safetensors"), json.load(open(f"{folder}/head.json"))
+'''
 
+_SEQUENCE = _LOADING + '''
 
 def classify(texts: list[str]) -> list[dict]:
     tokenizer.padding_side = "right"
@@ -44,16 +47,7 @@ def classify(texts: list[str]) -> list[dict]:
     return [{"label": spec["labels"][int(p.argmax())], "probs": dict(zip(spec["labels"], p.tolist()))} for p in probs]
 '''
 
-_TOKENS = '''
-import json, torch
-from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer
-
-folder = "FOLDER"
-model = AutoModel.from_pretrained(folder).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder)
-head, spec = load_file(f"{folder}/head.safetensors"), json.load(open(f"{folder}/head.json"))
-
+_TOKENS = _LOADING + '''
 
 def tag(words: list[str]) -> list[str]:
     """A tag per word (its first sub-token's); words past max_length get none."""

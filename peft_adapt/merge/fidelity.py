@@ -125,18 +125,24 @@ def seq2seq_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: i
                                             f"dequantized fp32 copy"}}
 
 
+def _probe_sources(manifest, probe: str | Path | None) -> list[Path]:
+    """The files to probe an export on: `probe`, or the adapter's own eval, test and train files where they still
+    are (an imported or merged adapter has no full recipe: none)."""
+    if probe is not None:
+        return [Path(probe)]
+    try:
+        recipe = Recipe.model_validate(manifest.recipe)
+        spec = recipe.domains.get(manifest.domain)
+        sources = [recipe.data_path(v) for v in (spec.eval, spec.test, spec.train) if v] if spec else []
+    except Exception:
+        return []
+    return [s for s in sources if s.exists()]
+
+
 def _probe_pairs(manifest, probe: str | Path | None, tokenizer, tokens: int) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of `probe` or the adapter's eval rows, until their targets hold `tokens` tokens."""
-    sources = [Path(probe)] if probe is not None else []
-    if not sources:
-        try:
-            recipe = Recipe.model_validate(manifest.recipe)
-            spec = recipe.domains.get(manifest.domain)
-            sources = [recipe.data_path(v) for v in (spec.eval, spec.test, spec.train) if v] if spec else []
-        except Exception:  # an imported adapter has no full recipe
-            sources = []
     pairs, count = [], 0
-    for source in (s for s in sources if s.exists()):
+    for source in _probe_sources(manifest, probe):
         for _, row in read_rows(source):
             if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
                 pairs.append((row["prompt"], row["completion"]))
@@ -264,17 +270,8 @@ def head_fidelity(entry, folder: Path, dtype: torch.dtype, probe: str | Path | N
 def _probe_rows(manifest, probe: str | Path | None, words: bool) -> list:
     """Texts (or, for a token classifier, lists of words) to compare an exported classifier on."""
     field = "tokens" if words else "text"
-    sources = [Path(probe)] if probe is not None else []
-    if not sources:
-        try:
-            recipe = Recipe.model_validate(manifest.recipe)
-            spec = recipe.domains.get(manifest.domain)
-            sources = [recipe.data_path(v) for v in (spec.eval, spec.test, spec.train) if v] if spec else []
-        except Exception:  # an imported or merged adapter has no full recipe
-            sources = []
-    for source in sources:
-        if source.exists():
-            found = [r[field] for _, r in read_rows(source) if r.get(field)]
-            if found:
-                return found
+    for source in _probe_sources(manifest, probe):
+        found = [r[field] for _, r in read_rows(source) if r.get(field)]
+        if found:
+            return found
     raise UserInputError(f"no rows with a `{field}` field to compare the export on: give --probe FILE")
