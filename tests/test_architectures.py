@@ -119,7 +119,7 @@ def _seq2seq_recipe(base, pairs_file, quantization: str) -> dict:
 
 
 @pytest.mark.parametrize("model_type", ["t5", "bart"])
-def test_an_encoder_decoder_through_every_stage(bases, tmp_path, pairs_file, docs_file, model_type):
+def test_an_encoder_decoder_through_every_stage(bases, tmp_path, pairs_file, docs_file, model_type, capsys):
     from peft import PeftModel
 
     base = bases(model_type)
@@ -151,6 +151,11 @@ def test_an_encoder_decoder_through_every_stage(bases, tmp_path, pairs_file, doc
     body = _served(runtime, registry, "/v1/completions", {"model": "b", "prompt": prompts[1], "max_tokens": 4,
                                                           "temperature": 0})
     assert body["choices"][0]["text"] == runtime.generate([prompts[1]], adapters="b", max_new_tokens=4)[0]
+    from peft_adapt.cli.main import main
+
+    assert main(["generate", "--adapter", "b", "--registry", str(registry.root), "--max-new-tokens", "4",
+                 prompts[1]]) == 0  # the command line picks the seq2seq runtime from the adapter
+    assert f"[b] {prompts[1]} -> {body['choices'][0]['text']}" in capsys.readouterr().out
     with pytest.raises(UserInputError, match=f"is an encoder-decoder model \\({model_type}\\): train it with task seq2seq"):
         train_domain(parse_recipe(causal_recipe(base, docs_file, "nf4", max_steps=1)), "docs", tmp_path)
 

@@ -233,8 +233,9 @@ def _cmd_generate(args) -> int:
                     out.write(json.dumps(record) + "\n")
                 elif args.json:
                     print(json.dumps(record | {"prompt": prompt}), flush=True)
-                else:
-                    print(f"[{adapter or 'base'}] {prompt}{text}", flush=True)
+                else:  # a causal LM continues its prompt; an encoder-decoder writes a text of its own
+                    shown = f"{prompt} -> {text}" if runtime.task == "seq2seq" else f"{prompt}{text}"
+                    print(f"[{adapter or 'base'}] {shown}", flush=True)
     return 0
 
 
