@@ -131,6 +131,8 @@ def test_an_encoder_decoder_through_every_stage(bases, tmp_path, pairs_file, doc
     names = ["a", "b", None]
     mixed = runtime.generate(prompts, names, max_new_tokens=5, return_tokens=True)
     assert mixed == [runtime.generate([p], [n], max_new_tokens=5, return_tokens=True)[0] for p, n in zip(prompts, names)]
+    with pytest.raises(UserInputError, match="auto routes causal LM and classifier rows"):
+        runtime.generate(prompts[:1], "auto", max_new_tokens=2)
     targets = ["apple", "paper garden", "window"]
     logits = runtime.target_logits(prompts, targets, names)
     alone = runtime.target_logits(prompts[:1], targets[:1], "a")[0]

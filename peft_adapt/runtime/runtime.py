@@ -327,10 +327,8 @@ class AdapterRuntime:
             # grouped adapters run through their group model's generate, one group each, before the stacked rows stream
             done: dict[int, list[int]] = {}
             for group in grouped.values():
-                by_sampling: dict[Sampling, list[int]] = {}
-                for i in group:  # one generate() per setting: rows of one request (or equal requests) together
-                    by_sampling.setdefault(samplings[i], []).append(i)
-                for same, rows_alike in by_sampling.items():
+                # one generate() per setting: rows of one request (or equal requests) together
+                for same, rows_alike in _by_sampling(group, samplings).items():
                     done.update(self._group_generate(resident[rows_alike[0]], rows_alike, ids, mask, same))
             steps = iter(())
             if stacked:
@@ -382,6 +380,8 @@ class AdapterRuntime:
         same sampling settings run together, as one generate() each."""
         if isinstance(prompts, str):
             raise UserInputError("pass a list of prompts (one per row), not a single string")
+        if any(is_auto(n) for n in _per_row(adapters, len(prompts))):
+            raise UserInputError("auto routes causal LM and classifier rows; name a seq2seq adapter for each row")
         ids, mask = self._encode(prompts, padding_side="right")
         ids, mask = ids.to(self.device), mask.to(self.device)
         resident, _, grouped = self._plan(adapters, ids.shape[0])
@@ -392,17 +392,11 @@ class AdapterRuntime:
                                  "decoder; a seq2seq model's generate() takes none of them: leave them out")
         written: list[list[int]] = [[] for _ in resident]
         eos = self.tokenizer.eos_token_id
-        by_sampling: dict[Sampling, list[int]] = {}
-        for i, same in enumerate(samplings):
-            by_sampling.setdefault(same, []).append(i)
-        for same, rows in by_sampling.items():
+        for same, rows in _by_sampling(range(len(resident)), samplings).items():
             index = torch.tensor(rows, device=self.device)
             if same.seed is not None:
                 torch.manual_seed(same.seed)
-            options = dict(max_new_tokens=same.max_new_tokens, min_new_tokens=same.min_new_tokens,
-                           do_sample=same.do_sample, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
-            options |= (dict(temperature=same.temperature, top_p=same.top_p, top_k=same.top_k or None)
-                        if same.do_sample else dict(temperature=None, top_p=None, top_k=None))
+            options = self._generate_options(same) | {"num_beams": 1}
             self.context.current = self._stacked_batch([resident[i] for i in rows])
             try:
                 with torch.no_grad():
@@ -412,6 +406,13 @@ class AdapterRuntime:
             for i, row in zip(rows, out[:, 1:].tolist()):  # after the decoder's start token
                 written[i] = row[: row.index(eos) + 1] if eos in row else row
         return written
+
+    def _generate_options(self, sampling: Sampling) -> dict:
+        """transformers' generate() arguments for one row's sampling settings."""
+        options = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+                       do_sample=sampling.do_sample, pad_token_id=self.tokenizer.pad_token_id)
+        return options | (dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+                          if sampling.do_sample else dict(temperature=None, top_p=None, top_k=None))
 
     def target_logits(self, prompts, targets, adapters=None, max_length: int | None = None) -> torch.Tensor:
         """A seq2seq runtime's decoder logits [rows, target tokens, vocab] with each target as the decoder's input
@@ -435,10 +436,7 @@ class AdapterRuntime:
         sub_ids, sub_mask = _trim_left_padding(ids[index], mask[index])
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        options = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-                       do_sample=sampling.do_sample, pad_token_id=self.tokenizer.pad_token_id)
-        options |= (dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-                    if sampling.do_sample else dict(temperature=None, top_p=None, top_k=None))
+        options = self._generate_options(sampling)
         with torch.no_grad():
             out = adapter.group_model.generate(input_ids=sub_ids, attention_mask=sub_mask, **options)
         eos = self.tokenizer.eos_token_id
@@ -553,6 +551,14 @@ def _check_heads(resident: list[ResidentAdapter | None], task: str, other: str) 
             raise UserInputError(f"{task} needs an adapter for every row (the base has no head)")
         if (adapter.task or "classification") != task:
             raise UserInputError(f"{adapter.name} is a {adapter.task} adapter; serve it with {other}")
+
+
+def _by_sampling(rows, samplings: list[Sampling]) -> dict[Sampling, list[int]]:
+    """The rows (of `rows`) grouped by their sampling settings, each group in row order."""
+    groups: dict[Sampling, list[int]] = {}
+    for i in rows:
+        groups.setdefault(samplings[i], []).append(i)
+    return groups
 
 
 def _per_row(adapters, rows: int) -> list:
