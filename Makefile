@@ -23,5 +23,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 quickstart: setup
 	$(VENV)/bin/peft-adapt quickstart $(ARGS)
 
-test: setup
+# The tests also run GGUF exports through llama.cpp: llama-cpp-python compiles it (minutes, once; pip caches the wheel).
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e ".[llama-cpp]"
+	touch $@
+
+test: setup $(VENV)/.llama-cpp
 	$(VENV)/bin/python -m pytest -q $(ARGS)

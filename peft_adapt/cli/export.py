@@ -27,7 +27,14 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="fold an adapter into its base and save a standalone model")
     p.add_argument("adapter", help="registry ref: NAME, NAME@VERSION or NAME@TAG")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
+                   help="safetensors (transformers, vLLM, peft) or gguf (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="safetensors export's dtype")
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf export's tensor type (norms stay f32; q8_0 keeps f16 for rows not a multiple of 32)")
+    p.add_argument("--with-base", action="store_true",
+                   help="with --format gguf --adapter-only: also write base.gguf, the base as the adapter was trained "
+                        "on it")
     p.add_argument("--base-weights", default="dequantized", choices=["dequantized", "original"],
                    help="fold into the dequantized quantized weights it was trained on (default) or the originals")
     p.add_argument("--requantize", choices=["nf4", "int8"], help="quantize the merged model again (never the default)")
@@ -61,6 +68,8 @@ def _cmd_export(args) -> int:
     from ..merge import export_adapter_folder, export_model  # lazy: the CLI starts without torch
 
     registry = open_registry(args)
+    if args.format == "gguf":
+        return _export_gguf(registry, args)
     if args.adapter_only:
         for warning in export_adapter_folder(registry, args.adapter, args.out, pad_rank=args.pad_rank):
             print(f"warning: {warning}", file=sys.stderr)
@@ -84,4 +93,29 @@ def _cmd_export(args) -> int:
     kind = f"{args.dtype}" + (f", requantized to {args.requantize}" if args.requantize else "")
     beside = " (fidelity.json beside the weights)" if args.fidelity != "none" else ""
     print(f"saved a standalone model in {kind} to {args.out}{beside}")
+    return 0
+
+
+def _export_gguf(registry, args) -> int:
+    from ..merge.gguf_export import export_gguf  # lazy: the CLI starts without torch
+
+    report = export_gguf(registry, args.adapter, args.out, outtype=args.outtype, base_weights=args.base_weights,
+                         adapter_only=args.adapter_only, with_base=args.with_base, probe=args.probe,
+                         probe_tokens=args.probe_tokens, fidelity=args.fidelity)
+    if report.get("modules"):
+        print(f"the saved {args.outtype} tensors keep {report['adapter_kept_mean']:.2%} of the adapter's change on "
+              f"average over {report['modules']} modules (least: {report['adapter_kept_min']:.2%}, "
+              f"{report['worst_module']})")
+    for variant, scores in report.get("variants", {}).items():
+        print(f"llama.cpp, {variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
+              f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
+    if "noise_floor" in report:
+        print(f"noise floor ({report['noise_floor']['what']}): top-1 agreement "
+              f"{report['noise_floor']['top1_agreement']:.1%}")
+    if "tokenization" in report:
+        print(f"llama.cpp's tokenizer splits {report['tokenization']['texts_tokenized_alike']:.0%} of the probe texts "
+              f"as the model's own does")
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"saved {', '.join(report['files'])} ({args.outtype}) with a Modelfile and README to {args.out}")
     return 0

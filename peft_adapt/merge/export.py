@@ -37,60 +37,80 @@ ENCODER_TASKS = ("classification", "token_classification", "masked_lm")  # expor
 FIDELITY = ("weights", "logits", "none")
 
 
+class FoldedBase:
+    """The weights of `base` with `weights` folded in (None: the base alone), read and folded one tensor at a time.
+    `architecture`: the model the adapter's site paths are in: causal_lm, seq2seq, or encoder (the bare encoder the
+    task heads sit on)."""
+
+    def __init__(self, base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str,
+                 architecture: str = "causal_lm"):
+        self.checkpoint = checkpoint = Checkpoint(base)
+        self.layout = layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none",
+                                               architecture=architecture)
+        self.sites = {layout.prefix + p: s for p, s in weights.sites.items()} if weights is not None else {}
+        missing = sorted(p for p in self.sites if f"{p}.weight" not in checkpoint)
+        if missing:
+            raise UserInputError(f"the adapter adapts {missing[0]!r}, which the base {base} does not have")
+        unnamed = sorted(k for k in layout.params if k not in checkpoint)
+        if unnamed:  # transformers renames some checkpoints' keys as it loads; folding by name would miss those layers
+            raise UserInputError(f"the base {base} names its weights otherwise than the model transformers builds "
+                                 f"from it (no {unnamed[0]!r} in the checkpoint); export cannot map them: serve the "
+                                 f"adapter instead")
+        self.site_of = {f"{p}.{part}": p for p in self.sites for part in ("weight", "bias")
+                        if f"{p}.{part}" in checkpoint}
+        self.adapting = method(weights.method) if weights is not None else None
+
+    def served(self, key: str) -> torch.Tensor:
+        """The base's tensor as the model computes with it (bf16 -> fp32 is exact)."""
+        tensor = self.checkpoint.read(key)
+        return self.layout.dequantize(key, tensor) if key in self.layout else tensor
+
+    def tensors(self, fidelity: WeightFidelity | None = None, saved=None):
+        """(key, tensor) in checkpoint order: folded sites in fp32, the rest as served. With `fidelity`, each folded
+        weight is measured against `saved(key, weight)`, the weight as the file will hold it."""
+        folded = {}  # the site being written, until its weight and bias are out
+        for key in self.checkpoint.tensors:
+            path = self.site_of.get(key)
+            if path is None:
+                yield key, self.served(key)
+                continue
+            if path not in folded:
+                state = {k: self.served(k).float() for k, p in self.site_of.items() if p == path}
+                conv1d = path in self.layout.transposed  # GPT-2's Conv1D stores [in, out]: folded as [out, in]
+                if conv1d:
+                    state[f"{path}.weight"] = state[f"{path}.weight"].T
+                before = state[f"{path}.weight"]
+                self.adapting.fold(state, path, self.sites[path])
+                if conv1d:
+                    state[f"{path}.weight"] = state[f"{path}.weight"].T.contiguous()
+                    before = before.T
+                if fidelity is not None:
+                    weight = state[f"{path}.weight"]
+                    fidelity.add(path, before, weight, saved(f"{path}.weight", weight))
+                folded[path] = state
+            yield key, folded[path].pop(key)
+            if not folded[path]:
+                del folded[path]
+
+
 def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, base_weights: str, dtype: str,
                  target: Path, max_shard_size: str | int = "2GB", measure: bool = True,
                  architecture: str = "causal_lm") -> WeightFidelity:
     """Write the weights of `base` with `weights` folded in (None: the base alone) to `target` in `dtype`, one tensor
-    at a time; returns what the saved dtype kept of the adapter, module by module. `architecture`: the model the
-    adapter's site paths are in: causal_lm, seq2seq, or encoder (the bare encoder the task heads sit on)."""
-    checkpoint = Checkpoint(base)
-    layout = QuantizedLayout(base, quantization if base_weights == "dequantized" else "none", architecture=architecture)
-    sites = {layout.prefix + p: s for p, s in weights.sites.items()} if weights is not None else {}
-    missing = sorted(p for p in sites if f"{p}.weight" not in checkpoint)
-    if missing:
-        raise UserInputError(f"the adapter adapts {missing[0]!r}, which the base {base} does not have")
-    unnamed = sorted(k for k in layout.params if k not in checkpoint)
-    if unnamed:  # transformers renames some checkpoints' keys as it loads; folding by name would miss those layers
-        raise UserInputError(f"the base {base} names its weights otherwise than the model transformers builds from it "
-                             f"(no {unnamed[0]!r} in the checkpoint); export cannot map them: serve the adapter "
-                             f"instead")
-    site_of = {f"{p}.{part}": p for p in sites for part in ("weight", "bias") if f"{p}.{part}" in checkpoint}
+    at a time; returns what the saved dtype kept of the adapter, module by module."""
+    source = FoldedBase(base, weights, quantization, base_weights, architecture)
     cast = DTYPES[dtype]
 
     def out_dtype(tensor_dtype: torch.dtype) -> torch.dtype:
         return cast if tensor_dtype.is_floating_point else tensor_dtype
 
-    def served(key: str) -> torch.Tensor:  # the base's tensor as the model computes with it (bf16 -> fp32 is exact)
-        tensor = checkpoint.read(key)
-        return layout.dequantize(key, tensor) if key in layout else tensor
-
     with tensors_in_own_mappings():  # memory.py: freed tensors go back to the system
-        plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in checkpoint.tensors.items()]
+        plan = [(key, info.shape, out_dtype(info.dtype)) for key, info in source.checkpoint.tensors.items()]
         writer = ShardWriter(target, plan, parse_size(max_shard_size))
-        fidelity, folded = WeightFidelity(), {}  # folded: the site being written, until its weight and bias are out
-        adapting = method(weights.method) if weights is not None else None
-        for key, _, to in plan:
-            path = site_of.get(key)
-            if path is None:
-                writer.write(key, served(key).to(to))
-                release_freed_memory()
-                continue
-            if path not in folded:
-                state = {k: served(k).float() for k, p in site_of.items() if p == path}
-                conv1d = path in layout.transposed  # GPT-2's Conv1D stores [in, out]: folded as [out, in]
-                if conv1d:
-                    state[f"{path}.weight"] = state[f"{path}.weight"].T
-                before = state[f"{path}.weight"]
-                adapting.fold(state, path, sites[path])
-                if conv1d:
-                    state[f"{path}.weight"] = state[f"{path}.weight"].T.contiguous()
-                    before = before.T
-                if measure:
-                    fidelity.add(path, before, state[f"{path}.weight"], state[f"{path}.weight"].to(cast))
-                folded[path] = state
-            writer.write(key, folded[path].pop(key).to(to))
-            if not folded[path]:
-                del folded[path]
+        fidelity = WeightFidelity()
+        for (key, tensor), (_, _, to) in zip(source.tensors(fidelity if measure else None,
+                                                           lambda _, w: w.to(cast)), plan):
+            writer.write(key, tensor.to(to))
             release_freed_memory()
         writer.close()
     return fidelity

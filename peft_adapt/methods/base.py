@@ -111,6 +111,7 @@ class AdapterMethod:
     fold_reason: ClassVar[str | None] = None  # why it cannot be folded into base weights; None if it can
     delta_merges: ClassVar[bool] = False  # True: each site is a weight delta (`site_delta`), so every merge method applies
     vllm_servable: ClassVar[bool] = False  # True: `vllm_folder` writes a folder vLLM serves
+    low_rank: ClassVar[bool] = False  # True: each site is B·A (`factors`), what llama.cpp's `--lora` applies
 
     # ---- training
     def inject(self, model: nn.Module, spec, task: str, head_modules: list[str], model_type: str | None) -> nn.Module:
@@ -176,6 +177,10 @@ class AdapterMethod:
     def vllm_folder(self, folder: Path, out: Path, pad_rank: bool) -> list[str]:
         """Write `folder` as one vLLM serves (methods that are `vllm_servable`); returns warnings."""
         raise UserInputError(f"vLLM serves LoRA adapters, not {self.name} ones")
+
+    def factors(self, site) -> tuple[torch.Tensor, torch.Tensor]:
+        """A site's delta as (A [r, in], B [out, r]), its scaling in B (methods that are `low_rank`)."""
+        raise UserInputError(f"{self.name} adapters are not low-rank factors B·A")
 
 
 def weighted_average(parts: list[tuple[AdapterWeights, float]], what: str) -> AdapterWeights:

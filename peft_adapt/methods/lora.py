@@ -154,6 +154,7 @@ class Lora(PeftTrainedMethod):
     stackable = True
     delta_merges = True
     vllm_servable = True
+    low_rank = True
 
     def inject(self, model, spec: LoraSpec, task: str, head_modules: list[str], model_type: str | None):
         """Wrap `model` with fresh LoRA weights; the task's head (if any) is trained in full and saved."""
@@ -235,6 +236,10 @@ class Lora(PeftTrainedMethod):
             layer = getattr(layer, "base_layer", layer)
             device = next(layer.parameters()).device
             layer.register_forward_hook(_adds_delta(a.float().to(device), (b.float() * scale).to(device)))
+
+    def factors(self, site) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, scale = site
+        return a.float(), b.float() * scale
 
     def fold(self, state: dict[str, torch.Tensor], path: str, site) -> None:
         weight = state[f"{path}.weight"]

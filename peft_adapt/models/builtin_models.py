@@ -122,9 +122,29 @@ def _converted_gguf_folder(model: BuiltinModel, gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     verify_sha256(model, gguf_path)
+    return _converted_into(gguf_path, target)
+
+
+def gguf_model_folder(gguf_path: Path) -> Path:
+    """A plain Hugging Face folder converted (once, into the cache) from a GGUF model file a user names as a base.
+    The cache key is the file's path, size and modification time: a changed file is converted again."""
+    gguf_path = gguf_path.expanduser().resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"gguf-{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        return _converted_into(gguf_path, target)
+    except (ValueError, KeyError, OSError) as error:
+        raise UserInputError(f"model {gguf_path}: transformers cannot read this GGUF file ({error}); give a Hugging "
+                             f"Face folder instead") from error
+
+
+def _converted_into(gguf_path: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary folder and rename it into place: a crash leaves no half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.alias}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert_gguf(gguf_path, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model folder

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserInputError
-from .builtin_models import BUILTIN_MODELS, builtin_model_path
+from .builtin_models import BUILTIN_MODELS, builtin_model_path, gguf_model_folder
 
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
@@ -43,6 +43,8 @@ def resolve_model_path(name: str, allow_pickle: bool = False) -> Path:
     if name in BUILTIN_MODELS:
         return builtin_model_path(name)
     local = Path(name).expanduser()
+    if local.is_file() and local.suffix == ".gguf":  # a llama.cpp model file: converted once into a cached folder
+        return gguf_model_folder(local)
     if local.exists():
         folder = local
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
