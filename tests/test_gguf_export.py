@@ -92,7 +92,7 @@ def test_llama_cpp_runs_the_exports_as_served(gguf_registry, tmp_path, ref):
     """llama.cpp itself runs model.gguf, and base + adapter.gguf, as the runtime serves the adapter: at the noise
     floor (llama.cpp on the base as training saw it against the base as served)."""
     pytest.importorskip("llama_cpp")
-    from peft_adapt.merge.llama_cpp_fidelity import llama_cpp_logits
+    from peft_adapt.merge.gguf_fidelity import llama_cpp_logits
 
     _, registry = gguf_registry
     model = export_gguf(registry, ref, tmp_path / "model", fidelity="logits", probe_tokens=256)
@@ -155,3 +155,25 @@ def test_a_file_that_is_not_gguf_is_refused_as_a_base(tmp_path):
     with pytest.raises(UserInputError, match="cannot read this GGUF file"):
         AdapterRuntime(str(bad), quantization="none", device="cpu")
 
+
+
+def test_a_gguf_base_trains_and_exports_back_to_gguf(gguf_registry, tmp_path, docs_file):
+    """The round trip from a GGUF base: train on `base: {model: base.gguf}`, export again; the export copies the
+    tokenizer from that file, and llama.cpp runs the original file + the new LoRA as the runtime serves it."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    _, registry = gguf_registry
+    export_gguf(registry, "lora", tmp_path / "first", fidelity="none")
+    source = tmp_path / "first" / "model.gguf"
+    recipe = causal_recipe(source, docs_file, "none", max_steps=4, learning_rate=3e-2)
+    registry.add(train_domain(parse_recipe(recipe), "docs", tmp_path / "trained").out_dir, name="on-gguf")
+    report = export_gguf(registry, "on-gguf", tmp_path / "second", adapter_only=True, fidelity="logits",
+                         probe_tokens=256)
+    original = next(v for k, v in report["variants"].items() if "the GGUF the base came from" in k)
+    assert original["top1_agreement"] >= report["noise_floor"]["top1_agreement"] - 0.01
+    assert original["max_abs_logit_diff"] < 1e-3  # an f32 file: the base as served, to float rounding
+    assert report["tokenization"]["texts_tokenized_alike"] == 1.0
+    fields = gguf.GGUFReader(str(source)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert (tmp_path / "second" / "Modelfile").read_text().splitlines()[0] == f"FROM {source}"

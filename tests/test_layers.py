@@ -196,7 +196,7 @@ def test_merging_reads_weights_through_the_method_table_not_the_runtime():
     for path in sorted((PACKAGE / "merge").glob("*.py")):
         runtime = {i for i in _imports(path) if i.startswith("peft_adapt.runtime")}
         # the exports' fidelity checks run the runtime: the reference "as served"; nothing else in merge/ does
-        fidelity = ("fidelity.py", "llama_cpp_fidelity.py")
+        fidelity = ("fidelity.py", "gguf_fidelity.py")
         allowed = {"peft_adapt.runtime", "peft_adapt.runtime.AdapterRuntime"} if path.name in fidelity else set()
         assert runtime <= allowed, (path.name, runtime)
 

@@ -86,8 +86,9 @@ def write_gguf_lora(path: Path, weights, config, outtype: str, name: str) -> Non
                                  f"adapts the blocks' linear layers); export the merged model instead (without "
                                  f"--adapter-only)")
         tensors += [(f"{target}.lora_a", a), (f"{target}.lora_b", layout.to_gguf(key, b))]
+    kind = "f16" if outtype == "q8_0" else outtype  # factors of a few rows or columns: not quantized
     for tensor_name, tensor in tensors:
-        out.plan(tensor_name, tuple(tensor.shape), tensor_type(outtype, tuple(tensor.shape)))
+        out.plan(tensor_name, tuple(tensor.shape), tensor_type(kind, tuple(tensor.shape)))
     add_lora_metadata(out.writer, name)
     out.start()
     for tensor_name, tensor in tensors:
@@ -180,8 +181,8 @@ def export_gguf(registry, ref: str, out: str | Path, outtype: str = "f32", base_
 def _run_by_llama_cpp(entry, tokenizer, folder: Path, adapter_only: bool, with_base: bool, outtype: str,
                       base_weights: str, probe, probe_tokens: int, base_path: Path, config,
                       source_gguf: Path | None) -> dict:
-    """The exported file(s) in `folder` run by llama.cpp against the adapter as served (`llama_cpp_fidelity`)."""
-    from .llama_cpp_fidelity import gguf_logits_fidelity  # lazy: llama-cpp-python is an optional extra
+    """The exported file(s) in `folder` run by llama.cpp against the adapter as served (`gguf_fidelity`)."""
+    from .gguf_fidelity import gguf_logits_fidelity  # lazy: llama-cpp-python is an optional extra
 
     manifest = entry.manifest
     with tempfile.TemporaryDirectory() as tmp:

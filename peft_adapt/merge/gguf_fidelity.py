@@ -78,7 +78,7 @@ def gguf_logits_fidelity(entry, tokenizer, probe, probe_tokens: int, floor_base:
     scores = {name: compare_logits(llama_cpp_logits(model, probes, lora), unmerged)
               for name, (model, lora) in runs.items()}
     judged = {name: score for name, score in scores.items() if name != unjudged}
-    return {"warnings": fidelity_warnings(judged, floor, outtype, quantization=manifest.quantization),
+    report = {"warnings": fidelity_warnings(judged, floor, outtype, quantization=manifest.quantization),
             "probe_tokens": int(probes.numel()),
             "against": f"the unmerged model: {manifest.base_model} in {manifest.quantization} + the adapter, as served",
             "run_by": "llama.cpp (llama-cpp-python), f32 KV cache",
@@ -86,3 +86,8 @@ def gguf_logits_fidelity(entry, tokenizer, probe, probe_tokens: int, floor_base:
             "noise_floor": floor | {"what": f"llama.cpp running {manifest.base_model} as training saw it (dequantized, "
                                             f"f32) against the base in {manifest.quantization} as served"},
             "tokenization": llama_cpp_tokenization(floor_base, tokenizer, _probe_texts(manifest, probe)[:64])}
+    if unjudged is not None:  # how far that base alone is from the base as served: the yardstick for its run
+        source = runs[unjudged][0]
+        report["source_base"] = compare_logits(llama_cpp_logits(source, probes), base_served) | {
+            "what": f"llama.cpp running {source.name} alone against the base in {manifest.quantization} as served"}
+    return report
