@@ -186,15 +186,20 @@ def _run_by_llama_cpp(entry, tokenizer, folder: Path, adapter_only: bool, with_b
 
     manifest = entry.manifest
     with tempfile.TemporaryDirectory() as tmp:
-        floor_base = Path(tmp) / "base-f32.gguf"  # the base as training saw it, in f32: the noise floor's reference
-        write_gguf_model(floor_base, FoldedBase(base_path, None, manifest.quantization, base_weights), config,
-                         base_path, tokenizer, "f32", "noise floor", source_gguf)
+        # the base as training saw it, in f32: the noise floor's reference (a temporary file of 4 bytes per
+        # parameter, unless base.gguf is that file already)
+        floor_base = Path(tmp) / "base-f32.gguf"
+        if adapter_only and with_base and outtype == "f32":
+            floor_base = folder / BASE_FILE
+        else:
+            write_gguf_model(floor_base, FoldedBase(base_path, None, manifest.quantization, base_weights), config,
+                             base_path, tokenizer, "f32", "noise floor", source_gguf)
         runs, unjudged = {}, None
         if not adapter_only:
             runs[f"{MODEL_FILE} ({outtype})"] = (folder / MODEL_FILE, None)
         else:
             adapter = folder / ADAPTER_FILE
-            if with_base:
+            if with_base and outtype != "f32":
                 runs[f"{BASE_FILE} ({outtype}) + {ADAPTER_FILE}"] = (folder / BASE_FILE, adapter)
             runs[f"base f32 + {ADAPTER_FILE}"] = (floor_base, adapter)
             if source_gguf is not None:  # the GGUF the base came from, as a user of llama.cpp has it
