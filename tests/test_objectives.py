@@ -104,6 +104,23 @@ def test_pseudo_labels_keep_confident_rows_balanced_per_class():
     assert select_pseudo_labels(probabilities, 0.96, balance=True) == ([], [])
 
 
+def test_flexmatch_thresholds_lower_the_bar_for_the_class_the_model_is_unsure_about():
+    from peft_adapt.adaptation.self_training import class_thresholds
+
+    probabilities = torch.tensor([
+        [0.95, 0.05], [0.99, 0.01], [0.97, 0.03], [0.40, 0.60], [0.08, 0.92], [0.5, 0.5], [0.2, 0.8]])
+    assert torch.allclose(class_thresholds(probabilities, 0.9), torch.tensor([0.9, 0.9]))
+    # 3 confident rows of class 0, 1 of class 1, 3 unsure: b = (3/3, 1/3); threshold * b / (2 - b)
+    found = class_thresholds(probabilities, 0.9, "flexmatch")
+    assert torch.allclose(found, torch.tensor([0.9, 0.9 * (1 / 3) / (2 - 1 / 3)]))
+    rows, labels = select_pseudo_labels(probabilities, found, balance=False)
+    assert (rows, labels) == ([0, 1, 2, 3, 4, 6], [0, 0, 0, 1, 1, 1])  # class 1's 0.6 and 0.8 now count
+    # no class confident yet: every class's bar drops alike, and the fixed bar keeps nothing
+    unsure = torch.tensor([[0.7, 0.3], [0.35, 0.65], [0.6, 0.4]])
+    assert select_pseudo_labels(unsure, 0.9, balance=True) == ([], [])
+    assert class_thresholds(unsure, 0.9, "flexmatch").tolist() == [0.0, 0.0]
+
+
 def test_self_training_that_finds_no_confident_row_changes_nothing(tmp_path, tiny_bert, sentiment_file):
     from safetensors.torch import load_file
 

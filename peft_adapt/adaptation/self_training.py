@@ -9,12 +9,16 @@ With `agree`, a row is kept only where the current model and the first round's l
 source-only warm-up) give it the same label: two models must be confident together. Self-training stops (teaches
 nothing more) when the two agree on less than `min_agreement` of the target, or when the current model gives one
 class more than `max_class_share` of the target: its labels are drifting or collapsing, and more rounds would
-teach the drift. The target file's own labels are never read (see objectives.read_target_texts).
+teach the drift. `thresholds: flexmatch` lowers the threshold of the classes the model is still unsure about
+(FlexMatch, Zhang et al. 2021: class c's threshold is threshold * b / (2 - b), b the share of its confident rows
+against the most confident class's, or against the rows no class is confident on yet, whichever is larger), so a
+class the source taught less well is not starved of target rows. The target file's own labels are never read (see objectives.read_target_texts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +36,9 @@ class SelfTrainingSpec(BaseModel):
     min_agreement: float = Field(0.6, ge=0, le=1, description="stop when the current model and the warm-up labeller "
                                                               "agree on less of the target than this")
     max_class_share: float = Field(0.95, gt=0, le=1, description="stop when one class takes more of the target")
+    thresholds: Literal["fixed", "flexmatch"] = Field(
+        "fixed", description="fixed: `threshold` for every class; flexmatch: lower for classes with fewer confident "
+                             "rows (FlexMatch's curriculum)")
 
 
 @dataclass
@@ -45,21 +52,35 @@ class PseudoLabels:
     candidates: int  # target rows labelled
     agreement: float = 1.0  # share of the target the current model labels as the warm-up labeller did
     stopped: str | None = None  # why self-training stopped at this round, if it did
+    thresholds: list[float] | None = None  # each class's threshold this round
 
     def summary(self, num_labels: int) -> dict:
         per_class = [self.labels.count(c) for c in range(num_labels)]
         mean = sum(self.confidences) / len(self.confidences) if self.confidences else None
         return {"step": self.step, "selected": len(self.rows), "of": self.candidates, "per_class": per_class,
-                "mean_confidence": mean, "agreement": self.agreement, "stopped": self.stopped}
+                "mean_confidence": mean, "agreement": self.agreement, "stopped": self.stopped,
+                "thresholds": self.thresholds}
 
 
-def select_pseudo_labels(probabilities: torch.Tensor, threshold: float, balance: bool,
-                         allowed: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
-    """Rows (and their argmax labels) whose top probability reaches `threshold` (among the `allowed` rows, if given);
-    with `balance`, the most confident n of each class, n the count of the rarest class (0 when a class has no
-    confident row: nothing is taught)."""
+def class_thresholds(probabilities: torch.Tensor, threshold: float, kind: str = "fixed") -> torch.Tensor:
+    """Each class's threshold: `threshold` (fixed), or FlexMatch's, lower for classes with fewer confident rows."""
+    classes = probabilities.shape[-1]
+    if kind == "fixed":
+        return torch.full((classes,), threshold)
     confidence, labels = probabilities.max(dim=-1)
-    confident = confidence >= threshold
+    learned = torch.bincount(labels[confidence >= threshold], minlength=classes).float()
+    unsure = len(labels) - float(learned.sum())
+    beta = learned / max(float(learned.max()), unsure, 1.0)
+    return threshold * beta / (2 - beta)
+
+
+def select_pseudo_labels(probabilities: torch.Tensor, threshold: float | torch.Tensor, balance: bool,
+                         allowed: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """Rows (and their argmax labels) whose top probability reaches `threshold` (one for all, or one per class)
+    among the `allowed` rows, if given; with `balance`, the most confident n of each class, n the count of the rarest
+    class (0 when a class has no confident row: nothing is taught)."""
+    confidence, labels = probabilities.max(dim=-1)
+    confident = confidence >= (threshold[labels] if isinstance(threshold, torch.Tensor) else threshold)
     chosen = (confident & allowed if allowed is not None else confident).nonzero().flatten()
     by_class = [chosen[labels[chosen] == c] for c in range(probabilities.shape[-1])]
     if balance:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..adaptation import adaptation_method
 from ..adaptation.base import TermInputs
 from ..adaptation.features import feature_kwargs, pooled_features
-from ..adaptation.self_training import PseudoLabels, drift, round_starts, select_pseudo_labels
+from ..adaptation.self_training import PseudoLabels, class_thresholds, drift, round_starts, select_pseudo_labels
 from .checkpoints import AdapterTrainer
 from .evaluation import predict_probabilities
 
@@ -122,12 +122,13 @@ class DomainAdaptationTrainer(AdapterTrainer):
             self._reference_labels = now
         agreement, stop = drift(now, self._reference_labels, probabilities.shape[-1], spec)
         rows, labels = [], []
+        thresholds = class_thresholds(probabilities, spec.threshold, spec.thresholds)
         if stop is None:
-            rows, labels = select_pseudo_labels(probabilities, spec.threshold, spec.balance,
+            rows, labels = select_pseudo_labels(probabilities, thresholds, spec.balance,
                                                 now == self._reference_labels if spec.agree else None)
         confidences = [float(probabilities[r].max()) for r in rows]
         chosen = PseudoLabels(self.state.global_step, rows, labels, confidences, len(self.target_features), agreement,
-                              stop)
+                              stop, [round(float(t), 4) for t in thresholds])
         self.pseudo_label_rounds.append(chosen)
         self._report(chosen, probabilities.shape[-1])
         if rows:
@@ -144,7 +145,8 @@ class DomainAdaptationTrainer(AdapterTrainer):
         mean = f", mean confidence {summary['mean_confidence']:.2f}" if chosen.rows else ""
         print(f"self-training round {number}/{spec.rounds} at step {chosen.step}: kept {len(chosen.rows)} of "
               f"{chosen.candidates} target rows {summary['per_class']}{mean}, agreement with the warm-up labeller "
-              f"{chosen.agreement:.0%}", flush=True)
+              f"{chosen.agreement:.0%}" + (f", thresholds {summary['thresholds']}" if spec.thresholds != "fixed" else ""),
+              flush=True)
         if chosen.stopped:
             self._stopped = True
             log.warning("self-training stopped at round %d: %s; the adapter keeps what it learned before", number,
