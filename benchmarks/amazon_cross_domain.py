@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 pairs, 800 rows a domain, max length 96")
     parser.add_argument("--pairs", help="comma-separated source:target pairs (default: all 12, or 3 with --quick)")
     parser.add_argument("--methods", default="dann,coral,mmd,self_training",
-                        help="of dann, coral, mmd, entropy, adda, generate, self_training, OBJECTIVE+self_training, "
+                        help="of dann, coral, mmd, entropy, adda, generate, self_training, self_training_flexmatch, "
+                             "OBJECTIVE+self_training, "
                              "domain_stack")
     parser.add_argument("--rows", type=int, help="source and target rows per domain (default: all)")
     parser.add_argument("--epochs", type=float, default=None)
@@ -112,13 +113,14 @@ def main() -> None:
             spec["stack_on"] = stack_on
         if method and method != "domain_stack":
             objective, _, self_training = method.partition("+")
-            if objective == "self_training":
-                objective, self_training = "none", "self_training"
+            if objective.startswith("self_training"):
+                objective, self_training = "none", objective
             spec["domain_adaptation"] = {"method": objective, "target": str(data / f"{target}.train.jsonl"),
                                          "weight": weights.get(objective, 1.0), "max_target_rows": rows,
                                          "safeguard": False}  # judged below, against the source-only adapter
             if self_training:
-                spec["domain_adaptation"]["self_training"] = SELF_TRAINING
+                spec["domain_adaptation"]["self_training"] = SELF_TRAINING | (
+                    {"thresholds": "flexmatch"} if self_training.endswith("_flexmatch") else {})
             if objective == "generate":
                 spec["domain_adaptation"]["generate"] = GENERATOR | (GENERATOR_QUICK if args.quick else {})
         return parse_recipe(spec)

@@ -66,24 +66,20 @@ def test_a_failing_worker_reports_its_domain_and_leaves_no_half_written_adapter(
 
 
 def _first_loss_rows(task: str) -> list[dict]:
-    if task == "causal_lm":
-        import pydoc_data.topics
-
-        topics = pydoc_data.topics.topics
-        return [{"text": topics[k][:300]} for k in sorted(topics)[:8]]
     if task == "classification":
         return [{"text": f"{w} {w} item {i}", "label": i % 2} for i, w in enumerate(["good", "bad"] * 4)]
     return [{"tokens": [n, "lives", "in", p, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]}
             for n, p in zip(["Alice", "Bob", "Carol", "Dave"] * 2, ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern", "Riga", "Oslo"])]
 
 
-def test_one_and_two_processes_log_the_same_first_loss_for_every_task(tmp_path, tiny_llama, tiny_bert):
+def test_one_and_two_processes_log_the_same_first_loss_for_every_head(tmp_path, tiny_bert):
     """Trainer scales the loss of models that accept loss kwargs by the number of processes: a head that
-    ignored `num_items_in_batch` logged (and trained on) twice the loss under two processes."""
+    ignored `num_items_in_batch` logged (and trained on) twice the loss under two processes. (A causal LM's loss is
+    transformers' own, which reads it; the heads here are ours. Two-process causal training is in the tests above.)"""
     first = {}
-    for task in ("causal_lm", "classification", "token_classification"):
+    for task in ("classification", "token_classification"):
         data = write_jsonl(tmp_path / f"{task}.jsonl", _first_loss_rows(task))
-        base = tiny_llama if task == "causal_lm" else tiny_bert
+        base = tiny_bert
         for processes, batch in ((1, 8), (2, 4)):  # the same 8 rows in the first step either way
             recipe = {
                 "base": {"model": str(base), "quantization": "nf4"},
@@ -108,7 +104,7 @@ def test_one_and_two_processes_log_the_same_first_loss_for_every_task(tmp_path, 
                 assert done.returncode == 0, done.stderr[-3000:]
             history = json.loads((out / "d" / "log_history.json").read_text())
             first[task, processes] = next(e["loss"] for e in history if "loss" in e)
-    for task in ("causal_lm", "classification", "token_classification"):
+    for task in ("classification", "token_classification"):
         one, two = first[task, 1], first[task, 2]
         # the classification head's own dropout draws differently in two processes: a few percent, never 2x
         assert abs(two - one) / one < 0.05, (task, one, two)
