@@ -25,6 +25,26 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def write_train_and_probe(work: Path) -> str:
+    """`train.jsonl` (3/4) and `probe.jsonl` (1/4) in `work`: medical text from ../shared/data, or the Python docs
+    without it; returns which."""
+    from peft_adapt.training.recipe import data_root
+
+    medical = data_root() / "domain_text" / "medical.jsonl"
+    if medical.is_file():
+        rows = [json.loads(line) for line in medical.read_text().splitlines()[:600]]
+        corpus = "medical (../shared/data/domain_text)"
+    else:
+        import pydoc_data.topics
+
+        rows = [{"text": t} for t in list(pydoc_data.topics.topics.values())[:300]]
+        corpus = "python docs (pydoc_data)"
+    train, probe = rows[: len(rows) * 3 // 4], rows[len(rows) * 3 // 4 :]
+    (work / "train.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in train))
+    (work / "probe.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in probe))
+    return corpus
+
+
 def main() -> None:
     import torch
     from peft import PeftModel
@@ -32,7 +52,6 @@ def main() -> None:
     from peft_adapt import AdapterRuntime, Registry, export_model, parse_recipe, train_domain
     from peft_adapt.merge.fidelity import compare_logits
     from peft_adapt.models.backbone import BaseSpec, load_backbone
-    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -42,18 +61,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
     try:
-        medical = data_root() / "domain_text" / "medical.jsonl"
-        if medical.is_file():
-            rows = [json.loads(line) for line in medical.read_text().splitlines()[:600]]
-            corpus = "medical (../shared/data/domain_text)"
-        else:
-            import pydoc_data.topics
-
-            rows = [{"text": t} for t in list(pydoc_data.topics.topics.values())[:300]]
-            corpus = "python docs (pydoc_data)"
-        train, probe = rows[: len(rows) * 3 // 4], rows[len(rows) * 3 // 4 :]
-        (work / "train.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in train))
-        (work / "probe.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in probe))
+        corpus = write_train_and_probe(work)
         recipe = parse_recipe({
             "name": "export-bench", "base": {"model": args.model, "quantization": "nf4"},
             "task": {"type": "causal_lm", "max_length": 128, "packing": True},

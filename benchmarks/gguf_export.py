@@ -26,11 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     import torch
+    from export import write_train_and_probe  # benchmarks/export.py: the same train and probe text
 
     from peft_adapt import AdapterRuntime, Registry, parse_recipe, train_domain
     from peft_adapt.merge.fidelity import compare_logits, probe_token_ids
     from peft_adapt.merge.gguf_export import export_gguf
-    from peft_adapt.training.recipe import data_root
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -42,18 +42,7 @@ def main() -> None:
     device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
     try:
-        medical = data_root() / "domain_text" / "medical.jsonl"
-        if medical.is_file():
-            rows = [json.loads(line) for line in medical.read_text().splitlines()[:600]]
-            corpus = "medical (../shared/data/domain_text)"
-        else:
-            import pydoc_data.topics
-
-            rows = [{"text": t} for t in list(pydoc_data.topics.topics.values())[:300]]
-            corpus = "python docs (pydoc_data)"
-        train, probe = rows[: len(rows) * 3 // 4], rows[len(rows) * 3 // 4:]
-        (work / "train.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in train))
-        (work / "probe.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in probe))
+        corpus = write_train_and_probe(work)
         registry = Registry(work / "registry")
         for quantization in args.quantizations.split(","):
             recipe = parse_recipe({

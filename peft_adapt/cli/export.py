@@ -78,16 +78,7 @@ def _cmd_export(args) -> int:
     report = export_model(registry, args.adapter, args.out, dtype=args.dtype, base_weights=args.base_weights,
                           requantize=args.requantize, probe=args.probe, probe_tokens=args.probe_tokens,
                           max_shard_size=args.max_shard_size, fidelity=args.fidelity)
-    if args.fidelity == "weights" and report.get("modules"):
-        print(f"the saved {args.dtype} weights keep {report['adapter_kept_mean']:.2%} of the adapter's change on "
-              f"average over {report['modules']} modules (least: {report['adapter_kept_min']:.2%}, "
-              f"{report['worst_module']})")
-    for variant, scores in report.get("variants", {}).items():
-        print(f"{variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
-              f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
-    if "noise_floor" in report:
-        floor = report["noise_floor"]
-        print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")
+    _print_fidelity(report, f"{args.dtype} weights")
     for warning in report.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     kind = f"{args.dtype}" + (f", requantized to {args.requantize}" if args.requantize else "")
@@ -102,16 +93,7 @@ def _export_gguf(registry, args) -> int:
     report = export_gguf(registry, args.adapter, args.out, outtype=args.outtype, base_weights=args.base_weights,
                          adapter_only=args.adapter_only, with_base=args.with_base, probe=args.probe,
                          probe_tokens=args.probe_tokens, fidelity=args.fidelity)
-    if report.get("modules"):
-        print(f"the saved {args.outtype} tensors keep {report['adapter_kept_mean']:.2%} of the adapter's change on "
-              f"average over {report['modules']} modules (least: {report['adapter_kept_min']:.2%}, "
-              f"{report['worst_module']})")
-    for variant, scores in report.get("variants", {}).items():
-        print(f"llama.cpp, {variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
-              f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
-    if "noise_floor" in report:
-        print(f"noise floor ({report['noise_floor']['what']}): top-1 agreement "
-              f"{report['noise_floor']['top1_agreement']:.1%}")
+    _print_fidelity(report, f"{args.outtype} tensors", run_by="llama.cpp, ")
     if "tokenization" in report:
         print(f"llama.cpp's tokenizer splits {report['tokenization']['texts_tokenized_alike']:.0%} of the probe texts "
               f"as the model's own does")
@@ -119,3 +101,16 @@ def _export_gguf(registry, args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"saved {', '.join(report['files'])} ({args.outtype}) with a Modelfile and README to {args.out}")
     return 0
+
+
+def _print_fidelity(report: dict, saved: str, run_by: str = "") -> None:
+    """fidelity.json's figures, a line each: what the saved weights keep, or each variant's logits and the floor."""
+    if report.get("fidelity") == "weights" and report.get("modules"):
+        print(f"the saved {saved} keep {report['adapter_kept_mean']:.2%} of the adapter's change on average over "
+              f"{report['modules']} modules (least: {report['adapter_kept_min']:.2%}, {report['worst_module']})")
+    for variant, scores in report.get("variants", {}).items():
+        print(f"{run_by}{variant}: top-1 agreement {scores['top1_agreement']:.1%}, max |logit diff| "
+              f"{scores['max_abs_logit_diff']:.3g}, mean {scores['mean_abs_logit_diff']:.3g}")
+    if "noise_floor" in report:
+        floor = report["noise_floor"]
+        print(f"noise floor ({floor['what']}): top-1 agreement {floor['top1_agreement']:.1%}")

@@ -68,11 +68,7 @@ def logits_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: in
 
     manifest = entry.manifest
     probes = probe_token_ids(tokenizer, manifest, probe, probe_tokens)
-    runtime = AdapterRuntime(manifest.base_model, quantization=manifest.quantization, device="cpu")
-    runtime.load(str(entry.path))
-    unmerged = runtime.logits(probes, adapters=str(entry.path))
-    base_served = runtime.logits(probes, adapters=None)
-    del runtime
+    unmerged, base_served = served_logits(entry, probes)
 
     def logits_of(folder: Path, dtype) -> torch.Tensor:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu").eval()
@@ -87,6 +83,15 @@ def logits_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: in
             "variants": variants,
             "noise_floor": floor | {"what": f"{manifest.base_model} in {manifest.quantization} as served against its "
                                             f"dequantized fp32 copy"}}
+
+
+def served_logits(entry, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of the adapter as served (its base in its training quantization + the adapter) and of the base
+    alone as served: what an export is measured against, and the noise floor's other side."""
+    manifest = entry.manifest
+    runtime = AdapterRuntime(manifest.base_model, quantization=manifest.quantization, device="cpu")
+    runtime.load(str(entry.path))
+    return runtime.logits(probes, adapters=str(entry.path)), runtime.logits(probes, adapters=None)
 
 
 def seq2seq_fidelity(entry, tokenizer, probe: str | Path | None, probe_tokens: int, floor_base: Path,

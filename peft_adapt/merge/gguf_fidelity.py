@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import AdapterRuntime
-from .fidelity import _probe_texts, compare_logits, fidelity_warnings, probe_token_ids
+from .fidelity import _probe_texts, compare_logits, fidelity_warnings, probe_token_ids, served_logits
 
 F32 = 0  # GGML_TYPE_F32, for llama.cpp's KV cache
 
@@ -69,11 +68,7 @@ def gguf_logits_fidelity(entry, tokenizer, probe, probe_tokens: int, floor_base:
     not warned about (the user's own GGUF base, quantized its own way)."""
     manifest = entry.manifest
     probes = probe_token_ids(tokenizer, manifest, probe, probe_tokens)
-    runtime = AdapterRuntime(manifest.base_model, quantization=manifest.quantization, device="cpu")
-    runtime.load(str(entry.path))
-    unmerged = runtime.logits(probes, adapters=str(entry.path))
-    base_served = runtime.logits(probes, adapters=None)
-    del runtime
+    unmerged, base_served = served_logits(entry, probes)  # the runtime is gone before llama.cpp loads
     floor = compare_logits(llama_cpp_logits(floor_base, probes), base_served)
     scores = {name: compare_logits(llama_cpp_logits(model, probes, lora), unmerged)
               for name, (model, lora) in runs.items()}
