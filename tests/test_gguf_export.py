@@ -131,6 +131,13 @@ def test_cli_exports_gguf_and_writes_the_modelfile(gguf_registry, tmp_path, caps
     assert reader.fields["general.type"].contents() == "adapter"
     names = {t.name for t in reader.tensors}
     assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_up.weight.lora_b"} <= names
+    # an option of the other format is refused, not ignored
+    registry = ["--registry", str(root / "reg")]
+    assert main(["export", "lora", "--format", "gguf", "--dtype", "fp32", "--out", str(tmp_path / "x"), *registry]) == 2
+    assert "--dtype does not apply to --format gguf" in capsys.readouterr().err
+    assert main(["export", "lora", "--outtype", "q8_0", "--out", str(tmp_path / "y"), *registry]) == 2
+    assert "--outtype does not apply to --format safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_refusals_name_the_problem(gguf_registry, tmp_path, tiny_gpt2, docs_file):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import UserInputError
 from .common import add_registry_arguments, open_registry
 
 
@@ -29,9 +30,10 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
                    help="safetensors (transformers, vLLM, peft) or gguf (llama.cpp, Ollama, LM Studio)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="safetensors export's dtype")
-    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="gguf export's tensor type (norms stay f32; q8_0 keeps f16 for rows not a multiple of 32)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="safetensors export's dtype (default bf16)")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf export's tensor type (default f32; norms stay f32; q8_0 keeps f16 for rows not a "
+                        "multiple of 32)")
     p.add_argument("--with-base", action="store_true",
                    help="with --format gguf --adapter-only: also write base.gguf, the base as the adapter was trained "
                         "on it")
@@ -67,9 +69,19 @@ def _cmd_merge(args) -> int:
 def _cmd_export(args) -> int:
     from ..merge import export_adapter_folder, export_model  # lazy: the CLI starts without torch
 
+    # an option of the other format is refused, not ignored
+    other = (("--dtype", args.dtype), ("--requantize", args.requantize), ("--pad-rank", args.pad_rank),
+             ("--max-shard-size", args.max_shard_size != "2GB")) if args.format == "gguf" else (
+             ("--outtype", args.outtype), ("--with-base", args.with_base))
+    for flag, given in other:
+        if given:
+            raise UserInputError(f"{flag} does not apply to --format {args.format}: leave it out" + (
+                " (--outtype sets a GGUF file's tensor type)" if flag in ("--dtype", "--requantize") else ""))
     registry = open_registry(args)
     if args.format == "gguf":
+        args.outtype = args.outtype or "f32"
         return _export_gguf(registry, args)
+    args.dtype = args.dtype or "bf16"
     if args.adapter_only:
         for warning in export_adapter_folder(registry, args.adapter, args.out, pad_rank=args.pad_rank):
             print(f"warning: {warning}", file=sys.stderr)
