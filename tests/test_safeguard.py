@@ -15,7 +15,7 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import tokenize_target
-from peft_adapt.adaptation.selection import choose, choose_among, snd
+from peft_adapt.adaptation.selection import Outputs, choose, choose_among, snd, source_drop_p
 from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
 from peft_adapt.training.safeguard import judge
 
@@ -64,15 +64,36 @@ def test_the_safeguard_rejects_a_classifier_made_worse_and_keeps_one_that_is_bet
 
 
 def test_the_decision_errs_towards_source_only():
-    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9}
+    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9, "source_drop_p": 0.5}
     assert choose(base | {"dev_risk": 0.4}, base)[0] == "adapted"
     assert choose(base | {"dev_risk": 0.5}, base)[0] == "source_only"  # a tie keeps what never hurts
-    assert choose(base | {"dev_risk": 0.1, "source_accuracy": 0.8}, base)[0] == "source_only"
+    assert choose(base | {"dev_risk": 0.1, "source_accuracy": 0.8, "source_drop_p": 0.01}, base)[0] == "source_only"
     assert choose(base | {"dev_risk": 0.1, "target_diversity": 0.2}, base)[0] == "source_only"  # collapsed
     # SND is reported, not decided on: it rewards density, and a collapse onto one class is the densest of all
     clusters = torch.tensor([[0.99, 0.01]] * 5 + [[0.01, 0.99]] * 5)
     assert snd(clusters) == pytest.approx(math.log(4), abs=1e-3)  # each row's 4 cluster-mates, equally near
     assert snd(torch.tensor([[0.99, 0.01]] * 10)) == pytest.approx(math.log(9), abs=1e-3)
+
+
+def _outputs(right: list[bool]) -> Outputs:
+    """Two-class outputs whose source predictions are right exactly on the rows marked True."""
+    labels = torch.zeros(len(right), dtype=torch.long)
+    probs = torch.tensor([[0.9, 0.1] if r else [0.1, 0.9] for r in right])
+    return Outputs(probs, labels, torch.zeros(len(right), 4), probs, torch.zeros(len(right), 4))
+
+
+def test_a_source_drop_counts_only_beyond_chance():
+    """The sign test on the rows the two models disagree on: 3 rows lost of 80 is noise, 10 lost and none won is
+    not (p = 2**-10), and rows won back offset rows lost."""
+    before = _outputs([True] * 72 + [False] * 8)
+    assert source_drop_p(_outputs([False] * 3 + [True] * 69 + [False] * 8), before) == pytest.approx(1 / 8)
+    assert source_drop_p(_outputs([False] * 10 + [True] * 62 + [False] * 8), before) == pytest.approx(2**-10)
+    assert source_drop_p(_outputs([False] * 10 + [True] * 62 + [True] * 8), before) == pytest.approx(0.407, abs=1e-3)
+    assert source_drop_p(before, before) == 1.0  # no row differs: nothing to tell
+    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9}
+    noise = base | {"dev_risk": 0.4, "source_accuracy": 0.8625, "source_drop_p": 1 / 8}
+    assert choose(noise, base)[0] == "adapted"  # 3 rows: the rule that fell back at a 0.01 drop now keeps it
+    assert choose(noise | {"source_drop_p": 2**-10}, base)[0] == "source_only"
 
 
 def test_a_guarded_run_records_its_choice_and_reads_no_target_label(tmp_path, tiny_bert, sentiment_file, capsys,

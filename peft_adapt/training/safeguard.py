@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adaptation.features import feature_kwargs, pooled_features
-from ..adaptation.selection import Outputs, choose_among, criteria
+from ..adaptation.selection import Outputs, choose_among, criteria, source_drop_p
 from ..data.collate import pad_batch
 from ..errors import UserInputError
 
@@ -63,8 +63,11 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
         raise UserInputError("the safeguard needs the source domain's held-out rows (an eval file, or "
                              "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
     models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
-    found = {name: criteria(outputs_of(model, source_rows, target_rows, pad_token_id, batch_size))
-             for name, model in models.items()}
+    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size)
+               for name, model in models.items()}
+    found = {name: criteria(out) for name, out in outputs.items()}
+    for name in found.keys() - {"source_only"}:
+        found[name]["source_drop_p"] = source_drop_p(outputs[name], outputs["source_only"])
     candidates = {name: c for name, c in found.items() if name != "source_only"}
     selected, why = choose_among(candidates, found["source_only"])
     return Judgement(selected, why, found)
