@@ -116,28 +116,47 @@ def write_folded(base: Path, weights: AdapterWeights | None, quantization: str, 
     return fidelity
 
 
+def check_common_options(base_weights: str, fidelity: str) -> None:
+    """The options both export formats take, refused before anything is read."""
+    if base_weights not in ("dequantized", "original"):
+        raise UserInputError(f"base weights {base_weights!r}: use dequantized or original")
+    if fidelity not in FIDELITY:
+        raise UserInputError(f"fidelity {fidelity!r}: use {', '.join(FIDELITY)}")
+
+
+def exported_adapter(registry, ref: str):
+    """(entry, manifest, its method) of the adapter `ref`, refused when it names a full model."""
+    entry = registry.get(ref)
+    if entry.manifest.method not in TABLE:
+        raise UserInputError(f"{entry.ref} is a {entry.manifest.method} model, not an adapter; export folds adapters")
+    return entry, entry.manifest, method(entry.manifest.method)
+
+
+def full_precision_config(path, base_model: str):
+    """The base's config, refused when the base is saved quantized: export folds into full-precision weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise UserInputError(f"the base {base_model} is saved quantized; export folds into full-precision weights")
+    return config
+
+
 def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_weights: str = "dequantized",
                  requantize: str | None = None, probe: str | Path | None = None, probe_tokens: int = 1024,
                  max_shard_size: str = "2GB", fidelity: str = "weights") -> dict:
     """Fold adapter `ref` into its base, save a standalone model in `out` and report its fidelity (`fidelity`:
     weights, logits, or none: no fidelity.json)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
         raise UserInputError(f"dtype {dtype!r} is not known; use {', '.join(DTYPES)}")
-    if base_weights not in ("dequantized", "original"):
-        raise UserInputError(f"base weights {base_weights!r}: use dequantized or original")
     if requantize not in (None, "nf4", "int8"):
         raise UserInputError(f"requantize {requantize!r}: use nf4 or int8")
     parse_size(max_shard_size)  # a bad size is refused before the model is read
-    if fidelity not in FIDELITY:
-        raise UserInputError(f"fidelity {fidelity!r}: use {', '.join(FIDELITY)}")
+    check_common_options(base_weights, fidelity)
     started = time.perf_counter()
-    entry = registry.get(ref)
-    manifest = entry.manifest
-    if manifest.method not in TABLE:
-        raise UserInputError(f"{entry.ref} is a {manifest.method} model, not an adapter; export folds adapters")
-    adapting = method(manifest.method)
+    entry, manifest, adapting = exported_adapter(registry, ref)
     if adapting.fold_reason is not None:
         raise UserInputError(f"{entry.ref} cannot be exported into base weights: {adapting.fold_reason}. "
                              f"Serve it with the runtime instead.")
@@ -153,9 +172,7 @@ def export_model(registry, ref: str, out: str | Path, dtype: str = "bf16", base_
     check_export_target(out)
     base_model, trained_q = manifest.base_model, manifest.quantization
     path = resolve_model_path(base_model)
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None):
-        raise UserInputError(f"the base {base_model} is saved quantized; export folds into full-precision weights")
+    config = full_precision_config(path, base_model)
     report = {"adapter": entry.ref, "base_model": base_model, "trained_quantization": trained_q,
               "base_weights": base_weights, "dtype": dtype, "requantize": requantize}
     with staged_folder(out) as staging, tempfile.TemporaryDirectory() as tmp:

@@ -28,14 +28,13 @@ from ..formats.gguf_files import (
     gguf_source,
     tensor_type,
 )
-from ..methods import TABLE, method
+from ..methods import method
 from ..models.backbone import resolve_model_path
 from ..registry.transfer import check_export_target
-from .export import FoldedBase
+from .export import FoldedBase, check_common_options, exported_adapter, full_precision_config
 from .fidelity import WeightFidelity
 
 MODEL_FILE, ADAPTER_FILE, BASE_FILE = "model.gguf", "adapter.gguf", "base.gguf"
-FIDELITY = ("weights", "logits", "none")
 
 
 def _saved_as(outtype: str):
@@ -103,25 +102,18 @@ def export_gguf(registry, ref: str, out: str | Path, outtype: str = "f32", base_
     `adapter_only` `adapter.gguf` (+ `base.gguf` with `with_base`). `fidelity`: weights (what the saved tensors keep
     of the adapter), logits (llama.cpp itself run on probe text against the adapter as served; needs
     llama-cpp-python) or none."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if outtype not in OUTTYPES:
         raise UserInputError(f"outtype {outtype!r}: use {', '.join(OUTTYPES)}")
-    if base_weights not in ("dequantized", "original"):
-        raise UserInputError(f"base weights {base_weights!r}: use dequantized or original")
-    if fidelity not in FIDELITY:
-        raise UserInputError(f"fidelity {fidelity!r}: use {', '.join(FIDELITY)}")
+    check_common_options(base_weights, fidelity)
     if with_base and not adapter_only:
         raise UserInputError("--with-base goes with --adapter-only (the merged model.gguf holds its base already)")
     started = time.perf_counter()
-    entry = registry.get(ref)
-    manifest = entry.manifest
-    if manifest.method not in TABLE:
-        raise UserInputError(f"{entry.ref} is a {manifest.method} model, not an adapter; export folds adapters")
+    entry, manifest, adapting = exported_adapter(registry, ref)
     if manifest.task != "causal_lm":
         raise UserInputError(f"{entry.ref} is a {manifest.task} adapter; llama.cpp runs causal language models: "
                              f"export it as safetensors (the default --format)")
-    adapting = method(manifest.method)
     if adapter_only and not adapting.low_rank:
         raise UserInputError(f"{entry.ref} is a {manifest.method} adapter; llama.cpp's adapters (--lora) are LoRA. "
                              + ("Export the merged model instead (without --adapter-only)"
@@ -134,11 +126,8 @@ def export_gguf(registry, ref: str, out: str | Path, outtype: str = "f32", base_
     out = Path(out)
     check_export_target(out)
     path = resolve_model_path(manifest.base_model)
-    config = AutoConfig.from_pretrained(path)
+    config = full_precision_config(path, manifest.base_model)
     gguf_architecture(config)  # a refusal before anything is read
-    if getattr(config, "quantization_config", None):
-        raise UserInputError(f"the base {manifest.base_model} is saved quantized; export folds into full-precision "
-                             f"weights")
     tokenizer = AutoTokenizer.from_pretrained(path)
     source_gguf = gguf_source(manifest.base_model)
     weights = adapting.read(entry.path)
