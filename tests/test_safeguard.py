@@ -114,6 +114,33 @@ def test_a_guarded_run_records_its_choice_and_reads_no_target_label(tmp_path, ti
     assert said.count("sentiment: safeguard ") == 3 and decisions[0]["why"] in said
 
 
+def test_a_registered_source_only_adapter_is_judged_against_instead_of_training_it_again(tmp_path, tiny_bert,
+                                                                                       sentiment_file):
+    """`source_only: REF`: the same recipe and seed registered without adaptation gives the judgement the trained
+    source-only gives, with no source-only run; an adapter of other labels is refused by name."""
+    from peft_adapt import Registry
+
+    registry = Registry(tmp_path / "reg")
+    data = classification_recipe(tiny_bert, sentiment_file, max_steps=8)
+    registry.add(train_domain(parse_recipe(data), "sentiment", tmp_path / "plain").out_dir, name="plain")
+    adapted = data | {"domain_adaptation": {"method": "mmd", "target": str(_target(tmp_path, "none"))}}
+    trained = train_domain(parse_recipe(adapted), "sentiment", tmp_path / "trained")
+    adapted["domain_adaptation"]["source_only"] = "plain"
+    reused = train_domain(parse_recipe(adapted), "sentiment", tmp_path / "reused", registry=registry)
+    assert not (tmp_path / "reused" / ".sentiment.source-only").exists()
+    first, second = (r.metrics["domain_adaptation"] for r in (trained, reused))
+    assert second["criteria"] == first["criteria"] and second["selected"] == first["selected"]
+    assert second["source_only_metrics"] == first["source_only_metrics"]
+
+    other = write_jsonl(tmp_path / "three.jsonl", [{"text": f"row {i}", "label": ["a", "b", "c"][i % 3]}
+                                                    for i in range(30)])
+    three = classification_recipe(tiny_bert, other, max_steps=1) | {"domains": {"three": {"train": str(other)}}}
+    registry.add(train_domain(parse_recipe(three), "three", tmp_path / "three").out_dir, name="three")
+    adapted["domain_adaptation"]["source_only"] = "three"
+    with pytest.raises(Exception, match="domain_adaptation.source_only: three"):
+        train_domain(parse_recipe(adapted), "sentiment", tmp_path / "refused", registry=registry)
+
+
 def test_self_training_says_what_each_round_kept_and_warns_when_it_kept_nothing(tmp_path, tiny_bert, sentiment_file,
                                                                                 capsys, caplog):
     data = classification_recipe(tiny_bert, sentiment_file, max_steps=6)

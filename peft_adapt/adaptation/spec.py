@@ -32,6 +32,9 @@ class _Common(BaseModel):
     safeguard: bool = Field(
         True, description="classification: train the source-only adapter too and keep the adapted one only when "
                           "label-free criteria (DEV risk, source accuracy, target diversity) say it is better")
+    source_only: Optional[str] = Field(
+        None, description="the safeguard: judge against this registered adapter (same base, method, shape and labels; "
+                          "e.g. kitchen, trained without domain_adaptation) instead of training source-only again")
     select: Optional[Literal["auto"]] = Field(
         None, description="auto: also train the term's weight x0.1 and x10 (and other self-training thresholds) and "
                           "keep whichever the safeguard's criteria rank best, source-only included")
@@ -68,6 +71,9 @@ class _Common(BaseModel):
         if not chosen.aligns and self.self_training is None:
             raise ValueError(f"method {self.method} aligns nothing: add self_training: {{rounds: 2, threshold: 0.9}} "
                              f"or name one of {', '.join(m for m in TABLE if TABLE[m].aligns)}")
+        if self.source_only is not None and not self.safeguard:
+            raise ValueError("source_only names the adapter the safeguard judges against: leave safeguard on, or "
+                             "remove source_only")
         if self.select == "auto" and not self.safeguard:
             raise ValueError("select: auto chooses by the safeguard's criteria: leave safeguard on")
         if chosen.phased and self.self_training is not None:

@@ -41,7 +41,7 @@ from ..formats.model_card import model_card
 from ..methods import inject_adapter, method
 from ..models.backbone import Backbone, disable_cpu_repacking, load_backbone
 from ..models.builtin_models import portable_name
-from ..registry.refs import check_name
+from ..registry.refs import check_name, parse_ref, resolve
 from ..registry.store import Registry
 from ..routing.router import MIN_ROWS, input_text, sign, write_signature
 from ..runtime.stacks import StackedDomain, resolve_domain
@@ -442,8 +442,11 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
     labels; returns what to save: (the prepared model, its metrics with the judgement, its log history, its
     recipe)."""
     spec = recipe.domain_adaptation
-    source_only, folder = train_source_only(recipe, domain, out_root, train_domain, registry)
-    scratch = [folder]
+    if spec.source_only is not None:
+        source_only, scratch = _registered_source_only(recipe, domain, registry), []
+    else:
+        source_only, folder = train_source_only(recipe, domain, out_root, train_domain, registry)
+        scratch = [folder]
     try:
         variants = {}
         if spec.select == "auto":
@@ -461,7 +464,8 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
         judgement.source_only = source_only
         record = judgement.record(spec.method)
         chosen = judgement.selected
-        shown = ", ".join(f"{k} {judgement.criteria.get(chosen, judgement.criteria['adapted'])[k]:.3f}/"
+        compared = judgement.criteria[chosen if chosen != "source_only" else "adapted"]  # beside source-only's
+        shown = ", ".join(f"{k} {compared[k]:.3f}/"
                           f"{judgement.criteria['source_only'][k]:.3f}"
                           for k in ("dev_risk", "source_accuracy", "target_diversity"))
         if chosen != "source_only":
@@ -478,13 +482,39 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
         log.warning("%s: safeguard fell back to the source-only adapter: %s (adapted/source-only: %s); the adapted "
                     "one's scores are in metrics.json (domain_adaptation.adapted_metrics)", domain, judgement.why, shown)
         record["adapted_metrics"] = {k: v for k, v in metrics.items() if k in ("eval", "test")}
-        history = json.loads((source_only.out_dir / "log_history.json").read_text())
+        logged = source_only.out_dir / "log_history.json"
+        history = json.loads(logged.read_text()) if logged.is_file() else []
         kept = _Prepared(ready.examples, source_only.backbone, source_only.data, source_only.model, ready.signature,
                          ready.stacked_on, ready.initialised)
         return kept, source_only.metrics | {"domain_adaptation": record}, history, recipe
     finally:
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _registered_source_only(recipe: Recipe, domain: str, registry) -> TrainResult:
+    """The safeguard's reference read from the registry (`domain_adaptation.source_only`), not trained again: loaded
+    as init_from loads (same base, method and shape), its head too, so its labels must be this domain's; scored on
+    this recipe's held-out and test rows."""
+    ref = recipe.domain_adaptation.source_only
+    plain = recipe.model_copy(update={"domain_adaptation": None, "init_from": ref})
+    try:
+        ready = _prepare(plain, domain, registry)
+    except UserInputError as error:
+        raise UserInputError(f"domain_adaptation.source_only: {str(error).removeprefix('init_from: ')}") from None
+    labels = ready.examples.labels.names
+    if not ready.initialised["head"]:
+        raise UserInputError(f"domain_adaptation.source_only: {ref} classifies other labels than {domain}'s "
+                             f"({', '.join(labels)}): name an adapter trained on this task, or remove source_only "
+                             f"to train one")
+    folder = resolve(parse_ref(ref), registry or Registry()).folder
+    t = recipe.training
+    scores = {name: evaluate_task(ready.model, rows, "classification", ready.backbone.tokenizer.pad_token_id,
+                                  len(labels), t.eval_batch_size or t.batch_size, labels)
+              for name, rows in (("eval", ready.data.eval), ("test", ready.data.test)) if rows}
+    saved = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    metrics = {k: v for k, v in saved.items() if k not in ("eval", "test")} | scores | {"source_only_from": ref}
+    return TrainResult(domain, folder, metrics, None, ready.model, ready.backbone, ready.data)
 
 
 def _target_phase(recipe: Recipe, domain: str, out_root, source: TrainResult, tokenizer) -> TrainResult:

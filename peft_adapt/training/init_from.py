@@ -50,5 +50,6 @@ def initialise_from(model, ref: str, registry, method_name: str, task: str, fing
         problems = ([f"missing {k}" for k in missing[:3]] + misfits[:3] + [f"not in this adapter: {k}" for k in extra[:3]])
         raise UserInputError(f"init_from: {source} does not have this adapter's shape (rank, target modules): "
                              + "; ".join(problems))
-    set_peft_model_state_dict(model, {k: saved[k] for k in wanted})
+    # a head of other labels stays fresh: peft's loader wants every head key, so it gets the fresh ones back
+    set_peft_model_state_dict(model, {k: saved[k] for k in wanted} | {k: fresh[k] for k in heads - wanted})
     return {"ref": source, "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS), "head": bool(heads) and same_head}
