@@ -17,8 +17,8 @@ from the source's labelled held-out rows and the target's unlabeled text, never 
   takes every row: a collapse), reported.
 
 The decision (`choose`) keeps the adapted adapter only when its DEV risk is lower, its source accuracy has not
-fallen beyond chance (`source_drop_p` below `SIGNIFICANCE`), and its target predictions have not collapsed onto fewer classes than the
-source-only model's: it errs towards source-only, which never hurts.
+fallen beyond chance (`source_drop_p` below `SIGNIFICANCE`), and its target predictions have not collapsed onto
+fewer classes than the source-only model's: it errs towards source-only, which never hurts.
 """
 
 from __future__ import annotations
