@@ -98,6 +98,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
+    def emit(name: str, record: dict) -> None:
+        """One JSON line on stdout and in out/amazon_cross_domain.jsonl, so a run stopped midway keeps what it
+        finished and runs split across processes pool with `benchmarks/amazon_table.py`."""
+        line = json.dumps({"name": name} | record)
+        print(line, flush=True)
+        with open(out / "amazon_cross_domain.jsonl", "a") as f:
+            f.write(line + "\n")
+
     def recipe(source: str, target: str | None, method: str | None, task: str = "classification",
                stack_on: str | None = None, seed: int = 0):
         spec = {
@@ -163,8 +171,8 @@ def main() -> None:
         """A masked-LM domain adapter on the domain's training text (its labels are never read)."""
         if domain not in domain_adapters:
             result = train_domain(recipe(domain, None, "domain_stack", task="masked_lm"), domain, out / "runs" / "domain")
-            print(json.dumps({"name": "amazon_domain_adapter", "domain": domain, **result.metrics["eval"],
-                              "train_seconds": result.metrics["train_seconds"]}), flush=True)
+            emit("amazon_domain_adapter", {"domain": domain, **result.metrics["eval"],
+                                           "train_seconds": result.metrics["train_seconds"]})
             domain_adapters[domain] = result.out_dir
             stack_seconds[f"domain:{domain}"] = result.metrics["train_seconds"]
         return domain_adapters[domain]
@@ -208,6 +216,8 @@ def main() -> None:
             result = train_domain(recipe(source, None, None, seed=seed), source, out / "runs" / f"source_only-{seed}")
             source_only[(source, seed)] = result
             in_domain.setdefault(source, []).append(result.metrics["test"]["accuracy"])
+            emit("amazon_cross_domain_in_domain", {"domain": source, "seed": seed, "accuracy": in_domain[source][-1],
+                                                   "rows": result.metrics["rows"]["train"]})
             source_validation.setdefault(source, {})["source_only"] = result.metrics["eval"]["accuracy"]
             for s, t in pairs:
                 if s == source:
@@ -234,9 +244,8 @@ def main() -> None:
                 table.setdefault(pair, {})[method], unswapped = stack_accuracy(s, t)
                 seconds.setdefault(pair, {})[method] = (stack_seconds[f"domain:{s}"] + stack_seconds[f"task:{s}"]
                                                         + stack_seconds[f"domain:{t}"])
-                print(json.dumps({"name": "amazon_cross_domain_stack", "pair": pair,
-                                  "target_domain_adapter": table[pair][method],
-                                  "source_domain_adapter": unswapped}), flush=True)
+                emit("amazon_cross_domain_stack", {"pair": pair, "target_domain_adapter": table[pair][method],
+                                                  "source_domain_adapter": unswapped})
                 continue
             for seed in seeds:
                 result = train_domain(recipe(s, t, method, seed=seed), s, out / "runs" / f"{method}-{seed}" / t)
@@ -246,7 +255,7 @@ def main() -> None:
                     result = result.adapted
                 generated = generated_report(result, t)
                 if generated:
-                    print(json.dumps({"name": "amazon_cross_domain_generated", "pair": pair, **generated}), flush=True)
+                    emit("amazon_cross_domain_generated", {"pair": pair, **generated})
                     pseudo_labels[f"{pair}:{method}"] = generated
                 raw = target_accuracy(result, t)
                 judgement = judged(result, s, t, seed)
@@ -256,28 +265,30 @@ def main() -> None:
                 per_seed[(pair, method, seed)], per_seed[(pair, f"{method}+safeguard", seed)] = raw, guarded
                 choice = {"pair": pair, "method": method, "seed": seed, "selected": judgement.selected,
                           "oracle": oracle, "agrees": oracle in ("either", judgement.selected), "why": judgement.why,
-                          "adapted_accuracy": raw, "source_only_accuracy": plain, "criteria": judgement.criteria}
+                          "adapted_accuracy": raw, "source_only_accuracy": plain, "criteria": judgement.criteria,
+                          "rows": source_only[(s, seed)].metrics["rows"]["train"]}
                 choices.append(choice)
-                print(json.dumps({"name": "amazon_cross_domain_safeguard"} | choice), flush=True)
+                emit("amazon_cross_domain_safeguard", choice)
                 report = pseudo_label_report(result, t)
                 if report:
                     pseudo_labels[f"{pair}:{method}:{seed}"] = report
-                    print(json.dumps({"name": "amazon_cross_domain_pseudo_labels", "pair": pair, "method": method,
-                                      "seed": seed, **report}), flush=True)
+                    emit("amazon_cross_domain_pseudo_labels", {"pair": pair, "method": method, "seed": seed, **report})
                 del result
         guarded_columns = [f"{m}+safeguard" for m in methods if m != "domain_stack"]
         for column in ["source_only", *[m for m in methods if m != "domain_stack"], *guarded_columns]:
             values = [per_seed[(pair, column, seed)] for seed in seeds]
             table.setdefault(pair, {})[column] = sum(values) / len(values)
-            print(json.dumps({"name": "amazon_cross_domain_accuracy", "pair": pair, "method": column,
-                              "value": table[pair][column], "seeds": seeds, "spread": max(values) - min(values),
-                              "train_seconds": seconds.get(pair, {}).get(column.split("+safeguard")[0]), "rows": rows,
-                              "epochs": epochs, "device": device}), flush=True)
+            emit("amazon_cross_domain_accuracy", {
+                "pair": pair, "method": column, "value": table[pair][column], "seeds": seeds,
+                "spread": max(values) - min(values), "rows": rows, "epochs": epochs, "device": device,
+                "train_seconds": seconds.get(pair, {}).get(column.split("+safeguard")[0])})
     # in-domain upper bound of each target: the source-only adapter trained on the target itself
     for s, t in pairs:
         if t not in in_domain:
             result = train_domain(recipe(t, None, None), t, out / "runs" / "source_only")
             in_domain[t] = result.metrics["test"]["accuracy"]
+            emit("amazon_cross_domain_in_domain", {"domain": t, "seed": 0, "rows": result.metrics["rows"]["train"],
+                                                   "accuracy": in_domain[t]})
             del result
         table[f"{s}->{t}"]["in_domain"] = in_domain[t]
     methods = methods + [f"{m}+safeguard" for m in methods if m != "domain_stack"]
