@@ -183,3 +183,18 @@ def test_select_auto_ranks_a_small_grid_by_the_same_criteria_and_saves_the_recip
     assert manifest["recipe"]["domain_adaptation"]["weight"] == pytest.approx(weight)
     with pytest.raises(Exception, match="select: auto chooses by the safeguard's criteria"):
         parse_recipe(data | {"domain_adaptation": data["domain_adaptation"] | {"safeguard": False}})
+
+
+def test_a_large_target_is_judged_on_one_sample_shared_by_every_model(trained, tmp_path, monkeypatch):
+    """SND is rows x rows: the criteria read at most JUDGE_ROWS rows of each side, the same sample for each model."""
+    from peft_adapt.training import safeguard
+
+    well, barely = trained["well"], trained["barely"]
+    source, target, pad = _rows(well, tmp_path)
+    monkeypatch.setattr(safeguard, "JUDGE_ROWS", 16)
+    capped = judge(well.model, barely.model, source, target, pad)
+    sampled_source, sampled_target = safeguard.sample_rows(source), safeguard.sample_rows(target)
+    assert len(target) == 48 and len(sampled_target) == 16 and len(set(map(id, sampled_target))) == 16
+    assert len(sampled_source) == min(16, len(source))
+    direct = judge(well.model, barely.model, sampled_source, sampled_target, pad)
+    assert capped.criteria == direct.criteria and capped.selected == direct.selected

@@ -16,6 +16,22 @@ from ..adaptation.selection import Outputs, choose_among, criteria, source_drop_
 from ..data.collate import pad_batch
 from ..errors import UserInputError
 
+# The criteria read at most this many rows of each side, a seeded sample the same for every model judged. SND
+# compares every target prediction with every other (rows x rows), and each model judged runs over every row: on a
+# target of 100k rows that is a 40 GB matrix and hours of passes. The DEV and sign-test noise at 4000 rows is well
+# under the differences the safeguard decides on; every run here judged fewer rows and is unchanged by the cap.
+JUDGE_ROWS = 4000
+
+
+def sample_rows(rows: list[dict], limit: int | None = None, seed: int = 0) -> list[dict]:
+    """All rows when there are at most `limit` (JUDGE_ROWS), else `limit` of them drawn without replacement, in
+    their order."""
+    limit = JUDGE_ROWS if limit is None else limit
+    if len(rows) <= limit:
+        return rows
+    picked = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [rows[i] for i in picked.tolist()]
+
 
 @dataclass
 class Judgement:
@@ -63,6 +79,7 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
         raise UserInputError("the safeguard needs the source domain's held-out rows (an eval file, or "
                              "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
     models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
+    source_rows, target_rows = sample_rows(source_rows), sample_rows(target_rows)
     outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size)
                for name, model in models.items()}
     found = {name: criteria(out) for name, out in outputs.items()}
