@@ -23,7 +23,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-PREFIX = '{"name": "amazon_cross_domain_'
+PREFIX = '{"name": "'
+CHOICES = ("amazon_cross_domain_safeguard", "safeguard_replay")  # the benchmark's, and safeguard_replay.py's
 BAR = 0.005  # the issue's bar: with the safeguard, no pair more than 0.5 point below source-only
 
 
@@ -33,6 +34,8 @@ def votes(criteria: dict) -> dict[str, str]:
     better = {"dev_risk": a["dev_risk"] < s["dev_risk"], "snd": a["snd"] > s["snd"],
               "source_accuracy": a["source_accuracy"] >= s["source_accuracy"],
               "target_entropy": a["target_entropy"] < s["target_entropy"]}
+    if "reverse_accuracy" in a and "reverse_accuracy" in s:
+        better["reverse_accuracy"] = a["reverse_accuracy"] >= s["reverse_accuracy"]
     return {k: "adapted" if v else "source_only" for k, v in better.items()}
 
 
@@ -46,7 +49,7 @@ def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict],
         for line in lines:
             if line["name"] == "amazon_cross_domain_in_domain":
                 in_domain[(line["rows"], line["domain"])].append(line["accuracy"])
-            elif line["name"] == "amazon_cross_domain_safeguard":
+            elif line["name"] in CHOICES:
                 rows = line.get("rows") or (next(iter(sizes)) if len(sizes) == 1 else default_rows)
                 if rows is None:
                     raise SystemExit(f"{path}: its lines do not say their data size; pass --rows N (the --rows the "

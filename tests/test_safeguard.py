@@ -198,3 +198,20 @@ def test_a_large_target_is_judged_on_one_sample_shared_by_every_model(trained, t
     assert len(sampled_source) == min(16, len(source))
     direct = judge(well.model, barely.model, sampled_source, sampled_target, pad)
     assert capped.criteria == direct.criteria and capped.selected == direct.selected
+
+
+def test_reverse_validation_reads_each_model_through_the_base_features(trained, tmp_path):
+    """A probe on the base model's target features, taught by a model's target labels, labels the source as well as
+    those labels are right: the flipped model's probe gets the source wrong, the well-trained one's right."""
+    well = trained["well"]
+    source, _, pad = _rows(well, tmp_path)
+    # the target: the source's own held-out text, unlabeled (a tiny random base carries no sentiment from one
+    # vocabulary to another, so the probe is read where the base features can tell the classes apart at all)
+    target = [{k: r[k] for k in ("input_ids", "attention_mask")} for r in source]
+    flipped = copy.deepcopy(well.model)
+    with torch.no_grad():
+        flipped.classifier.weight.copy_(flipped.classifier.weight.flip(0))
+        flipped.classifier.bias.copy_(flipped.classifier.bias.flip(0))
+    found = judge(flipped, well.model, source, target, pad).criteria
+    good, bad = found["source_only"]["reverse_accuracy"], found["adapted"]["reverse_accuracy"]
+    assert good > 0.5 > bad and good + bad == pytest.approx(1.0), found

@@ -15,6 +15,12 @@ from the source's labelled held-out rows and the target's unlabeled text, never 
 - `target_entropy` (mean prediction entropy; low is confident, not necessarily right) and `target_diversity` (the
   entropy of the mean prediction, in units of log(classes): 1 when classes are predicted equally, 0 when one class
   takes every row: a collapse), reported.
+- `reverse_accuracy`: reverse validation (Zhong et al., ECML 2010) with a fixed probe: a logistic regression fitted
+  on the target rows' features *of the base model* (adapter off), labelled by the judged model's target predictions,
+  then scored on the source held-out rows (base features, true labels). Wrong target labels teach a probe that
+  labels the source wrong. The base model's features are the one space no model judged has shaped: in a model's own
+  features the probe would only copy its head back (DEV reads the model's own features, and an aligned model's are
+  built to hide the domain). Reported, not decided on.
 
 The decision (`choose`) keeps the adapted adapter only when its DEV risk is lower, its source accuracy has not
 fallen beyond chance (`source_drop_p` below `SIGNIFICANCE`), and its target predictions have not collapsed onto
@@ -42,6 +48,8 @@ class Outputs:
     source_features: torch.Tensor  # [rows, hidden], L2-normalised
     target_probs: torch.Tensor
     target_features: torch.Tensor
+    source_base: torch.Tensor | None = None  # the base model's features (adapter off), the same for every model
+    target_base: torch.Tensor | None = None
 
 
 def domain_weights(source: torch.Tensor, target: torch.Tensor, steps: int = 200, seed: int = 0) -> torch.Tensor:
@@ -99,6 +107,34 @@ def source_drop_p(adapted: Outputs, source_only: Outputs) -> float:
     return float(sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n) if n else 1.0
 
 
+def probe(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 100) -> torch.Tensor:
+    """A multinomial logistic regression's weights [hidden + 1, classes] (bias last), L2 1e-3, fitted by L-BFGS from
+    zero: deterministic, so two models' labels are read by the same procedure."""
+    x = torch.cat([features.float(), torch.ones(len(features), 1)], dim=1)
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(x @ w, labels) + 1e-3 * (w[:-1] * w[:-1]).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return w.detach()
+
+
+def reverse_accuracy(outputs: Outputs) -> float | None:
+    """The source held-out accuracy of a probe trained on the target's base features with this model's target
+    labels (None without base features)."""
+    if outputs.source_base is None or outputs.target_base is None:
+        return None
+    classes = outputs.target_probs.shape[1]
+    w = probe(outputs.target_base, outputs.target_probs.argmax(1), classes)
+    x = torch.cat([outputs.source_base.float(), torch.ones(len(outputs.source_base), 1)], dim=1)
+    return float(((x @ w).argmax(1) == outputs.source_labels).float().mean())
+
+
 def criteria(outputs: Outputs) -> dict:
     classes = outputs.target_probs.shape[1]
     mean = outputs.target_probs.mean(0)
@@ -109,7 +145,7 @@ def criteria(outputs: Outputs) -> dict:
         "source_accuracy": float((outputs.source_probs.argmax(1) == outputs.source_labels).float().mean()),
         "target_entropy": float(entropy),
         "target_diversity": float(-(mean * mean.clamp_min(1e-12).log()).sum() / math.log(classes)),
-    }
+    } | ({"reverse_accuracy": reverse} if (reverse := reverse_accuracy(outputs)) is not None else {})
 
 
 WEIGHT_FACTORS = (0.1, 10.0)  # `select: auto` tries the term's weight x these beside the recipe's own

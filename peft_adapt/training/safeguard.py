@@ -64,11 +64,24 @@ def _probs_and_features(model, rows: list[dict], pad_token_id: int, batch_size: 
     return torch.cat(probs), torch.cat(features)
 
 
-def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int, batch_size: int) -> Outputs:
+def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int, batch_size: int,
+               base: tuple | None = None) -> Outputs:
     source_probs, source_features = _probs_and_features(model, source_rows, pad_token_id, batch_size)
     target_probs, target_features = _probs_and_features(model, target_rows, pad_token_id, batch_size)
     labels = torch.tensor([r["labels"] for r in source_rows])
-    return Outputs(source_probs, labels, source_features, target_probs, target_features)
+    return Outputs(source_probs, labels, source_features, target_probs, target_features, *(base or (None, None)))
+
+
+def base_features(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
+                  batch_size: int) -> tuple | None:
+    """Both sides' features with the adapter off (a peft model's `disable_adapter`), or None for a model that has
+    no such switch (bottleneck and prefix adapters): then `reverse_accuracy` is not reported."""
+    switch = getattr(model, "disable_adapter", None)
+    if switch is None:
+        return None
+    with switch():
+        return tuple(_probs_and_features(model, rows, pad_token_id, batch_size)[1]
+                     for rows in (source_rows, target_rows))
 
 
 def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
@@ -80,7 +93,8 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
                              "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
     models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
     source_rows, target_rows = sample_rows(source_rows), sample_rows(target_rows)
-    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size)
+    base = base_features(source_only_model, source_rows, target_rows, pad_token_id, batch_size)
+    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base)
                for name, model in models.items()}
     found = {name: criteria(out) for name, out in outputs.items()}
     for name in found.keys() - {"source_only"}:
