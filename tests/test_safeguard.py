@@ -15,7 +15,7 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import tokenize_target
-from peft_adapt.adaptation.selection import Outputs, choose, choose_among, snd, source_drop_p
+from peft_adapt.adaptation.selection import Outputs, choose, choose_among, prior_gap, snd, source_drop_p
 from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
 from peft_adapt.training.safeguard import judge
 
@@ -64,15 +64,26 @@ def test_the_safeguard_rejects_a_classifier_made_worse_and_keeps_one_that_is_bet
 
 
 def test_the_decision_errs_towards_source_only():
-    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9, "source_drop_p": 0.5}
+    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9, "source_drop_p": 0.5, "prior_gap": 0.05}
     assert choose(base | {"dev_risk": 0.4}, base)[0] == "adapted"
     assert choose(base | {"dev_risk": 0.5}, base)[0] == "source_only"  # a tie keeps what never hurts
     assert choose(base | {"dev_risk": 0.1, "source_accuracy": 0.8, "source_drop_p": 0.01}, base)[0] == "source_only"
     assert choose(base | {"dev_risk": 0.1, "target_diversity": 0.2}, base)[0] == "source_only"  # collapsed
+    # a lower DEV risk does not outweigh target predictions leaning farther from the source's class shares
+    leaning = choose(base | {"dev_risk": 0.1, "prior_gap": 0.08}, base)
+    assert leaning[0] == "source_only" and "class shares: 0.080" in leaning[1]
+    assert choose(base | {"dev_risk": 0.1, "prior_gap": 0.01}, base)[0] == "adapted"  # nearer: the DEV decides
     # SND is reported, not decided on: it rewards density, and a collapse onto one class is the densest of all
     clusters = torch.tensor([[0.99, 0.01]] * 5 + [[0.01, 0.99]] * 5)
     assert snd(clusters) == pytest.approx(math.log(4), abs=1e-3)  # each row's 4 cluster-mates, equally near
     assert snd(torch.tensor([[0.99, 0.01]] * 10)) == pytest.approx(math.log(9), abs=1e-3)
+
+
+def test_the_prior_gap_is_the_share_of_target_predictions_off_the_source_class_shares():
+    labels = torch.tensor([0] * 6 + [1] * 4)  # source held-out shares 0.6 / 0.4
+    assert prior_gap(torch.tensor([0.75, 0.25]), labels, 2) == pytest.approx(0.15)
+    assert prior_gap(torch.tensor([0.6, 0.4]), labels, 2) == pytest.approx(0.0)
+    assert prior_gap(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0, 1, 2, 2]), 3) == pytest.approx(0.05)
 
 
 def _outputs(right: list[bool]) -> Outputs:
@@ -90,7 +101,7 @@ def test_a_source_drop_counts_only_beyond_chance():
     assert source_drop_p(_outputs([False] * 10 + [True] * 62 + [False] * 8), before) == pytest.approx(2**-10)
     assert source_drop_p(_outputs([False] * 10 + [True] * 62 + [True] * 8), before) == pytest.approx(0.407, abs=1e-3)
     assert source_drop_p(before, before) == 1.0  # no row differs: nothing to tell
-    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9}
+    base = {"dev_risk": 0.5, "source_accuracy": 0.9, "target_diversity": 0.9, "prior_gap": 0.05}
     noise = base | {"dev_risk": 0.4, "source_accuracy": 0.8625, "source_drop_p": 1 / 8}
     assert choose(noise, base)[0] == "adapted"  # 3 rows: the rule that fell back at a 0.01 drop now keeps it
     assert choose(noise | {"source_drop_p": 2**-10}, base)[0] == "source_only"

@@ -467,7 +467,7 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
         compared = judgement.criteria[chosen if chosen != "source_only" else "adapted"]  # beside source-only's
         shown = ", ".join(f"{k} {compared[k]:.3f}/"
                           f"{judgement.criteria['source_only'][k]:.3f}"
-                          for k in ("dev_risk", "source_accuracy", "target_diversity"))
+                          for k in ("dev_risk", "source_accuracy", "prior_gap"))
         if chosen != "source_only":
             print(f"{domain}: safeguard kept the {spec.method} adapter"
                   f"{f' trained with {chosen}' if chosen in variants else ''}: {judgement.why} "
