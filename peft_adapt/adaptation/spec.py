@@ -31,7 +31,7 @@ class _Common(BaseModel):
     max_target_rows: int | None = Field(None, ge=1)
     safeguard: bool = Field(
         True, description="classification: train the source-only adapter too and keep the adapted one only when "
-                          "label-free criteria (DEV risk, source accuracy, target diversity) say it is better")
+                          "label-free criteria (DEV risk, source accuracy, target class shares) say it is better")
     source_only: Optional[str] = Field(
         None, description="the safeguard: judge against this registered adapter (same base, method, shape and labels; "
                           "e.g. kitchen, trained without domain_adaptation) instead of training source-only again")
