@@ -63,7 +63,8 @@ def in_domain_from_runs(folders: list[Path], in_domain: dict) -> None:
     Fills only the sizes and domains no log line gave; one figure per seed folder, however many runs trained it."""
     found = {}
     for folder in folders:
-        for metrics in sorted(folder.glob("runs/source_only*/*/metrics.json")):
+        folder = folder / "runs" if (folder / "runs").is_dir() else folder  # the --out folder, or its runs/
+        for metrics in sorted(folder.glob("source_only*/*/metrics.json")):
             data = json.loads(metrics.read_text())
             key = (data["rows"]["train"], metrics.parent.name)
             if key not in in_domain:
