@@ -34,6 +34,8 @@ def votes(criteria: dict) -> dict[str, str]:
     better = {"dev_risk": a["dev_risk"] < s["dev_risk"], "snd": a["snd"] > s["snd"],
               "source_accuracy": a["source_accuracy"] >= s["source_accuracy"],
               "target_entropy": a["target_entropy"] < s["target_entropy"]}
+    if "prior_gap" in a and "prior_gap" in s:  # older lines lack it
+        better["prior_gap"] = a["prior_gap"] <= s["prior_gap"]
     if "reverse_accuracy" in a and "reverse_accuracy" in s:
         better["reverse_accuracy"] = a["reverse_accuracy"] >= s["reverse_accuracy"]
     return {k: "adapted" if v else "source_only" for k, v in better.items()}
@@ -114,8 +116,9 @@ def summarise(choices: list[dict], in_domain: dict) -> dict:
                 agree = lambda vote: sum(c["oracle"] in ("either", vote(c)) for c in runs)  # noqa: E731
                 per_method[column]["agrees"] = agree(lambda c: c["selected"])
                 per_method[column]["runs"] = len(runs)
+                read_by_all = set.intersection(*(set(votes(c["criteria"])) for c in runs))  # older lines lack some
                 per_method[column]["criteria_agree"] = {
-                    k: agree(lambda c, k=k: votes(c["criteria"])[k]) for k in votes(runs[0]["criteria"])}
+                    k: agree(lambda c, k=k: votes(c["criteria"])[k]) for k in sorted(read_by_all)}
         report[rows] = {"pairs": sorted({p for p, _ in mean}), "methods": methods, "mean": mean, "spread": spread,
                         "in_domain": domain, "per_method": per_method}
     return report

@@ -54,12 +54,18 @@ def main() -> None:
 
     from peft_adapt import parse_recipe
     from peft_adapt.adaptation.features import read_target_texts, tokenize_target
+    from peft_adapt.adaptation.selection import choose
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, tokenize
     from peft_adapt.data.examples import read_domain
     from peft_adapt.data.tokenize import tokenize_domain
     from peft_adapt.runtime.loading import load_trained
     from peft_adapt.training.evaluation import evaluate_task
     from peft_adapt.training.safeguard import judge
+
+    def shares_gap(mean_prediction: list[float], labels: torch.Tensor) -> float:
+        """`prior_gap` against the class shares of `labels`."""
+        shares = torch.bincount(labels, minlength=len(mean_prediction)).float() / len(labels)
+        return float(0.5 * (torch.tensor(mean_prediction) - shares).abs().sum())
 
     torch.manual_seed(0)
     runs = saved_runs(args.folders, set(args.methods.split(",")) if args.methods else None)[: args.limit]
@@ -87,6 +93,13 @@ def main() -> None:
         texts = read_target_texts(Path(target.target), max_rows=target.max_target_rows)
         target_rows = tokenize_target(texts, tokenizer, recipe.task.max_length)
         judgement = judge(adapted.model, plain.model, held_out, target_rows, tokenizer.pad_token_id)
+        # the class-shares guard again, its shares counted on every labelled source row (train + held-out) rather
+        # than the held-out rows alone: reported beside the shipped decision, not used by it
+        labels = torch.tensor([e.label for e in examples.train + examples.eval])
+        for c in judgement.criteria.values():
+            c["prior_gap_all"] = shares_gap(c["target_shares"], labels)
+        selected_all, _ = choose(*({**judgement.criteria[n], "prior_gap": judgement.criteria[n]["prior_gap_all"]}
+                                   for n in ("adapted", "source_only")))
         # the oracle, read only now: both adapters on the target's test labels
         target_domain = adapted_dir.parent.name
         test_path = Path(target.target).with_name(f"{target_domain}.test.jsonl")
@@ -94,7 +107,8 @@ def main() -> None:
         oracle = "adapted" if raw > base else "source_only" if raw < base else "either"
         line = {"name": "safeguard_replay", "pair": f"{source}->{target_domain}", "method": method, "seed": seed,
                 "rows": t.max_train_rows, "selected": judgement.selected, "oracle": oracle,
-                "agrees": oracle in ("either", judgement.selected), "why": judgement.why, "adapted_accuracy": raw,
+                "agrees": oracle in ("either", judgement.selected), "selected_all_shares": selected_all,
+                "agrees_all_shares": oracle in ("either", selected_all), "why": judgement.why, "adapted_accuracy": raw,
                 "source_only_accuracy": base, "criteria": judgement.criteria}
         print(json.dumps(line), flush=True)
         lines.append(line)
@@ -105,7 +119,9 @@ def main() -> None:
         for k, vote in votes(line["criteria"]).items():
             criteria[k] += line["oracle"] in ("either", vote)
     print(json.dumps({"name": "safeguard_replay_summary", "runs": len(lines),
-                      "safeguard_agrees": sum(line["agrees"] for line in lines), "each_criterion_agrees": criteria}))
+                      "safeguard_agrees": sum(line["agrees"] for line in lines),
+                      "all_shares_agrees": sum(line["agrees_all_shares"] for line in lines),
+                      "each_criterion_agrees": criteria}))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_runs_split_by_seed_pool_into_means_the_bar_and_agreement(tmp_path):
     assert (guarded["agrees"], guarded["runs"]) == (3, 4)
     assert guarded["criteria_agree"]["dev_risk"] == 3  # DEV chose as the safeguard did in every run here
     assert guarded["criteria_agree"]["source_accuracy"] == 2  # equal accuracies vote adapted: wrong on dvd, both seeds
+    assert "prior_gap" not in guarded["criteria_agree"]  # no line here reports it
     # the gap needs every target's in-domain figure: books has none here, so it is unknown rather than guessed
     assert guarded["gap_closed"] is None
     raw = report["per_method"]["dann"]
@@ -59,6 +60,15 @@ def test_a_drop_of_exactly_half_a_point_meets_the_bar_and_a_log_without_sizes_is
     log.write_text(_line("books->dvd", 0, 0.810, 0.815, "adapted") + "\n")
     report = amazon_table.summarise(*amazon_table.read_lines([log], None))
     assert report[400]["per_method"]["dann+safeguard"]["below_bar"] == []
+    # a criterion counts only where every line reports it: one line with the class-shares guard, one without
+    line = json.loads(_line("books->dvd", 1, 0.82, 0.80, "source_only"))
+    line["criteria"]["adapted"]["prior_gap"], line["criteria"]["source_only"]["prior_gap"] = 0.02, 0.05
+    log.write_text(json.dumps(line) + "\n")
+    assert amazon_table.summarise(*amazon_table.read_lines([log], None))[400]["per_method"]["dann+safeguard"][
+        "criteria_agree"]["prior_gap"] == 1  # the adapted model leans less and the oracle kept it
+    log.write_text(json.dumps(line) + "\n" + _line("books->dvd", 0, 0.810, 0.815, "adapted") + "\n")
+    assert "prior_gap" not in amazon_table.summarise(*amazon_table.read_lines([log], None))[400]["per_method"][
+        "dann+safeguard"]["criteria_agree"]
     old = tmp_path / "old.log"
     old.write_text(json.dumps(json.loads(_line("books->dvd", 0, 0.8, 0.8, "adapted")) | {"rows": None}) + "\n")
     with pytest.raises(SystemExit, match="old.log.*--rows"):

@@ -61,6 +61,11 @@ def test_the_safeguard_rejects_a_classifier_made_worse_and_keeps_one_that_is_bet
     better = judge(well.model, barely.model, source, target, pad)
     assert better.selected == "adapted", better
     assert better.criteria["adapted"]["dev_risk"] < better.criteria["source_only"]["dev_risk"]
+    for found in better.criteria.values():  # the mean target prediction the diversity is read from
+        shares = torch.tensor(found["target_shares"])
+        assert shares.sum() == pytest.approx(1, abs=1e-3)
+        entropy = -(shares * shares.clamp_min(1e-12).log()).sum() / math.log(len(shares))
+        assert float(entropy) == pytest.approx(found["target_diversity"], abs=1e-3)
 
 
 def test_the_decision_errs_towards_source_only():

@@ -14,7 +14,7 @@ from the source's labelled held-out rows and the target's unlabeled text, never 
   80 is 1.25 points), so only a drop the rows show beyond chance counts.
 - `target_entropy` (mean prediction entropy; low is confident, not necessarily right) and `target_diversity` (the
   entropy of the mean prediction, in units of log(classes): 1 when classes are predicted equally, 0 when one class
-  takes every row: a collapse), reported.
+  takes every row: a collapse), reported; `target_shares`, the mean prediction itself (one share per class).
 - `prior_gap`: how far the mean target prediction is from the class shares of the source's held-out labels (total
   variation: the share of target predictions that would have to change class to match them). Lower is better,
   assuming the target's classes come in about the source's shares (no label shift).
@@ -159,6 +159,7 @@ def criteria(outputs: Outputs) -> dict:
         "target_entropy": float(entropy),
         "target_diversity": float(-(mean * mean.clamp_min(1e-12).log()).sum() / math.log(classes)),
         "prior_gap": prior_gap(mean, outputs.source_labels, classes),
+        "target_shares": [round(float(x), 4) for x in mean],  # the mean target prediction, per class: reported
     } | ({"reverse_accuracy": reverse} if (reverse := reverse_accuracy(outputs)) is not None else {})
 
 
