@@ -36,6 +36,9 @@ def votes(criteria: dict) -> dict[str, str]:
               "target_entropy": a["target_entropy"] < s["target_entropy"]}
     if "prior_gap" in a and "prior_gap" in s:  # older lines lack it
         better["prior_gap"] = a["prior_gap"] <= s["prior_gap"]
+    for k in ("dev_error", "dev_base", "dev_error_base"):  # DEV variants safeguard_replay.py reports
+        if k in a and k in s:
+            better[k] = a[k] < s[k]
     if "reverse_accuracy" in a and "reverse_accuracy" in s:
         better["reverse_accuracy"] = a["reverse_accuracy"] >= s["reverse_accuracy"]
     return {k: "adapted" if v else "source_only" for k, v in better.items()}

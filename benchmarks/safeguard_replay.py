@@ -54,7 +54,7 @@ def main() -> None:
 
     from peft_adapt import parse_recipe
     from peft_adapt.adaptation.features import read_target_texts, tokenize_target
-    from peft_adapt.adaptation.selection import choose
+    from peft_adapt.adaptation.selection import choose, dev_risk, domain_weights
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, tokenize
     from peft_adapt.data.examples import read_domain
     from peft_adapt.data.tokenize import tokenize_domain
@@ -98,6 +98,14 @@ def main() -> None:
         labels = torch.tensor([e.label for e in examples.train + examples.eval])
         for c in judgement.criteria.values():
             c["prior_gap_all"] = shares_gap(c["target_shares"], labels)
+        # DEV variants, reported: errors instead of the cross-entropy, and weights from the base model's features
+        # (adapter off: one space for every model judged) instead of each model's own
+        base_weights = domain_weights(judgement.outputs["source_only"].source_base,
+                                      judgement.outputs["source_only"].target_base)
+        for name, out in judgement.outputs.items():
+            judgement.criteria[name] |= {"dev_error": dev_risk(out, zero_one=True),
+                                         "dev_base": dev_risk(out, weights=base_weights),
+                                         "dev_error_base": dev_risk(out, weights=base_weights, zero_one=True)}
         selected_all, _ = choose(*({**judgement.criteria[n], "prior_gap": judgement.criteria[n]["prior_gap_all"]}
                                    for n in ("adapted", "source_only")))
         # the oracle, read only now: both adapters on the target's test labels

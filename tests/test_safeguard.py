@@ -15,7 +15,7 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import tokenize_target
-from peft_adapt.adaptation.selection import Outputs, choose, choose_among, prior_gap, snd, source_drop_p
+from peft_adapt.adaptation.selection import Outputs, choose, choose_among, dev_risk, prior_gap, snd, source_drop_p
 from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
 from peft_adapt.training.safeguard import judge
 
@@ -89,6 +89,17 @@ def test_the_prior_gap_is_the_share_of_target_predictions_off_the_source_class_s
     assert prior_gap(torch.tensor([0.75, 0.25]), labels, 2) == pytest.approx(0.15)
     assert prior_gap(torch.tensor([0.6, 0.4]), labels, 2) == pytest.approx(0.0)
     assert prior_gap(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0, 1, 2, 2]), 3) == pytest.approx(0.05)
+
+
+def test_dev_weighs_each_source_row_by_the_weights_given_and_its_zero_one_variant_counts_errors():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])  # labels all 0: rows 3 and 4 wrong
+    out = Outputs(probs, torch.zeros(4, dtype=torch.long), torch.eye(4), probs, torch.eye(4))
+    flat = torch.ones(4)
+    assert dev_risk(out, weights=flat, zero_one=True) == pytest.approx(0.5)  # equal weights: the error rate
+    assert dev_risk(out, weights=flat) == pytest.approx(-torch.tensor([0.9, 0.6, 0.3, 0.2]).log().mean().item())
+    # weight on the wrong rows raises the estimate: 3x on rows 3-4 (weights scaled to mean 1, control variate on)
+    tilted = torch.tensor([0.5, 0.5, 1.5, 1.5])
+    assert dev_risk(out, weights=tilted, zero_one=True) > 0.5
 
 
 def _outputs(right: list[bool]) -> Outputs:

@@ -84,11 +84,17 @@ def domain_weights(source: torch.Tensor, target: torch.Tensor, steps: int = 200,
     return ratio / ratio.mean()
 
 
-def dev_risk(outputs: Outputs) -> float:
-    """DEV's target-risk estimate: the density-weighted source held-out loss with a control variate."""
-    weights = domain_weights(outputs.source_features, outputs.target_features)
-    picked = outputs.source_probs[torch.arange(len(outputs.source_labels)), outputs.source_labels]
-    losses = -picked.clamp_min(1e-12).log()
+def dev_risk(outputs: Outputs, weights: torch.Tensor | None = None, zero_one: bool = False) -> float:
+    """DEV's target-risk estimate: the density-weighted source held-out loss with a control variate. The weights
+    come from the model's own features unless given; `zero_one` weighs errors instead of the cross-entropy (a
+    variant the benchmarks compare: sharper predictions raise the cross-entropy of the rows still wrong)."""
+    if weights is None:
+        weights = domain_weights(outputs.source_features, outputs.target_features)
+    if zero_one:
+        losses = (outputs.source_probs.argmax(1) != outputs.source_labels).float()
+    else:
+        picked = outputs.source_probs[torch.arange(len(outputs.source_labels)), outputs.source_labels]
+        losses = -picked.clamp_min(1e-12).log()
     weighted = weights * losses
     variance = weights.var()
     eta = -torch.cov(torch.stack([weighted, weights]))[0, 1] / variance if variance > 1e-12 else torch.tensor(0.0)

@@ -39,6 +39,7 @@ class Judgement:
     why: str
     criteria: dict  # {"adapted": {...}, "source_only": {...}}
     source_only: object = None  # the source-only TrainResult (its model, metrics, folder)
+    outputs: dict | None = None  # {name: Outputs}: what the criteria were read from (benchmarks read more of it)
 
     def record(self, method: str) -> dict:
         """What metrics.json says of it (`domain_adaptation`)."""
@@ -101,7 +102,7 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
         found[name]["source_drop_p"] = source_drop_p(outputs[name], outputs["source_only"])
     candidates = {name: c for name, c in found.items() if name != "source_only"}
     selected, why = choose_among(candidates, found["source_only"])
-    return Judgement(selected, why, found)
+    return Judgement(selected, why, found, outputs=outputs)
 
 
 def train_source_only(recipe, domain: str, out_root: Path, train, registry=None):
