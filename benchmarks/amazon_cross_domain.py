@@ -228,13 +228,14 @@ def main() -> None:
     def judged(result, s: str, t: str, seed: int):
         """The safeguard's judgement of an adapted run against the source-only adapter (no target label read)."""
         from peft_adapt.adaptation.features import read_target_texts, tokenize_target
-        from peft_adapt.training.safeguard import judge
+        from peft_adapt.training.safeguard import judge, source_labels
 
         plain = source_only[(s, seed)]
         tokenizer = plain.backbone.tokenizer
         texts = read_target_texts(data / f"{t}.train.jsonl", max_rows=rows)
         target_rows = tokenize_target(texts, tokenizer, 128 if not args.quick else 96)
-        return judge(result.model, plain.model, plain.data.eval, target_rows, tokenizer.pad_token_id)
+        return judge(result.model, plain.model, plain.data.eval, target_rows, tokenizer.pad_token_id,
+                     class_labels=source_labels(plain.data))
 
     pseudo_labels: dict[str, dict] = {}
     for s, t in pairs:

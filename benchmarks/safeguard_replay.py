@@ -54,18 +54,13 @@ def main() -> None:
 
     from peft_adapt import parse_recipe
     from peft_adapt.adaptation.features import read_target_texts, tokenize_target
-    from peft_adapt.adaptation.selection import choose, dev_risk, domain_weights
+    from peft_adapt.adaptation.selection import dev_risk, domain_weights
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, tokenize
     from peft_adapt.data.examples import read_domain
     from peft_adapt.data.tokenize import tokenize_domain
     from peft_adapt.runtime.loading import load_trained
     from peft_adapt.training.evaluation import evaluate_task
-    from peft_adapt.training.safeguard import judge
-
-    def shares_gap(mean_prediction: list[float], labels: torch.Tensor) -> float:
-        """`prior_gap` against the class shares of `labels`."""
-        shares = torch.bincount(labels, minlength=len(mean_prediction)).float() / len(labels)
-        return float(0.5 * (torch.tensor(mean_prediction) - shares).abs().sum())
+    from peft_adapt.training.safeguard import judge, source_labels
 
     torch.manual_seed(0)
     runs = saved_runs(args.folders, set(args.methods.split(",")) if args.methods else None)[: args.limit]
@@ -85,19 +80,15 @@ def main() -> None:
         recipe = parse_recipe(adapted.manifest.recipe)
         source = plain_dir.name
         spec, t, target = recipe.domain(source), recipe.training, recipe.domain_adaptation
-        # the source's held-out rows as training split them (same recipe, seed and row cap)
+        # the source's training and held-out rows as training split them (same recipe, seed and row cap)
         examples = read_domain(recipe.task, recipe.data_path(spec.train), None, None, t.seed, t.max_train_rows,
                                t.max_eval_rows, t.shots)
         tokenizer = plain.backbone.tokenizer
-        held_out = tokenize_domain(examples, tokenizer, recipe.task).eval
+        data = tokenize_domain(examples, tokenizer, recipe.task)
         texts = read_target_texts(Path(target.target), max_rows=target.max_target_rows)
         target_rows = tokenize_target(texts, tokenizer, recipe.task.max_length)
-        judgement = judge(adapted.model, plain.model, held_out, target_rows, tokenizer.pad_token_id)
-        # the class-shares guard again, its shares counted on every labelled source row (train + held-out) rather
-        # than the held-out rows alone: reported beside the shipped decision, not used by it
-        labels = torch.tensor([e.label for e in examples.train + examples.eval])
-        for c in judgement.criteria.values():
-            c["prior_gap_all"] = shares_gap(c["target_shares"], labels)
+        judgement = judge(adapted.model, plain.model, data.eval, target_rows, tokenizer.pad_token_id,
+                          class_labels=source_labels(data))
         # DEV variants, reported: errors instead of the cross-entropy, and weights from the base model's features
         # (adapter off: one space for every model judged) instead of each model's own
         base_weights = domain_weights(judgement.outputs["source_only"].source_base,
@@ -106,8 +97,6 @@ def main() -> None:
             judgement.criteria[name] |= {"dev_error": dev_risk(out, zero_one=True),
                                          "dev_base": dev_risk(out, weights=base_weights),
                                          "dev_error_base": dev_risk(out, weights=base_weights, zero_one=True)}
-        selected_all, _ = choose(*({**judgement.criteria[n], "prior_gap": judgement.criteria[n]["prior_gap_all"]}
-                                   for n in ("adapted", "source_only")))
         # the oracle, read only now: both adapters on the target's test labels
         target_domain = adapted_dir.parent.name
         test_path = Path(target.target).with_name(f"{target_domain}.test.jsonl")
@@ -115,8 +104,7 @@ def main() -> None:
         oracle = "adapted" if raw > base else "source_only" if raw < base else "either"
         line = {"name": "safeguard_replay", "pair": f"{source}->{target_domain}", "method": method, "seed": seed,
                 "rows": t.max_train_rows, "selected": judgement.selected, "oracle": oracle,
-                "agrees": oracle in ("either", judgement.selected), "selected_all_shares": selected_all,
-                "agrees_all_shares": oracle in ("either", selected_all), "why": judgement.why, "adapted_accuracy": raw,
+                "agrees": oracle in ("either", judgement.selected), "why": judgement.why, "adapted_accuracy": raw,
                 "source_only_accuracy": base, "criteria": judgement.criteria}
         print(json.dumps(line), flush=True)
         lines.append(line)
@@ -128,7 +116,6 @@ def main() -> None:
             criteria[k] += line["oracle"] in ("either", vote)
     print(json.dumps({"name": "safeguard_replay_summary", "runs": len(lines),
                       "safeguard_agrees": sum(line["agrees"] for line in lines),
-                      "all_shares_agrees": sum(line["agrees_all_shares"] for line in lines),
                       "each_criterion_agrees": criteria}))
 
 

@@ -15,7 +15,16 @@ from conftest import classification_recipe, write_jsonl
 
 from peft_adapt import parse_recipe, train_domain
 from peft_adapt.adaptation.features import tokenize_target
-from peft_adapt.adaptation.selection import Outputs, choose, choose_among, dev_risk, prior_gap, snd, source_drop_p
+from peft_adapt.adaptation.selection import (
+    Outputs,
+    choose,
+    choose_among,
+    criteria,
+    dev_risk,
+    prior_gap,
+    snd,
+    source_drop_p,
+)
 from peft_adapt.adaptation.self_training import SelfTrainingSpec, drift
 from peft_adapt.training.safeguard import judge
 
@@ -89,6 +98,12 @@ def test_the_prior_gap_is_the_share_of_target_predictions_off_the_source_class_s
     assert prior_gap(torch.tensor([0.75, 0.25]), labels, 2) == pytest.approx(0.15)
     assert prior_gap(torch.tensor([0.6, 0.4]), labels, 2) == pytest.approx(0.0)
     assert prior_gap(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0, 1, 2, 2]), 3) == pytest.approx(0.05)
+    # the shares come from every labelled source row when given (train + held-out), not the held-out rows alone
+    target = torch.tensor([[0.7, 0.3], [0.3, 0.7]])  # mean prediction 0.5 / 0.5
+    held_out = Outputs(target, torch.tensor([0, 0]), torch.eye(2), target, torch.eye(2))
+    assert criteria(held_out)["prior_gap"] == pytest.approx(0.5)  # held-out rows all class 0
+    every = Outputs(target, torch.tensor([0, 0]), torch.eye(2), target, torch.eye(2), class_labels=labels)
+    assert criteria(every)["prior_gap"] == pytest.approx(0.1)  # shares 0.6 / 0.4
 
 
 def test_dev_weighs_each_source_row_by_the_weights_given_and_its_zero_one_variant_counts_errors():

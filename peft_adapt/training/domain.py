@@ -54,7 +54,7 @@ from .init_from import initialise_from
 from .metrics import classification_metrics, entity_metrics
 from .plots import plot_loss_curves
 from .recipe import Recipe, parse_recipe
-from .safeguard import judge, train_source_only
+from .safeguard import judge, source_labels, train_source_only
 from .threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -460,7 +460,8 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
         t = recipe.training
         judgement = judge(ready.model, source_only.model, ready.data.eval or [],
                           target_features(recipe, ready.backbone.tokenizer), ready.backbone.tokenizer.pad_token_id,
-                          t.eval_batch_size or t.batch_size, {label: r.model for label, (_, r) in variants.items()})
+                          t.eval_batch_size or t.batch_size, {label: r.model for label, (_, r) in variants.items()},
+                          source_labels(ready.data))
         judgement.source_only = source_only
         record = judgement.record(spec.method)
         chosen = judgement.selected
@@ -557,7 +558,7 @@ def _judge_phase(recipe: Recipe, domain: str, name: str, source: TrainResult, to
     t = recipe.training
     plain = load_trained(source.out_dir, quantization=recipe.base.quantization, device=recipe.base.device).model
     judgement = judge(source.model, plain, source.data.eval or [], target_features(recipe, tokenizer),
-                      tokenizer.pad_token_id, t.eval_batch_size or t.batch_size)
+                      tokenizer.pad_token_id, t.eval_batch_size or t.batch_size, class_labels=source_labels(source.data))
     if judgement.selected == "adapted":
         print(f"{name}: safeguard: the {recipe.domain_adaptation.method} adapter is better than source-only "
               f"{domain}: {judgement.why}", flush=True)

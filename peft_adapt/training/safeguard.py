@@ -66,11 +66,12 @@ def _probs_and_features(model, rows: list[dict], pad_token_id: int, batch_size: 
 
 
 def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int, batch_size: int,
-               base: tuple | None = None) -> Outputs:
+               base: tuple | None = None, class_labels: list[int] | None = None) -> Outputs:
     source_probs, source_features = _probs_and_features(model, source_rows, pad_token_id, batch_size)
     target_probs, target_features = _probs_and_features(model, target_rows, pad_token_id, batch_size)
     labels = torch.tensor([r["labels"] for r in source_rows])
-    return Outputs(source_probs, labels, source_features, target_probs, target_features, *(base or (None, None)))
+    return Outputs(source_probs, labels, source_features, target_probs, target_features, *(base or (None, None)),
+                   torch.tensor(class_labels) if class_labels else None)
 
 
 def base_features(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
@@ -86,16 +87,17 @@ def base_features(model, source_rows: list[dict], target_rows: list[dict], pad_t
 
 
 def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
-          batch_size: int = 32, variants: dict | None = None) -> Judgement:
+          batch_size: int = 32, variants: dict | None = None, class_labels: list[int] | None = None) -> Judgement:
     """Compare an adapted classifier (and, for `select: auto`, the `variants` {label: model} trained with other
-    settings) with the source-only one on the source's held-out rows and the target's text."""
+    settings) with the source-only one on the source's held-out rows and the target's text. `class_labels`: every
+    labelled source row's label, whose shares `prior_gap` reads (`source_labels`); the held-out rows' if None."""
     if not source_rows:
         raise UserInputError("the safeguard needs the source domain's held-out rows (an eval file, or "
                              "task.eval_fraction above 0); or turn it off: domain_adaptation.safeguard: false")
     models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
     source_rows, target_rows = sample_rows(source_rows), sample_rows(target_rows)
     base = base_features(source_only_model, source_rows, target_rows, pad_token_id, batch_size)
-    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base)
+    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base, class_labels)
                for name, model in models.items()}
     found = {name: criteria(out) for name, out in outputs.items()}
     for name in found.keys() - {"source_only"}:
@@ -103,6 +105,12 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
     candidates = {name: c for name, c in found.items() if name != "source_only"}
     selected, why = choose_among(candidates, found["source_only"])
     return Judgement(selected, why, found, outputs=outputs)
+
+
+def source_labels(data) -> list[int]:
+    """Every labelled source row's class (a DomainData's training and held-out rows): the class shares the
+    safeguard's `prior_gap` compares the target predictions with."""
+    return [row["labels"] for row in [*data.train, *(data.eval or [])]]
 
 
 def train_source_only(recipe, domain: str, out_root: Path, train, registry=None):
