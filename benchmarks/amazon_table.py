@@ -11,7 +11,8 @@ safeguard's choice agrees with the target-label oracle; and how often each crite
     python benchmarks/amazon_table.py old.log --rows 400      # a log from before the lines carried their size
 
 In-domain accuracy (the upper bound) comes from `amazon_cross_domain_in_domain` lines, or, for logs written before
-those existed, from the source-only adapters' `metrics.json` under each `--runs` folder (the benchmark's `--out`).
+those existed, from the source-only adapters' `metrics.json` under each `--runs` folder (the benchmark's `--out`);
+the mean over seeds.
 The last line is one JSON object with every figure printed.
 """
 
@@ -46,14 +47,14 @@ def votes(criteria: dict) -> dict[str, str]:
 
 def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict], dict]:
     """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): [acc, ...]}."""
-    choices, in_domain = [], defaultdict(list)
+    choices, in_domain = [], defaultdict(dict)
     for path in paths:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith(PREFIX)]
         # an older log's safeguard lines lack the size; its accuracy lines (one per pair) carry --rows when given
         sizes = {line["rows"] for line in lines if line.get("rows")}
         for line in lines:
             if line["name"] == "amazon_cross_domain_in_domain":
-                in_domain[(line["rows"], line["domain"])].append(line["accuracy"])
+                in_domain[(line["rows"], line["domain"])][line.get("seed", 0)] = line["accuracy"]
             elif line["name"] in CHOICES:
                 rows = line.get("rows") or (next(iter(sizes)) if len(sizes) == 1 else default_rows)
                 if rows is None:
@@ -64,18 +65,15 @@ def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict],
 
 
 def in_domain_from_runs(folders: list[Path], in_domain: dict) -> None:
-    """Source-only adapters scored on their own domain, as the benchmark saves them: runs/source_only[-seed]/<domain>.
-    Fills only the sizes and domains no log line gave; one figure per seed folder, however many runs trained it."""
-    found = {}
+    """Source-only adapters scored on their own domain, as the benchmark saves them: runs/source_only[-seed]/<domain>
+    (no suffix: seed 0). Fills only the (size, domain, seed) no log line gave: one figure per seed."""
     for folder in folders:
         folder = folder / "runs" if (folder / "runs").is_dir() else folder  # the --out folder, or its runs/
         for metrics in sorted(folder.glob("source_only*/*/metrics.json")):
             data = json.loads(metrics.read_text())
-            key = (data["rows"]["train"], metrics.parent.name)
-            if key not in in_domain:
-                found.setdefault((*key, metrics.parent.parent.name), data["test"]["accuracy"])
-    for (rows, domain, _), accuracy in found.items():
-        in_domain[(rows, domain)].append(accuracy)
+            name = metrics.parent.parent.name
+            seed = int(name.rpartition("-")[2]) if "-" in name else 0
+            in_domain[(data["rows"]["train"], metrics.parent.name)].setdefault(seed, data["test"]["accuracy"])
 
 
 def summarise(choices: list[dict], in_domain: dict) -> dict:
@@ -95,7 +93,7 @@ def summarise(choices: list[dict], in_domain: dict) -> dict:
         mean = {key: statistics.fmean(v) for key, v in cells.items()}
         spread = {key: max(v) - min(v) for key, v in cells.items()}
         methods = sorted({c["method"] for c in at})
-        domain = {d: statistics.fmean(v) for (r, d), v in in_domain.items() if r == rows}
+        domain = {d: statistics.fmean(v.values()) for (r, d), v in in_domain.items() if r == rows}  # over seeds
         per_method = {}
         for column in [m + suffix for m in methods for suffix in ("", "+safeguard")]:
             pairs = sorted(p for p, col in mean if col == column)

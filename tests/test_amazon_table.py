@@ -74,3 +74,18 @@ def test_a_drop_of_exactly_half_a_point_meets_the_bar_and_a_log_without_sizes_is
     with pytest.raises(SystemExit, match="old.log.*--rows"):
         amazon_table.read_lines([old], None)
     assert amazon_table.read_lines([old], 800)[0][0]["rows"] == 800
+
+
+def test_in_domain_is_the_mean_over_seeds_from_lines_and_saved_runs_together(tmp_path):
+    log = tmp_path / "s1.log"
+    log.write_text(json.dumps({"name": "amazon_cross_domain_in_domain", "domain": "dvd", "seed": 1, "rows": 400,
+                               "accuracy": 0.80}) + "\n" + _line("books->dvd", 1, 0.76, 0.74, "adapted") + "\n")
+    for seed, accuracy in ((0, 0.70), (1, 0.99)):  # seed 1's saved figure is the line's run: the line wins
+        folder = tmp_path / "out" / "runs" / f"source_only-{seed}" / "dvd"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"rows": {"train": 400}, "test": {"accuracy": accuracy}}))
+    choices, in_domain = amazon_table.read_lines([log], None)
+    amazon_table.in_domain_from_runs([tmp_path / "out"], in_domain)
+    report = amazon_table.summarise(choices, in_domain)[400]
+    assert report["in_domain"]["dvd"] == pytest.approx(0.75)
+    assert report["per_method"]["dann"]["gap_closed"] == pytest.approx(0.02 / 0.01)  # gain 0.02 on a gap of 0.01
