@@ -558,7 +558,8 @@ def _judge_phase(recipe: Recipe, domain: str, name: str, source: TrainResult, to
     t = recipe.training
     plain = load_trained(source.out_dir, quantization=recipe.base.quantization, device=recipe.base.device).model
     judgement = judge(source.model, plain, source.data.eval or [], target_features(recipe, tokenizer),
-                      tokenizer.pad_token_id, t.eval_batch_size or t.batch_size, class_labels=source_labels(source.data))
+                      tokenizer.pad_token_id, t.eval_batch_size or t.batch_size,
+                      class_labels=source_labels(source.data))
     if judgement.selected == "adapted":
         print(f"{name}: safeguard: the {recipe.domain_adaptation.method} adapter is better than source-only "
               f"{domain}: {judgement.why}", flush=True)

@@ -66,12 +66,12 @@ def _probs_and_features(model, rows: list[dict], pad_token_id: int, batch_size: 
 
 
 def outputs_of(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int, batch_size: int,
-               base: tuple | None = None, class_labels: list[int] | None = None) -> Outputs:
+               base: tuple | None = None, class_labels: torch.Tensor | None = None) -> Outputs:
     source_probs, source_features = _probs_and_features(model, source_rows, pad_token_id, batch_size)
     target_probs, target_features = _probs_and_features(model, target_rows, pad_token_id, batch_size)
     labels = torch.tensor([r["labels"] for r in source_rows])
     return Outputs(source_probs, labels, source_features, target_probs, target_features, *(base or (None, None)),
-                   torch.tensor(class_labels) if class_labels else None)
+                   class_labels)
 
 
 def base_features(model, source_rows: list[dict], target_rows: list[dict], pad_token_id: int,
@@ -97,7 +97,8 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
     models = {"adapted": adapted_model, **(variants or {}), "source_only": source_only_model}
     source_rows, target_rows = sample_rows(source_rows), sample_rows(target_rows)
     base = base_features(source_only_model, source_rows, target_rows, pad_token_id, batch_size)
-    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base, class_labels)
+    shares_of = torch.tensor(class_labels) if class_labels else None  # one tensor for every model judged
+    outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base, shares_of)
                for name, model in models.items()}
     found = {name: criteria(out) for name, out in outputs.items()}
     for name in found.keys() - {"source_only"}:
