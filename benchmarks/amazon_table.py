@@ -46,7 +46,7 @@ def votes(criteria: dict) -> dict[str, str]:
 
 
 def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict], dict]:
-    """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): [acc, ...]}."""
+    """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): {seed: acc}}."""
     choices, in_domain = [], defaultdict(dict)
     for path in paths:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith(PREFIX)]
