@@ -37,7 +37,7 @@ def votes(criteria: dict) -> dict[str, str]:
               "target_entropy": a["target_entropy"] < s["target_entropy"]}
     if "prior_gap" in a and "prior_gap" in s:  # older lines lack it
         better["prior_gap"] = a["prior_gap"] <= s["prior_gap"]
-    for k in ("dev_error", "dev_base", "dev_error_base"):  # DEV variants safeguard_replay.py reports
+    for k in ("dev_error", "dev_base", "dev_error_base"):  # DEV variants (older lines lack them)
         if k in a and k in s:
             better[k] = a[k] < s[k]
     if "reverse_accuracy" in a and "reverse_accuracy" in s:

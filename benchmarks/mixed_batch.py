@@ -186,7 +186,6 @@ def run(model_name: str, base_path: str, quantization: str, shape: str, ks: list
                 "tokens_per_s": speeds, "repeats": repeats, "prompt_tokens": prompt_tokens,
                 "new_tokens": new_tokens, "device": device_name,
             }), flush=True)
-    del peft_model, runtime, plain
 
 
 def main() -> None:

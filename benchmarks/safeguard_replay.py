@@ -54,7 +54,6 @@ def main() -> None:
 
     from peft_adapt import parse_recipe
     from peft_adapt.adaptation.features import read_target_texts, tokenize_target
-    from peft_adapt.adaptation.selection import dev_risk, domain_weights
     from peft_adapt.data import LabelMap, TaskSpec, read_eval_file, tokenize
     from peft_adapt.data.examples import read_domain
     from peft_adapt.data.tokenize import tokenize_domain
@@ -89,14 +88,6 @@ def main() -> None:
         target_rows = tokenize_target(texts, tokenizer, recipe.task.max_length)
         judgement = judge(adapted.model, plain.model, data.eval, target_rows, tokenizer.pad_token_id,
                           class_labels=source_labels(data))
-        # DEV variants, reported: errors instead of the cross-entropy, and weights from the base model's features
-        # (adapter off: one space for every model judged) instead of each model's own
-        base_weights = domain_weights(judgement.outputs["source_only"].source_base,
-                                      judgement.outputs["source_only"].target_base)
-        for name, out in judgement.outputs.items():
-            judgement.criteria[name] |= {"dev_error": dev_risk(out, zero_one=True),
-                                         "dev_base": dev_risk(out, weights=base_weights),
-                                         "dev_error_base": dev_risk(out, weights=base_weights, zero_one=True)}
         # the oracle, read only now: both adapters on the target's test labels
         target_domain = adapted_dir.parent.name
         test_path = Path(target.target).with_name(f"{target_domain}.test.jsonl")

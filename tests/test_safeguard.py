@@ -115,6 +115,12 @@ def test_dev_weighs_each_source_row_by_the_weights_given_and_its_zero_one_varian
     # weight on the wrong rows raises the estimate: 3x on rows 3-4 (weights scaled to mean 1, control variate on)
     tilted = torch.tensor([0.5, 0.5, 1.5, 1.5])
     assert dev_risk(out, weights=tilted, zero_one=True) > 0.5
+    # criteria report the variants; the base-feature ones only when the base model's weights are given
+    assert criteria(out)["dev_error"] == pytest.approx(dev_risk(out, zero_one=True))
+    assert "dev_base" not in criteria(out)
+    found = criteria(out, base_weights=tilted)
+    assert found["dev_base"] == pytest.approx(dev_risk(out, weights=tilted))
+    assert found["dev_error_base"] == pytest.approx(dev_risk(out, weights=tilted, zero_one=True))
 
 
 def _outputs(right: list[bool]) -> Outputs:
@@ -257,3 +263,5 @@ def test_reverse_validation_reads_each_model_through_the_base_features(trained, 
     found = judge(flipped, well.model, source, target, pad).criteria
     good, bad = found["source_only"]["reverse_accuracy"], found["adapted"]["reverse_accuracy"]
     assert good > 0.5 > bad and good + bad == pytest.approx(1.0), found
+    # DEV read in the base model's space: the same weights for both, so the flipped head's errors cost more
+    assert found["adapted"]["dev_error_base"] > found["source_only"]["dev_error_base"], found

@@ -4,6 +4,9 @@ from the source's labelled held-out rows and the target's unlabeled text, never 
 - `dev_risk`: deep embedded validation (You et al., ICML 2019). A domain classifier on the candidate's features
   weighs each source held-out row by how target-like it is (w = p(target|x) / p(source|x), scaled to mean 1); the
   weighted source loss estimates the target loss, its variance reduced by a control variate. Lower is better.
+  Its variants, reported: `dev_error` weighs errors instead of the cross-entropy (sharper predictions raise the
+  cross-entropy of the rows still wrong); `dev_base` and `dev_error_base` take the weights from the base model's
+  features (adapter off), one space for every model judged.
 - `snd`: soft neighbourhood density (Saito et al., ICCV 2021): the entropy of each target row's softmax over its
   similarities (of predicted distributions) to the other target rows; reported, not decided on: it rewards density,
   and predictions collapsed onto one class are the densest of all (the maximum, log(rows - 1)).
@@ -157,12 +160,19 @@ def prior_gap(mean_prediction: torch.Tensor, source_labels: torch.Tensor, classe
     return float(0.5 * (mean_prediction.float() - shares).abs().sum())
 
 
-def criteria(outputs: Outputs) -> dict:
+def criteria(outputs: Outputs, base_weights: torch.Tensor | None = None) -> dict:
+    """Every criterion of one model. `base_weights`: DEV's density ratios from the base model's features (adapter
+    off; `domain_weights` of `source_base` and `target_base`), the same for every model judged: with them the DEV
+    variants read in one space (`dev_base`, `dev_error_base`) are reported too."""
     classes = outputs.target_probs.shape[1]
     mean = outputs.target_probs.mean(0)
     entropy = -(outputs.target_probs * outputs.target_probs.clamp_min(1e-12).log()).sum(1).mean()
-    return {
-        "dev_risk": dev_risk(outputs),
+    own_weights = domain_weights(outputs.source_features, outputs.target_features)
+    dev = {"dev_risk": dev_risk(outputs, own_weights), "dev_error": dev_risk(outputs, own_weights, zero_one=True)}
+    if base_weights is not None:
+        dev |= {"dev_base": dev_risk(outputs, base_weights),
+                "dev_error_base": dev_risk(outputs, base_weights, zero_one=True)}
+    return dev | {
         "snd": snd(outputs.target_probs),
         "source_accuracy": float((outputs.source_probs.argmax(1) == outputs.source_labels).float().mean()),
         "target_entropy": float(entropy),

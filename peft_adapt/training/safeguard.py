@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adaptation.features import feature_kwargs, pooled_features
-from ..adaptation.selection import Outputs, choose_among, criteria, source_drop_p
+from ..adaptation.selection import Outputs, choose_among, criteria, domain_weights, source_drop_p
 from ..data.collate import pad_batch
 from ..errors import UserInputError
 
@@ -100,7 +100,8 @@ def judge(adapted_model, source_only_model, source_rows: list[dict], target_rows
     shares_of = torch.tensor(class_labels) if class_labels else None  # one tensor for every model judged
     outputs = {name: outputs_of(model, source_rows, target_rows, pad_token_id, batch_size, base, shares_of)
                for name, model in models.items()}
-    found = {name: criteria(out) for name, out in outputs.items()}
+    base_weights = domain_weights(*base) if base else None  # one space for every model judged
+    found = {name: criteria(out, base_weights) for name, out in outputs.items()}
     for name in found.keys() - {"source_only"}:
         found[name]["source_drop_p"] = source_drop_p(outputs[name], outputs["source_only"])
     candidates = {name: c for name, c in found.items() if name != "source_only"}
