@@ -9,6 +9,7 @@ safeguard's choice agrees with the target-label oracle; and how often each crite
 
     python benchmarks/amazon_table.py run-a.log run-b.log --runs out-a/ --runs out-b/
     python benchmarks/amazon_table.py old.log --rows 400      # a log from before the lines carried their size
+    python benchmarks/amazon_table.py old.log --rechoose      # its criteria judged by the rule now in the code
 
 In-domain accuracy (the upper bound) comes from `amazon_cross_domain_in_domain` lines, or, for logs written before
 those existed, from the source-only adapters' `metrics.json` under each `--runs` folder (the benchmark's `--out`);
@@ -43,6 +44,18 @@ def votes(criteria: dict) -> dict[str, str]:
     if "reverse_accuracy" in a and "reverse_accuracy" in s:
         better["reverse_accuracy"] = a["reverse_accuracy"] >= s["reverse_accuracy"]
     return {k: "adapted" if v else "source_only" for k, v in better.items()}
+
+
+def rechoose(choices: list[dict]) -> list[dict]:
+    """Each line with the choice the rule now in the code (`adaptation.selection.choose`) makes from its logged
+    criteria, in place of the one it records: runs logged under an earlier rule, judged by the current one."""
+    from peft_adapt.adaptation.selection import choose  # lazy: the table alone needs no torch
+
+    out = []
+    for line in choices:
+        selected, why = choose(line["criteria"]["adapted"], line["criteria"]["source_only"])
+        out.append(line | {"selected": selected, "why": why, "agrees": line["oracle"] in ("either", selected)})
+    return out
 
 
 def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict], dict]:
@@ -155,10 +168,14 @@ def main() -> None:
     parser.add_argument("--runs", action="append", type=Path, default=[],
                         help="a run's --out folder: in-domain accuracy from its source-only metrics.json")
     parser.add_argument("--rows", type=int, help="the data size of logs whose lines do not carry one")
+    parser.add_argument("--rechoose", action="store_true",
+                        help="judge each line's logged criteria by the rule now in the code, not the choice it records")
     args = parser.parse_args()
     choices, in_domain = read_lines(args.logs, args.rows)
     if not choices:
         raise SystemExit(f"no amazon_cross_domain_safeguard line in {', '.join(map(str, args.logs))}")
+    if args.rechoose:
+        choices = rechoose(choices)
     if args.runs:
         in_domain_from_runs(args.runs, in_domain)
     report = summarise(choices, in_domain)

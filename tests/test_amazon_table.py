@@ -89,3 +89,15 @@ def test_in_domain_is_the_mean_over_seeds_from_lines_and_saved_runs_together(tmp
     report = amazon_table.summarise(choices, in_domain)[400]
     assert report["in_domain"]["dvd"] == pytest.approx(0.75)
     assert report["per_method"]["dann"]["gap_closed"] == pytest.approx(0.02 / 0.01)  # gain 0.02 on a gap of 0.01
+
+
+def test_rechoose_judges_logged_criteria_by_the_rule_now_in_the_code(tmp_path):
+    """A line logged under an earlier rule (its cross-entropy DEV higher: fell back) is kept by the current one, which
+    reads the base-space weighted errors, and its agreement with the oracle follows."""
+    line = json.loads(_line("books->kitchen", 0, 0.84, 0.80, "source_only", dev=(0.5, 0.4)))
+    for side, errors in (("adapted", 0.15), ("source_only", 0.2)):
+        line["criteria"][side] |= {"dev_error_base": errors, "target_diversity": 0.99, "prior_gap": 0.01}
+    line["criteria"]["adapted"]["source_drop_p"] = 0.5
+    (again,) = amazon_table.rechoose([line])
+    assert (line["selected"], line["agrees"]) == ("source_only", False)
+    assert (again["selected"], again["agrees"]) == ("adapted", True) and "dev_error_base" in again["why"]

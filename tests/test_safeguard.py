@@ -87,6 +87,15 @@ def test_the_decision_errs_towards_source_only():
     leaning = choose(base | {"dev_risk": 0.1, "prior_gap": 0.08}, base)
     assert leaning[0] == "source_only" and "class shares: 0.080" in leaning[1]
     assert choose(base | {"dev_risk": 0.1, "prior_gap": 0.01}, base)[0] == "adapted"  # nearer: the DEV decides
+    # the DEV read is the weighted error in the base model's space when both report it, whatever the cross-entropy says
+    errors = {"dev_error_base": 0.2, "dev_error": 0.2}
+    sharper = base | {"dev_risk": 0.6, "dev_error_base": 0.15, "dev_error": 0.25}
+    kept = choose(sharper, base | errors)
+    assert kept[0] == "adapted" and "dev_error_base" in kept[1], kept
+    assert choose(sharper | {"dev_error_base": 0.2}, base | errors)[0] == "source_only"  # a tie keeps source-only
+    # without base features (no adapter switch) the errors in the model's own space decide
+    own = {k: v for k, v in sharper.items() if k != "dev_error_base"}
+    assert choose(own, base | errors)[0] == "source_only" and choose(own | {"dev_error": 0.1}, base | errors)[0] == "adapted"
     # SND is reported, not decided on: it rewards density, and a collapse onto one class is the densest of all
     clusters = torch.tensor([[0.99, 0.01]] * 5 + [[0.01, 0.99]] * 5)
     assert snd(clusters) == pytest.approx(math.log(4), abs=1e-3)  # each row's 4 cluster-mates, equally near

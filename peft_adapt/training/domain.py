@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from ..adaptation import adaptation_method
 from ..adaptation.base import PhaseContext
 from ..adaptation.features import read_target_texts, tokenize_target
-from ..adaptation.selection import settings_grid
+from ..adaptation.selection import deciding_dev, settings_grid
 from ..data import Collator, DomainData, MaskingCollator, read_domain, tokenize_domain
 from ..errors import UserInputError
 from ..formats import (
@@ -468,7 +468,8 @@ def _safeguard(recipe: Recipe, domain: str, out_root: Path, ready: _Prepared, me
         compared = judgement.criteria[chosen if chosen != "source_only" else "adapted"]  # beside source-only's
         shown = ", ".join(f"{k} {compared[k]:.3f}/"
                           f"{judgement.criteria['source_only'][k]:.3f}"
-                          for k in ("dev_risk", "source_accuracy", "prior_gap"))
+                          for k in (deciding_dev(compared, judgement.criteria["source_only"]), "source_accuracy",
+                                    "prior_gap"))
         if chosen != "source_only":
             print(f"{domain}: safeguard kept the {spec.method} adapter"
                   f"{f' trained with {chosen}' if chosen in variants else ''}: {judgement.why} "
