@@ -239,10 +239,9 @@ def choose(adapted: dict, source_only: dict) -> tuple[str, str]:
                                f"{adapted['prior_gap']:.3f} of them would have to change class, against "
                                f"{source_only['prior_gap']:.3f}")
     dev = deciding_dev(adapted, source_only)
+    estimate = f"its estimated target {'loss' if dev == 'dev_risk' else 'error'} (DEV, {dev})"
     if adapted[dev] >= source_only[dev]:
-        return "source_only", (f"its estimated target {'loss' if dev == 'dev_risk' else 'error'} (DEV, {dev}) is no "
-                               f"lower: {adapted[dev]:.3f} against {source_only[dev]:.3f}")
-    return "adapted", (f"its estimated target {'loss' if dev == 'dev_risk' else 'error'} (DEV, {dev}) is lower: "
-                       f"{adapted[dev]:.3f} against {source_only[dev]:.3f}, source accuracy "
-                       f"{adapted['source_accuracy']:.3f} against "
-                       f"{source_only['source_accuracy']:.3f} (no drop beyond chance)")
+        return "source_only", f"{estimate} is no lower: {adapted[dev]:.3f} against {source_only[dev]:.3f}"
+    return "adapted", (f"{estimate} is lower: {adapted[dev]:.3f} against {source_only[dev]:.3f}, source accuracy "
+                       f"{adapted['source_accuracy']:.3f} against {source_only['source_accuracy']:.3f} (no drop "
+                       "beyond chance)")
