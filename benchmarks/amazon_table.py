@@ -59,8 +59,10 @@ def rechoose(choices: list[dict]) -> list[dict]:
 
 
 def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict], dict]:
-    """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): {seed: acc}}."""
-    choices, in_domain = [], defaultdict(dict)
+    """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): {seed: acc}}.
+    One line per (size, pair, method, seed), the last read: a run started again into the same --out appends the
+    lines it had already written, and would otherwise count twice."""
+    choices, in_domain = {}, defaultdict(dict)
     for path in paths:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith(PREFIX)]
         # an older log's safeguard lines lack the size; its accuracy lines (one per pair) carry --rows when given
@@ -73,8 +75,10 @@ def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict],
                 if rows is None:
                     raise SystemExit(f"{path}: its lines do not say their data size; pass --rows N (the --rows the "
                                      "run was given)")
-                choices.append(line | {"rows": rows})
-    return choices, in_domain
+                key = (line["name"], rows, line["pair"], line["method"], line.get("seed"))
+                choices.pop(key, None)  # the last line read keeps its place at the end
+                choices[key] = line | {"rows": rows}
+    return list(choices.values()), in_domain
 
 
 def in_domain_from_runs(folders: list[Path], in_domain: dict) -> None:

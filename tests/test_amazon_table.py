@@ -101,3 +101,19 @@ def test_rechoose_judges_logged_criteria_by_the_rule_now_in_the_code(tmp_path):
     (again,) = amazon_table.rechoose([line])
     assert (line["selected"], line["agrees"]) == ("source_only", False)
     assert (again["selected"], again["agrees"]) == ("adapted", True) and "dev_error_base" in again["why"]
+
+
+def test_a_run_started_again_into_the_same_folder_counts_once(tmp_path):
+    """The second start appends what the first had written (deterministic: the same lines) and one run the first did
+    not reach; a line for the same run that differs (a rerun on another machine) replaces the earlier one."""
+    first = [_line("books->dvd", 0, 0.80, 0.78, "adapted"), _line("books->dvd", 1, 0.70, 0.78, "source_only")]
+    log = tmp_path / "amazon_cross_domain.jsonl"
+    log.write_text("\n".join(first + first + [_line("books->dvd", 2, 0.79, 0.78, "adapted")]) + "\n")
+    choices, _ = amazon_table.read_lines([log], None)
+    assert [c["seed"] for c in choices] == [0, 1, 2]
+    report = amazon_table.summarise(choices, {})[400]
+    assert report["mean"][("books->dvd", "dann")] == pytest.approx((0.80 + 0.70 + 0.79) / 3)
+    assert report["per_method"]["dann+safeguard"]["runs"] == 3
+    log.write_text(log.read_text() + _line("books->dvd", 0, 0.76, 0.78, "adapted") + "\n")
+    choices, _ = amazon_table.read_lines([log], None)
+    assert [(c["seed"], c["adapted_accuracy"]) for c in choices] == [(1, 0.70), (2, 0.79), (0, 0.76)]
