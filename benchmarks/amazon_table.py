@@ -100,11 +100,13 @@ def summarise(choices: list[dict], in_domain: dict) -> dict:
         at = [c for c in choices if c["rows"] == rows]
         cells = defaultdict(list)  # (pair, column) -> accuracies over seeds
         plain = {}  # (pair, seed) -> source-only accuracy
+        seeds_of = defaultdict(list)  # (pair, method) -> the seeds it ran
         for c in at:
             guarded = c["adapted_accuracy"] if c["selected"] == "adapted" else c["source_only_accuracy"]
             cells[(c["pair"], c["method"])].append(c["adapted_accuracy"])
             cells[(c["pair"], c["method"] + "+safeguard")].append(guarded)
             plain[(c["pair"], c["seed"])] = c["source_only_accuracy"]
+            seeds_of[(c["pair"], c["method"])].append(c["seed"])
         for (pair, _), accuracy in plain.items():
             cells[(pair, "source_only")].append(accuracy)
         mean = {key: statistics.fmean(v) for key, v in cells.items()}
@@ -114,17 +116,18 @@ def summarise(choices: list[dict], in_domain: dict) -> dict:
         per_method = {}
         for column in [m + suffix for m in methods for suffix in ("", "+safeguard")]:
             pairs = sorted(p for p, col in mean if col == column)
-            gains = {p: mean[(p, column)] - mean[(p, "source_only")] for p in pairs}
-            bound = [domain.get(p.split("->")[1]) for p in pairs]
-            gap = (statistics.fmean(bound) - statistics.fmean(mean[(p, "source_only")] for p in pairs)
-                   if None not in bound else None)
-            worst = min(gains, key=gains.get)
             method = column.removesuffix("+safeguard")
+            # source-only on the seeds this method ran (a method cut short is not held against other seeds' runs)
+            baseline = {p: statistics.fmean(plain[(p, seed)] for seed in seeds_of[(p, method)]) for p in pairs}
+            gains = {p: mean[(p, column)] - baseline[p] for p in pairs}
+            bound = [domain.get(p.split("->")[1]) for p in pairs]
+            gap = statistics.fmean(bound) - statistics.fmean(baseline.values()) if None not in bound else None
+            worst = min(gains, key=gains.get)
             runs = [c for c in at if c["method"] == method]
             per_method[column] = {
                 "pairs": len(pairs), "seeds": sorted({c["seed"] for c in runs}),
                 "mean": statistics.fmean(mean[(p, column)] for p in pairs),
-                "source_only": statistics.fmean(mean[(p, "source_only")] for p in pairs),
+                "source_only": statistics.fmean(baseline.values()),
                 "gain": statistics.fmean(gains.values()),
                 "gap_closed": statistics.fmean(gains.values()) / gap if gap and gap > 0 else None,
                 "worst_pair": worst, "worst_gain": gains[worst],

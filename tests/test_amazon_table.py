@@ -117,3 +117,16 @@ def test_a_run_started_again_into_the_same_folder_counts_once(tmp_path):
     log.write_text(log.read_text() + _line("books->dvd", 0, 0.76, 0.78, "adapted") + "\n")
     choices, _ = amazon_table.read_lines([log], None)
     assert [(c["seed"], c["adapted_accuracy"]) for c in choices] == [(1, 0.70), (2, 0.79), (0, 0.76)]
+
+
+def test_a_method_cut_short_is_measured_against_source_only_on_its_own_seeds(tmp_path):
+    """dann ran seeds 0 and 1, mmd only seed 0: mmd's gain is against seed 0's source-only, not the two seeds' mean."""
+    mmd = json.loads(_line("books->dvd", 0, 0.82, 0.80, "adapted")) | {"method": "mmd"}
+    log = tmp_path / "run.log"
+    dann = [_line("books->dvd", 0, 0.81, 0.80, "adapted"), _line("books->dvd", 1, 0.75, 0.70, "adapted")]
+    log.write_text("\n".join(dann + [json.dumps(mmd)]))
+    report = amazon_table.summarise(*amazon_table.read_lines([log], None))[400]
+    assert report["mean"][("books->dvd", "source_only")] == pytest.approx(0.75)  # the table's column: every seed
+    assert report["per_method"]["mmd"]["gain"] == pytest.approx(0.02)  # not 0.82 - 0.75
+    assert report["per_method"]["mmd"]["source_only"] == pytest.approx(0.80)
+    assert report["per_method"]["dann"]["gain"] == pytest.approx(0.03)
