@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def rechoose(choices: list[dict]) -> list[dict]:
 def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict], dict]:
     """The safeguard lines (each with its data size) and the in-domain accuracies {(rows, domain): {seed: acc}}.
     One line per (size, pair, method, seed), the last read: a run started again into the same --out appends the
-    lines it had already written, and would otherwise count twice."""
+    lines it had already written, and would otherwise count twice. Where the replaced line differs (the same seed
+    run on another machine, or under other code) a note on stderr says so: pool such logs in separate tables."""
     choices, in_domain = {}, defaultdict(dict)
     for path in paths:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith(PREFIX)]
@@ -76,7 +78,10 @@ def read_lines(paths: list[Path], default_rows: int | None) -> tuple[list[dict],
                     raise SystemExit(f"{path}: its lines do not say their data size; pass --rows N (the --rows the "
                                      "run was given)")
                 key = (line["name"], rows, line["pair"], line["method"], line.get("seed"))
-                choices.pop(key, None)  # the last line read keeps its place at the end
+                earlier = choices.pop(key, None)  # the last line read keeps its place at the end
+                if earlier is not None and earlier != line | {"rows": rows}:
+                    print(f"note: {path} runs {line['method']} on {line['pair']} at {rows} rows, seed "
+                          f"{line.get('seed')} again with other results; the last read is counted", file=sys.stderr)
                 choices[key] = line | {"rows": rows}
     return list(choices.values()), in_domain
 

@@ -103,7 +103,7 @@ def test_rechoose_judges_logged_criteria_by_the_rule_now_in_the_code(tmp_path):
     assert (again["selected"], again["agrees"]) == ("adapted", True) and "dev_error_base" in again["why"]
 
 
-def test_a_run_started_again_into_the_same_folder_counts_once(tmp_path):
+def test_a_run_started_again_into_the_same_folder_counts_once(tmp_path, capsys):
     """The second start appends what the first had written (deterministic: the same lines) and one run the first did
     not reach; a line for the same run that differs (a rerun on another machine) replaces the earlier one."""
     first = [_line("books->dvd", 0, 0.80, 0.78, "adapted"), _line("books->dvd", 1, 0.70, 0.78, "source_only")]
@@ -114,9 +114,11 @@ def test_a_run_started_again_into_the_same_folder_counts_once(tmp_path):
     report = amazon_table.summarise(choices, {})[400]
     assert report["mean"][("books->dvd", "dann")] == pytest.approx((0.80 + 0.70 + 0.79) / 3)
     assert report["per_method"]["dann+safeguard"]["runs"] == 3
+    assert "again with other results" not in capsys.readouterr().err  # identical lines: nothing to say
     log.write_text(log.read_text() + _line("books->dvd", 0, 0.76, 0.78, "adapted") + "\n")
     choices, _ = amazon_table.read_lines([log], None)
     assert [(c["seed"], c["adapted_accuracy"]) for c in choices] == [(1, 0.70), (2, 0.79), (0, 0.76)]
+    assert "dann on books->dvd at 400 rows, seed 0 again with other results" in capsys.readouterr().err
 
 
 def test_a_method_cut_short_is_measured_against_source_only_on_its_own_seeds(tmp_path):
